@@ -1,0 +1,32 @@
+"""User-facing errors.
+
+Every problem a user can cause (a missing record, a bad YAML value, a dataset that is not on disk)
+raises :class:`BurnError` with one sentence that names the problem and the fix. Command-line entry
+points catch it, print that sentence and exit with status 2; nothing else is caught, so genuine bugs
+still show their traceback.
+"""
+from __future__ import annotations
+
+import sys
+from contextlib import contextmanager
+
+
+class BurnError(Exception):
+    """A problem with the user's input, reported as one line without a traceback."""
+
+
+EXIT_USAGE = 2
+
+
+@contextmanager
+def cli_errors(prog: str):
+    """Turn a :class:`BurnError` raised inside the block into ``prog: error: ...`` and exit 2."""
+    try:
+        yield
+    except BurnError as err:
+        message = " ".join(str(err).split())  # one line, whatever the message held
+        print(f"{prog}: error: {message}", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE) from None
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
