@@ -189,7 +189,7 @@ class Attack:
             log.save()
 
         fit(model, train_set, cfg.train_config(), device=device, eval_suite=suite,
-            augment=Augment(4, self.info.train_flip), seed=cfg.random_seed, attack_columns=True,
+            augment=Augment(self.info.crop_padding, self.info.train_flip), seed=cfg.random_seed, attack_columns=True,
             checkpoint=checkpoint, resume=cfg.resume, on_row=on_row, desc=self.name, progress=cfg.progress)
 
     # -- lifecycle -------------------------------------------------------------------------------

@@ -38,6 +38,8 @@ class DatasetInfo:
     train_flip: bool  # RandomHorizontalFlip is used for cifar10 only
     train_size: int | None = None
     test_size: int | None = None
+    crop_padding: int = 4  # RandomCrop padding of the train transform
+
 
     @property
     def channels(self) -> int:
@@ -57,7 +59,7 @@ DATASETS: dict[str, DatasetInfo] = {
         DatasetInfo("tiny", 200, (64, 64, 3), (0.4802, 0.4481, 0.3975), (0.2302, 0.2265, 0.2262),
                     False, 100000, 10000),
         # Not a BackdoorBench dataset: scikit-learn's 8x8 digits, shipped with sklearn, for tests.
-        DatasetInfo("digits", 10, (8, 8, 1), (0.5,), (0.5,), False, 1438, 359),
+        DatasetInfo("digits", 10, (8, 8, 1), (0.5,), (0.5,), False, 1438, 359, crop_padding=1),
     ]
 }
 

@@ -167,7 +167,7 @@ class DefenseRun:
     @property
     def augment(self) -> Augment:
         """BackdoorBench's train transform for this dataset (crop + flip for cifar10)."""
-        return Augment(padding=4, flip=self.data.info.train_flip)
+        return Augment(padding=self.data.info.crop_padding, flip=self.data.info.train_flip)
 
     @contextlib.contextmanager
     def timed(self, phase: str):

@@ -43,6 +43,10 @@ class BadNet(Attack):
         h, w, c = info.img_size
         if cfg.patch_mask_path:
             self.trigger = load_trigger_image(cfg.patch_mask_path, (h, w), c)
+        elif h < 16:
+            # Resizing the 32-px trigger to a tiny image would leave one grey pixel; draw a
+            # 2x2 white square natively instead (only our 8x8 test dataset is this small).
+            self.trigger = white_square_trigger(size=h, square=2, channels=c)
         else:
             self.trigger = resize_pattern(white_square_trigger(channels=c), (h, w), c)
 
