@@ -1,3 +1,4 @@
 """Built-in defenses. Importing this package registers them (explicit imports, no magic)."""
 from . import ft  # noqa: F401
 from . import fp  # noqa: F401
+from . import nad  # noqa: F401
