@@ -2,3 +2,4 @@
 from . import ft  # noqa: F401
 from . import fp  # noqa: F401
 from . import nad  # noqa: F401
+from . import anp  # noqa: F401
