@@ -6,7 +6,6 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from baseline_checks import check_common, load_defended, random_net, read_csv, score
 from burnkit.defenses.anp import (AdversarialNeuronPruning, ANPConfig, NoisyBatchNorm2d, batchnorm_layers,
