@@ -1,0 +1,339 @@
+"""The attack base: poison a dataset, train the victim with the engine, write a BackdoorBench record.
+
+An attack module defines a config dataclass (subclass of :class:`AttackConfig`) and an
+:class:`Attack` subclass with :meth:`Attack.apply_trigger` (clean uint8 images -> poisoned uint8
+images). Everything else follows BackdoorBench's BadNets-family semantics (spec §1.4, §6):
+
+* args: prototype YAML (``--yaml_path``, default ``config/attack/prototype/<dataset>.yaml``) <
+  attack YAML (``--bd_yaml_path``, default ``config/attack/<name>/default.yaml``) < CLI;
+* training poison set: ``round(pratio * N)`` indices drawn uniformly without replacement from the
+  whole training set (target-class images included), or - for clean-label attacks - from the
+  target class only; test poison set: every test sample whose label is not the target (all2one),
+  or all of them (all2all);
+* labels: all2one -> ``attack_target``; all2all -> ``(y + attack_label_shift_amount) % K``;
+* optional ``--train_subset N``: train on a class-balanced, seeded subset of N training samples
+  (CPU-scale experiments); the record's ``bd_train.original_index_array`` then lists the subset,
+  which BackdoorBench's loader handles like its ``bd_test`` subset.
+
+Output: ``record/<save_folder_name>/`` with ``attack_result.pt``, the PNG folders,
+``attack_df.csv`` + summary, ``info.pickle``, ``train_poison_index_list.pickle``, a log, plots and
+``provenance.json`` (config, seed, git revision, wall time, device). Training checkpoints every
+epoch; re-running the same command after a kill resumes.
+"""
+from __future__ import annotations
+
+import fnmatch
+import logging
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+import torch
+
+from .config import as_dict, find_config_file, load_yaml, merge, option, build_parser
+from .data import Augment, ImageSet, class_balanced_subset
+from .datasets import DatasetInfo, dataset_info, load_split, resolve_data_root
+from .defense import _close_logger, _make_logger, _pct
+from .engine import EvalSuite, TrainConfig, fit, resolve_device, seed_everything
+from .errors import BurnError, cli_errors
+from .models import Classifier, build_classifier
+from .records import PoisonedSplit, atomic_torch_save, write_attack_record
+from .results import MetricLog, plot_metrics, run_environment, write_json
+
+_ATTACKS: dict[str, type["Attack"]] = {}
+
+
+def register_attack(cls):
+    if cls.name in _ATTACKS:
+        raise ValueError(f"attack '{cls.name}' is registered twice")
+    _ATTACKS[cls.name] = cls
+    return cls
+
+
+def get_attack(name: str) -> type["Attack"]:
+    import burnkit.attacks  # noqa: F401
+
+    try:
+        return _ATTACKS[name]
+    except KeyError:
+        raise BurnError(f"unknown attack '{name}'; available: {', '.join(sorted(_ATTACKS))}") from None
+
+
+def list_attacks(pattern: str = "*") -> list[str]:
+    import burnkit.attacks  # noqa: F401
+
+    return sorted(n for n in _ATTACKS if fnmatch.fnmatch(n, pattern))
+
+
+@dataclass
+class AttackConfig:
+    """BackdoorBench's prototype + attack keys (spec §6.1)."""
+
+    yaml_path: str | None = option(None, "prototype YAML (default config/attack/prototype/<dataset>.yaml)", cli_only=True)
+    bd_yaml_path: str | None = option(None, "attack YAML (default config/attack/<attack>/default.yaml)", cli_only=True)
+    save_folder_name: str | None = option(None, "record folder name under record/ (default: timestamped)")
+    dataset: str = option("cifar10", "cifar10, cifar100, gtsrb, tiny, mnist, fashion-mnist, digits")
+    dataset_path: str = option("./data", "clean data: <path>/<dataset>, the dataset folder, or an image-folder archive")
+    download: bool = option(False, "let torchvision download a missing clean dataset (needs internet)")
+    model: str = option("preactresnet18", "victim architecture (attack_models zoo)")
+    device: str | None = option(None, "cpu, cuda or cuda:N (default: cuda if present)")
+    amp: bool = option(False, "mixed precision on CUDA")
+    pin_memory: bool = option(True, "accepted for BackdoorBench compatibility", short="-pm")
+    non_blocking: bool = option(True, "accepted for BackdoorBench compatibility", short="-nb")
+    prefetch: bool = option(False, "accepted for BackdoorBench compatibility", short="-pf")
+    num_workers: int = option(4, "accepted for BackdoorBench compatibility")
+    frequency_save: int = option(0, "accepted for BackdoorBench compatibility")
+    epochs: int = option(100, "training epochs")
+    batch_size: int = option(128, "batch size")
+    lr: float = option(0.01, "learning rate")
+    client_optimizer: str = option("sgd", "sgd, adam or adadelta")
+    sgd_momentum: float = option(0.9, "SGD momentum")
+    wd: float = option(5e-4, "weight decay")
+    adam_betas: tuple[float, float] = option((0.9, 0.999), "Adam betas")
+    lr_scheduler: str | None = option("CosineAnnealingLR", "CosineAnnealingLR, StepLR, MultiStepLR, CyclicLR, ReduceLROnPlateau or None")
+    cos_t_max: int | None = option(None, "CosineAnnealingLR T_max (BackdoorBench default: 100)")
+    steplr_stepsize: int = option(1, "StepLR step size")
+    steplr_gamma: float = option(0.1, "StepLR/MultiStepLR decay")
+    steplr_milestones: list[int] | None = option(None, "MultiStepLR milestones")
+    random_seed: int = option(0, "seed for poison selection, subset, init and training")
+    attack: str | None = option(None, "attack name (informational, as in BackdoorBench)")
+    attack_label_trans: str = option("all2one", "all2one or all2all")
+    attack_target: int = option(0, "target class (all2one)")
+    attack_label_shift_amount: int = option(1, "label shift (all2all)")
+    pratio: float = option(0.1, "poisoning ratio")
+    train_subset: int = option(0, "train on a class-balanced subset of this many samples (0 = all)")
+    progress: bool = option(True, "show progress bars")
+    resume: bool = option(True, "resume an interrupted training from its checkpoint")
+
+    def validate(self) -> None:
+        if self.attack_label_trans not in ("all2one", "all2all"):
+            raise BurnError(f"attack_label_trans must be all2one or all2all, got {self.attack_label_trans!r}")
+        if not 0.0 <= self.pratio <= 1.0:
+            raise BurnError(f"pratio must be in [0, 1], got {self.pratio}")
+        if self.epochs < 0 or self.batch_size <= 0:
+            raise BurnError("epochs must be >= 0 and batch_size > 0")
+        if self.train_subset < 0:
+            raise BurnError(f"--train_subset must be >= 0, got {self.train_subset}")
+
+    def train_config(self, **overrides) -> TrainConfig:
+        names = TrainConfig.__dataclass_fields__
+        values = {k: getattr(self, k) for k in names if hasattr(self, k)}
+        values.update(overrides)
+        return TrainConfig(**values)
+
+
+@dataclass
+class PoisonPlan:
+    """Which samples are poisoned and which labels they get."""
+
+    train_positions: np.ndarray  # original train indices in the (sub)set that is trained on
+    train_poison: np.ndarray  # original train indices that are poisoned
+    test_poison: np.ndarray  # original test indices in bd_test
+
+
+class Attack:
+    """Base class; subclasses set ``name``/``config_cls`` and implement :meth:`apply_trigger`."""
+
+    name: ClassVar[str] = ""
+    config_cls: ClassVar[type[AttackConfig]] = AttackConfig
+    clean_label: ClassVar[bool] = False
+    description: ClassVar[str] = ""
+
+    def __init__(self, cfg: AttackConfig, info: DatasetInfo):
+        self.cfg = cfg
+        self.info = info
+
+    # -- what an attack defines ----------------------------------------------------------------
+
+    def apply_trigger(self, images: np.ndarray, labels: np.ndarray, indices: np.ndarray, train: bool) -> np.ndarray:
+        """Poison ``images`` (``n x H x W x C`` uint8, already at the dataset's size); return uint8."""
+        raise NotImplementedError(f"{type(self).__name__} must implement apply_trigger()")
+
+    def target_labels(self, labels: np.ndarray) -> np.ndarray:
+        if self.cfg.attack_label_trans == "all2one":
+            return np.full_like(labels, self.cfg.attack_target)
+        return (labels + self.cfg.attack_label_shift_amount) % self.info.num_classes
+
+    def plan(self, train_y: np.ndarray, test_y: np.ndarray, rng: np.random.Generator) -> PoisonPlan:
+        cfg = self.cfg
+        if cfg.train_subset:
+            positions = class_balanced_subset(train_y, cfg.train_subset, rng)
+        else:
+            positions = np.arange(len(train_y))
+        if self.clean_label:
+            pool = positions[train_y[positions] == cfg.attack_target]
+        else:
+            pool = positions
+        count = int(round(cfg.pratio * len(positions)))
+        if count > len(pool):
+            raise BurnError(f"pratio {cfg.pratio} asks for {count} poisoned samples but only {len(pool)} "
+                            f"{'target-class ' if self.clean_label else ''}samples are available; lower pratio")
+        train_poison = np.sort(rng.choice(pool, size=count, replace=False)) if count else np.zeros(0, np.int64)
+        if cfg.attack_label_trans == "all2one":
+            test_poison = np.flatnonzero(test_y != cfg.attack_target)
+        else:
+            test_poison = np.arange(len(test_y))
+        return PoisonPlan(positions.astype(np.int64), train_poison.astype(np.int64), test_poison.astype(np.int64))
+
+    def train(self, model: Classifier, train_set: ImageSet, suite: EvalSuite, device: torch.device,
+              log: MetricLog, checkpoint: Path) -> None:
+        """Train the victim on the poisoned set (the engine's plain cross-entropy loop)."""
+        cfg = self.cfg
+
+        def on_row(row):
+            log.append(row)
+            log.save()
+
+        fit(model, train_set, cfg.train_config(), device=device, eval_suite=suite,
+            augment=Augment(self.info.crop_padding, self.info.train_flip), seed=cfg.random_seed, attack_columns=True,
+            checkpoint=checkpoint, resume=cfg.resume, on_row=on_row, desc=self.name, progress=cfg.progress)
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    @classmethod
+    def parse(cls, argv=None):
+        prog = f"attack/{cls.name}.py"
+        parser = build_parser(cls.config_cls, prog, cls.description or (cls.__doc__ or "").strip().split("\n")[0])
+        args, unknown = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+        if unknown:
+            raise BurnError(f"unknown option(s) {' '.join(unknown)}; see {prog} --help")
+        cli = vars(args)
+        dataset = cli.get("dataset") or "cifar10"
+        proto = cli.get("yaml_path") or find_config_file(f"config/attack/prototype/{dataset}.yaml")
+        attack_yaml = cli.get("bd_yaml_path") or find_config_file(f"config/attack/{cls.name}/default.yaml")
+        values = {}
+        for path in (proto, attack_yaml):  # prototype < attack YAML (< CLI, in merge)
+            if path:
+                values.update(load_yaml(path))
+        cfg, ignored = merge(cls.config_cls, values, cli, yaml_source=f"{proto} + {attack_yaml}")
+        cfg.yaml_path, cfg.bd_yaml_path = (str(proto) if proto else None), (str(attack_yaml) if attack_yaml else None)
+        return cfg, ignored
+
+    @classmethod
+    def main(cls, argv=None) -> dict:
+        with cli_errors(f"attack/{cls.name}.py"):
+            cfg, ignored = cls.parse(argv)
+            return cls.run(cfg, ignored)
+
+    @classmethod
+    def run(cls, cfg: AttackConfig, ignored=()) -> dict:
+        started = time.perf_counter()
+        info = dataset_info(cfg.dataset)
+        attack = cls(cfg, info)
+        cfg.attack = cls.name
+        name = cfg.save_folder_name or f"{time.strftime('%Y%m%d_%H%M%S')}_{cls.name}_{cfg.dataset}_{cfg.model}"
+        record_dir = Path("record") / name
+        if (record_dir / "attack_result.pt").exists():
+            raise BurnError(f"{record_dir} already holds an attack record; choose another --save_folder_name "
+                            "or delete that folder")
+        device = resolve_device(cfg.device)
+        root = resolve_data_root(cfg.dataset_path, cfg.dataset)
+        train_x, train_y = load_split(cfg.dataset, root, train=True, download=cfg.download)
+        test_x, test_y = load_split(cfg.dataset, root, train=False, download=cfg.download)
+        if cfg.attack_label_trans == "all2one" and not 0 <= cfg.attack_target < info.num_classes:
+            raise BurnError(f"attack_target {cfg.attack_target} is not a class of {cfg.dataset} (0..{info.num_classes - 1})")
+        seed_everything(cfg.random_seed)
+        model = build_classifier(cfg.model, info)
+
+        # -- inputs are valid: from here on we write --------------------------------------------
+        record_dir.mkdir(parents=True, exist_ok=True)
+        logger = _make_logger(cls.name, record_dir)
+        if ignored:
+            logger.info("YAML keys not used by %s: %s", cls.name, ", ".join(ignored))
+        logger.info("attack %s -> %s on %s, model %s, device %s", cls.name, record_dir, cfg.dataset, cfg.model, device)
+        rng = np.random.default_rng(cfg.random_seed)
+        plan = attack.plan(train_y, test_y, rng)
+        with _Timer() as poison_time:
+            train_bd = attack.apply_trigger(train_x[plan.train_poison], train_y[plan.train_poison], plan.train_poison, True)
+            test_bd = attack.apply_trigger(test_x[plan.test_poison], test_y[plan.test_poison], plan.test_poison, False)
+        _check_poisoned(train_bd, len(plan.train_poison), info, "training")
+        _check_poisoned(test_bd, len(plan.test_poison), info, "test")
+        train_bd_labels = attack.target_labels(train_y[plan.train_poison])
+        test_bd_labels = attack.target_labels(test_y[plan.test_poison])
+
+        images = train_x[plan.train_positions].copy()
+        labels = train_y[plan.train_positions].copy()
+        where = {int(idx): pos for pos, idx in enumerate(plan.train_positions)}
+        poison_pos = np.asarray([where[int(i)] for i in plan.train_poison], dtype=np.int64)
+        flags = np.zeros(len(plan.train_positions), dtype=bool)
+        if len(poison_pos):
+            images[poison_pos] = train_bd
+            labels[poison_pos] = train_bd_labels
+            flags[poison_pos] = True
+        train_set = ImageSet.from_numpy(images, labels, train_y[plan.train_positions], flags, plan.train_positions)
+        bd_test = ImageSet.from_numpy(test_bd, test_bd_labels, test_y[plan.test_poison],
+                                      np.ones(len(plan.test_poison), bool), plan.test_poison)
+        suite = EvalSuite(ImageSet.from_numpy(test_x, test_y), bd_test)
+
+        log = MetricLog(record_dir, "attack")
+        checkpoint = record_dir / "checkpoint" / "train_state.pt"
+        with _Timer() as train_time:
+            attack.train(model, train_set, suite, device, log, checkpoint)
+        log.save()
+        plot_metrics(log.rows, record_dir)
+
+        indicator_train = np.zeros(len(train_y), dtype=np.float64)
+        indicator_train[plan.train_poison] = 1.0
+        indicator_test = np.zeros(len(test_y), dtype=np.float64)
+        indicator_test[plan.test_poison] = 1.0
+        bd_train_split = PoisonedSplit(plan.train_positions, indicator_train,
+                                       {int(i): img for i, img in zip(plan.train_poison, train_bd)},
+                                       {int(i): int(b) for i, b in zip(plan.train_poison, train_bd_labels)},
+                                       {int(i): int(train_y[i]) for i in plan.train_poison})
+        bd_test_split = PoisonedSplit(plan.test_poison, indicator_test,
+                                      {int(i): img for i, img in zip(plan.test_poison, test_bd)},
+                                      {int(i): int(b) for i, b in zip(plan.test_poison, test_bd_labels)},
+                                      {int(i): int(test_y[i]) for i in plan.test_poison})
+        write_attack_record(record_dir, model_name=cfg.model, num_classes=info.num_classes,
+                            state_dict=model.bb_state_dict(), clean_data=cfg.dataset,
+                            bd_train=bd_train_split, bd_test=bd_test_split)
+        args = as_dict(cfg)
+        args.update({"num_classes": info.num_classes, "input_height": info.img_size[0], "input_width": info.img_size[1],
+                     "input_channel": info.img_size[2], "img_size": tuple(info.img_size),
+                     "dataset_path": f"./data/{cfg.dataset}", "save_path": f"./record/{name}",
+                     "terminal_info": list(sys.argv)})
+        torch.save(args, record_dir / "info.pickle")
+        torch.save(indicator_train, record_dir / "train_poison_index_list.pickle")
+        final = log.last()
+        provenance = {"attack": cls.name, "record": str(record_dir), "config": args,
+                      "train_subset_size": int(len(plan.train_positions)),
+                      "poisoned_train": int(len(plan.train_poison)), "bd_test_size": int(len(plan.test_poison)),
+                      "wall_time_s": time.perf_counter() - started, "poison_time_s": poison_time.seconds,
+                      "train_time_s": train_time.seconds, **run_environment(device),
+                      "final": {k: final.get(k) for k in ("test_acc", "test_asr", "test_ra")}}
+        provenance.update(attack.provenance())
+        write_json(record_dir / "provenance.json", provenance)
+        shutil.rmtree(record_dir / "checkpoint", ignore_errors=True)
+        logger.info("record written: acc %s asr %s ra %s (wall %.1fs) -> %s", _pct(final.get("test_acc")),
+                    _pct(final.get("test_asr")), _pct(final.get("test_ra")), provenance["wall_time_s"], record_dir)
+        _close_logger(logger)
+        return {"record_dir": record_dir, "model": model, "final": final, "provenance": provenance}
+
+    def provenance(self) -> dict:
+        """Attack-specific facts for ``provenance.json`` (e.g. the trigger's source)."""
+        return {}
+
+
+def _check_poisoned(images: np.ndarray, n: int, info: DatasetInfo, split: str) -> None:
+    h, w, c = info.img_size
+    if images.dtype != np.uint8 or images.shape != (n, h, w, c):
+        raise RuntimeError(f"apply_trigger returned {images.dtype} {images.shape} for the {split} split; "
+                           f"expected uint8 {(n, h, w, c)}")
+
+
+class _Timer:
+    def __enter__(self):
+        self._start = time.perf_counter()
+        self.seconds = 0.0
+        return self
+
+    def __exit__(self, *exc):
+        self.seconds = time.perf_counter() - self._start
+        return False
+
+
+logging.getLogger("burnkit").addHandler(logging.NullHandler())

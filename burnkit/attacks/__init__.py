@@ -1,0 +1,2 @@
+"""Built-in attacks. Importing this package registers them (explicit imports)."""
+from . import badnet, blended  # noqa: F401

@@ -1,0 +1,360 @@
+"""The defense base: BackdoorBench's lifecycle and CLI, once, for every defense (spec §3).
+
+A defense module defines a config dataclass (subclass of :class:`DefenseConfig`) and a
+:class:`Defense` subclass whose :meth:`Defense.repair` takes ``(model, data, cfg, run)`` and returns
+the repaired model. Everything around it is done here, the same way for all defenses:
+
+1. flags generated from the config; YAML (``--yaml_path``, default
+   ``config/defense/<name>/<dataset>.yaml``, else ``config.yaml``) merged under the CLI;
+2. the record ``record/<result_file>/attack_result.pt`` loaded **once**, checked against
+   ``--dataset`` (taken from the record when not given);
+3. the defender's clean subset: ``--index`` file, or ``int(N * ratio)`` indices drawn with Python's
+   ``random`` after seeding, as BackdoorBench draws them; written to ``log/index.txt``;
+4. ``repair``; then ``defense_result.pt``, ``<name>_df.csv`` + summary, plots, a log file under
+   ``log/`` and ``cost.json`` (wall time per phase, device) in ``record/<result_file>/defense/<name>/``.
+
+All input checks happen before anything is written, so a bad flag or record leaves the disk as it
+was.
+"""
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import logging
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+import torch
+
+from .config import as_dict, find_config_file, option, parse_config
+from .data import Augment, ImageSet
+from .datasets import DatasetInfo, dataset_info
+from .engine import (EvalSuite, FitResult, Metrics, TrainConfig, evaluate, fit, resolve_device,
+                     seed_everything)
+from .errors import BurnError, cli_errors
+from .models import Classifier, build_classifier, load_bb_state_dict
+from .records import AttackRecord, read_attack_record, write_defense_result
+from .results import MetricLog, plot_metrics, run_environment, write_json
+
+_DEFENSES: dict[str, type["Defense"]] = {}
+
+
+def register_defense(cls):
+    """Class decorator: make a defense available to ``list_defenses``/``get_defense``."""
+    if cls.name in _DEFENSES:
+        raise ValueError(f"defense '{cls.name}' is registered twice")
+    _DEFENSES[cls.name] = cls
+    return cls
+
+
+def get_defense(name: str) -> type["Defense"]:
+    import burnkit.defenses  # noqa: F401  (registers the built-in defenses)
+
+    try:
+        return _DEFENSES[name]
+    except KeyError:
+        raise BurnError(f"unknown defense '{name}'; available: {', '.join(sorted(_DEFENSES))}") from None
+
+
+def list_defenses(pattern: str = "*") -> list[str]:
+    import burnkit.defenses  # noqa: F401
+
+    return sorted(n for n in _DEFENSES if fnmatch.fnmatch(n, pattern))
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+@dataclass
+class DefenseConfig:
+    """Flags every BackdoorBench defense accepts (spec §3.3), under the same names."""
+
+    result_file: str | None = option(None, "attack record folder under record/ (or a path to it)")
+    yaml_path: str | None = option(None, "the one YAML of defaults (default config/defense/<name>/<dataset>.yaml)")
+    dataset: str | None = option(None, "cifar10, cifar100, gtsrb, tiny, mnist, fashion-mnist, digits (default: the record's)")
+    dataset_path: str | None = option(None, "clean data: <path>/<dataset>, the dataset folder, or an image-folder archive")
+    download: bool = option(False, "let torchvision download a missing clean dataset (needs internet)")
+    device: str | None = option(None, "cpu, cuda or cuda:N (default: cuda if present)")
+    amp: bool = option(False, "mixed precision on CUDA")
+    pin_memory: bool = option(True, "accepted for BackdoorBench compatibility (no DataLoader is used)", short="-pm")
+    non_blocking: bool = option(True, "accepted for BackdoorBench compatibility", short="-nb")
+    prefetch: bool = option(False, "accepted for BackdoorBench compatibility", short="-pf")
+    num_workers: int = option(4, "accepted for BackdoorBench compatibility (batches are tensor slices)")
+    checkpoint_load: str | None = option(None, "accepted for BackdoorBench compatibility (unused, as there)")
+    checkpoint_save: str | None = option(None, "checkpoint folder (default <output>/checkpoint/)")
+    log: str | None = option(None, "log folder (default <output>/log/); receives index.txt")
+    model: str | None = option(None, "model name; must match the record's when given")
+    epochs: int = option(10, "training epochs")
+    batch_size: int = option(256, "batch size")
+    lr: float = option(0.01, "learning rate")
+    lr_scheduler: str | None = option("CosineAnnealingLR", "CosineAnnealingLR, StepLR, MultiStepLR, CyclicLR, ReduceLROnPlateau or None")
+    cos_t_max: int | None = option(None, "CosineAnnealingLR T_max (BackdoorBench default: 100)")
+    steplr_stepsize: int = option(1, "StepLR step size")
+    steplr_gamma: float = option(0.1, "StepLR/MultiStepLR decay")
+    steplr_milestones: list[int] | None = option(None, "MultiStepLR milestones, e.g. 30,60")
+    client_optimizer: str = option("sgd", "sgd, adam or adadelta")
+    sgd_momentum: float = option(0.9, "SGD momentum")
+    wd: float = option(5e-4, "weight decay")
+    adam_betas: tuple[float, float] = option((0.9, 0.999), "Adam betas")
+    frequency_save: int = option(0, "accepted for BackdoorBench compatibility")
+    random_seed: int = option(0, "seed for the clean subset, shuffling and augmentation")
+    ratio: float = option(0.05, "share of the clean training split given to the defender")
+    index: str | None = option(None, "file of clean-train indices (one per line); overrides --ratio")
+    progress: bool = option(True, "show progress bars")
+
+    def validate(self) -> None:
+        if not 0.0 < self.ratio <= 1.0:
+            raise BurnError(f"--ratio must be in (0, 1], got {self.ratio}")
+        for key in ("epochs", "batch_size"):
+            if getattr(self, key) <= 0 and not (key == "epochs" and getattr(self, key) == 0):
+                raise BurnError(f"--{key} must be positive, got {getattr(self, key)}")
+        if self.lr < 0:
+            raise BurnError(f"--lr must be non-negative, got {self.lr}")
+
+    def train_config(self, **overrides) -> TrainConfig:
+        """The engine's TrainConfig from the same-named keys of this config."""
+        names = TrainConfig.__dataclass_fields__
+        values = {k: getattr(self, k) for k in names if hasattr(self, k)}
+        values.update(overrides)
+        return TrainConfig(**values)
+
+
+# --------------------------------------------------------------------------- run context
+
+
+@dataclass
+class DefenseData:
+    """What a defense may use. ``clean_subset`` is the defender's clean data (``--ratio``/
+    ``--index``); ``poisoned_train`` is the record's (poisoned) training set - BURN's only data.
+    ``clean_test``/``bd_test`` are for scoring only."""
+
+    info: DatasetInfo
+    clean_subset: ImageSet
+    poisoned_train: ImageSet | None
+    clean_test: ImageSet
+    bd_test: ImageSet
+    subset_indices: np.ndarray
+
+    @property
+    def eval_suite(self) -> EvalSuite:
+        return EvalSuite(self.clean_test, self.bd_test)
+
+
+class DefenseRun:
+    """Services a ``repair`` function uses: device, folders, logger, metric log, timing, fitting."""
+
+    def __init__(self, name: str, cfg: DefenseConfig, out_dir: Path, device: torch.device,
+                 data: DefenseData, record: AttackRecord, logger: logging.Logger):
+        self.name = name
+        self.cfg = cfg
+        self.out_dir = out_dir
+        self.log_dir = Path(cfg.log) if cfg.log else out_dir / "log"
+        self.checkpoint_dir = Path(cfg.checkpoint_save) if cfg.checkpoint_save else out_dir / "checkpoint"
+        self.device = device
+        self.data = data
+        self.record = record
+        self.logger = logger
+        self.metrics = MetricLog(out_dir, name)
+        self.timings: dict[str, float] = {}
+        self.extra_results: dict = {}
+        self.before: Metrics | None = None
+
+    @property
+    def augment(self) -> Augment:
+        """BackdoorBench's train transform for this dataset (crop + flip for cifar10)."""
+        return Augment(padding=self.data.info.crop_padding, flip=self.data.info.train_flip)
+
+    @contextlib.contextmanager
+    def timed(self, phase: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[phase] = self.timings.get(phase, 0.0) + time.perf_counter() - start
+
+    def evaluate(self, model: Classifier) -> Metrics:
+        return evaluate(model, self.data.eval_suite, self.device, amp=self.cfg.amp)
+
+    def fit(self, model: Classifier, train_set: ImageSet, train_cfg: TrainConfig | None = None,
+            log: bool = True, phase: str = "train", **kwargs) -> FitResult:
+        """``engine.fit`` with this run's device, seed, augmentation and scoring; rows go to the
+        defense's CSV (written after every epoch) unless ``log`` is False."""
+        train_cfg = train_cfg or self.cfg.train_config()
+        kwargs.setdefault("augment", self.augment)
+        kwargs.setdefault("seed", self.cfg.random_seed)
+        kwargs.setdefault("eval_suite", self.data.eval_suite)
+        kwargs.setdefault("progress", self.cfg.progress)
+        kwargs.setdefault("desc", f"{self.name}:{phase}")
+        if log:
+            user_on_row = kwargs.pop("on_row", None)
+
+            def on_row(row):
+                self.metrics.append(row)
+                self.metrics.save()
+                if user_on_row:
+                    user_on_row(row)
+
+            kwargs["on_row"] = on_row
+        with self.timed(phase):
+            result = fit(model, train_set, train_cfg, device=self.device, **kwargs)
+        self.logger.info("%s: %d epochs in %.1fs", phase, result.epochs_run, result.wall_time_s)
+        return result
+
+
+# --------------------------------------------------------------------------- the base class
+
+
+class Defense:
+    """Base class: subclasses set ``name`` and ``config_cls`` and implement :meth:`repair`."""
+
+    name: ClassVar[str] = ""
+    config_cls: ClassVar[type[DefenseConfig]] = DefenseConfig
+    needs_clean_subset: ClassVar[bool] = True
+    description: ClassVar[str] = ""
+
+    def repair(self, model: Classifier, data: DefenseData, cfg: DefenseConfig, run: DefenseRun) -> Classifier:
+        raise NotImplementedError(f"{type(self).__name__} must implement repair()")
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    @classmethod
+    def default_yaml(cls, cli: dict) -> Path | None:
+        dataset = cli.get("dataset")
+        candidates = [f"config/defense/{cls.name}/{dataset}.yaml"] if dataset else []
+        candidates.append(f"config/defense/{cls.name}/config.yaml")
+        return find_config_file(*candidates)
+
+    @classmethod
+    def parse(cls, argv=None, prog: str | None = None):
+        prog = prog or f"defense/{cls.name}.py"
+        return parse_config(cls.config_cls, sys.argv[1:] if argv is None else argv, prog,
+                            cls.description or (cls.__doc__ or "").strip().split("\n")[0], cls.default_yaml)
+
+    @classmethod
+    def main(cls, argv=None) -> dict:
+        """The CLI entry point: errors become one line and exit code 2."""
+        prog = f"defense/{cls.name}.py"
+        with cli_errors(prog):
+            cfg, yaml_path, ignored = cls.parse(argv, prog)
+            return cls().run(cfg, ignored_keys=ignored)
+
+    def run(self, cfg: DefenseConfig, ignored_keys=()) -> dict:
+        started = time.perf_counter()
+        if not cfg.result_file:
+            raise BurnError("--result_file is required: the attack record folder under record/")
+        record_dir = resolve_record_dir(cfg.result_file)
+        record = read_attack_record(record_dir, dataset=cfg.dataset)
+        cfg.dataset = record.clean_data
+        if cfg.model and cfg.model != record.model_name:
+            raise BurnError(f"--model {cfg.model} contradicts the record's model {record.model_name}; drop --model")
+        device = resolve_device(cfg.device)
+        info = dataset_info(record.clean_data)
+        seed_everything(cfg.random_seed)
+        model = build_classifier(record.model_name, info, record.num_classes)
+        load_bb_state_dict(model, record.state_dict)
+        loaded = record.load_data(cfg.dataset_path, download=cfg.download)
+        subset_idx = choose_clean_indices(len(loaded.clean_train), cfg.ratio, cfg.index, cfg.random_seed)
+        data = DefenseData(info, loaded.clean_train.subset(subset_idx), loaded.bd_train,
+                           loaded.clean_test, loaded.bd_test, subset_idx)
+
+        # -- inputs are valid: from here on we write ------------------------------------------
+        out_dir = record_dir / "defense" / self.name
+        out_dir.mkdir(parents=True, exist_ok=True)
+        logger = _make_logger(self.name, Path(cfg.log) if cfg.log else out_dir / "log")
+        run = DefenseRun(self.name, cfg, out_dir, device, data, record, logger)
+        run.log_dir.mkdir(parents=True, exist_ok=True)
+        run.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        np.savetxt(run.log_dir / "index.txt", subset_idx, fmt="%d")
+        if ignored_keys:
+            logger.info("YAML keys not used by %s: %s", self.name, ", ".join(ignored_keys))
+        logger.info("defense %s on %s (%s, %s) device %s", self.name, record_dir, record.model_name,
+                    record.clean_data, device)
+        logger.info("config: %s", as_dict(cfg))
+        with run.timed("evaluate_attacked"):
+            run.before = run.evaluate(model)
+        logger.info("attacked model: acc %s asr %s ra %s", _pct(run.before.acc), _pct(run.before.asr), _pct(run.before.ra))
+
+        seed_everything(cfg.random_seed)
+        with run.timed("repair"):
+            model = self.repair(model, data, cfg, run)
+        if not run.metrics.rows:  # defenses that do not train still report their final metrics
+            run.metrics.append({"epoch": 0, **run.evaluate(model).row()})
+        run.metrics.save()
+        plot_metrics([r for r in run.metrics.rows], out_dir, prefix="")
+        write_defense_result(out_dir, record.model_name, record.num_classes, model.bb_state_dict())
+        final = run.metrics.last()
+        cost = {"defense": self.name, "result_file": cfg.result_file, "wall_time_s": time.perf_counter() - started,
+                "phases_s": run.timings, **run_environment(device),
+                "attacked": run.before.row(), "final": {k: final.get(k) for k in ("test_acc", "test_asr", "test_ra")},
+                "clean_subset_size": int(len(subset_idx)), **run.extra_results}
+        write_json(out_dir / "cost.json", cost)
+        logger.info("final: acc %s asr %s ra %s (wall %.1fs) -> %s", _pct(final.get("test_acc")),
+                    _pct(final.get("test_asr")), _pct(final.get("test_ra")), cost["wall_time_s"], out_dir)
+        _close_logger(logger)
+        return {"model": model, "out_dir": out_dir, "final": final, "before": run.before, "cost": cost}
+
+
+def resolve_record_dir(result_file: str) -> Path:
+    """``record/<result_file>`` relative to the CWD (BackdoorBench), or ``result_file`` itself
+    when it is a path to a record folder."""
+    given = Path(result_file)
+    candidates = [Path("record") / result_file, given]
+    for candidate in candidates:
+        if (candidate / "attack_result.pt").is_file():
+            return candidate
+    return candidates[0]
+
+
+def choose_clean_indices(n: int, ratio: float, index_file: str | None, seed: int) -> np.ndarray:
+    """BackdoorBench's ``choose_index``: the ``--index`` file, else ``random.sample(range(n),
+    int(n * ratio))`` with Python's RNG seeded by ``seed``."""
+    if index_file:
+        path = Path(index_file)
+        if not path.is_file():
+            raise BurnError(f"--index file {path} not found")
+        try:
+            idx = np.loadtxt(path, dtype=np.int64, ndmin=1)
+        except ValueError:
+            raise BurnError(f"--index file {path} must hold one integer per line") from None
+        if idx.size == 0:
+            raise BurnError(f"--index file {path} is empty")
+        if idx.min() < 0 or idx.max() >= n:
+            raise BurnError(f"--index file {path} has indices outside 0..{n - 1} (the clean training split)")
+        return idx
+    count = int(n * ratio)
+    if count == 0:
+        raise BurnError(f"--ratio {ratio} of {n} training samples selects nothing; raise --ratio")
+    rng = random.Random(seed)
+    return np.asarray(rng.sample(range(n), count), dtype=np.int64)
+
+
+def _make_logger(name: str, log_dir: Path) -> logging.Logger:
+    log_dir.mkdir(parents=True, exist_ok=True)
+    logger = logging.getLogger(f"burnkit.{name}.{time.time_ns()}")
+    logger.setLevel(logging.DEBUG)
+    logger.propagate = False
+    fmt = logging.Formatter("%(asctime)s [%(levelname)s] %(message)s")
+    fh = logging.FileHandler(log_dir / f"{time.strftime('%Y_%m_%d_%H_%M_%S')}.log")
+    fh.setFormatter(fmt)
+    fh.setLevel(logging.DEBUG)
+    sh = logging.StreamHandler(sys.stdout)
+    sh.setFormatter(logging.Formatter(f"[{name}] %(message)s"))
+    sh.setLevel(logging.INFO)
+    logger.addHandler(fh)
+    logger.addHandler(sh)
+    return logger
+
+
+def _close_logger(logger: logging.Logger) -> None:
+    for handler in list(logger.handlers):
+        handler.close()
+        logger.removeHandler(handler)
+
+
+def _pct(v) -> str:
+    return "n/a" if v is None else f"{100 * v:.2f}%"

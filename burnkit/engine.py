@@ -1,0 +1,435 @@
+"""The one train/eval engine used by every attack and defense.
+
+``fit`` owns the epoch loop: seeded batching, augmentation, AMP and channels_last on CUDA, the
+optimiser/scheduler built from BackdoorBench's keys, a tqdm bar, one metric row per epoch with
+BackdoorBench's column names, wall time, and a resumable checkpoint. Algorithms change what happens
+in a step by passing ``step`` (see :func:`cross_entropy_step`), never by writing their own loop.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .data import Augment, Batch, ImageSet, batches, num_batches
+from .errors import BurnError
+from .metrics import accuracy
+
+# --------------------------------------------------------------------------- seeding, devices
+
+
+def seed_everything(seed: int, deterministic: bool = True) -> None:
+    """Seed Python, NumPy and torch (CPU and CUDA), and make cuDNN deterministic
+    (BackdoorBench's ``fix_random``)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+    if deterministic:
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+
+
+def resolve_device(spec: str | None = None) -> torch.device:
+    """``None``/``auto`` -> CUDA when present, else CPU. A BackdoorBench-style list
+    (``cuda:0,1``) uses its first device."""
+    if spec is None or str(spec).lower() in ("", "auto", "none"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    spec = str(spec).split(",")[0].strip()
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise BurnError(f"--device {spec!r} is not a device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise BurnError(f"--device {spec} asked for CUDA but no GPU is visible; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise BurnError(f"--device {spec}: only {torch.cuda.device_count()} GPU(s) are visible")
+    return device
+
+
+def device_description(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module, train: bool = False):
+    """Put ``model`` in eval (or train) mode for the block and restore its previous modes after."""
+    modes = {m: m.training for m in model.modules()}
+    model.train(train)
+    try:
+        yield model
+    finally:
+        for module, mode in modes.items():
+            module.training = mode
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+@dataclass
+class TrainConfig:
+    """Training settings under BackdoorBench's key names (spec §3.4)."""
+
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 0.01
+    client_optimizer: str = "sgd"  # sgd | adam | adadelta
+    sgd_momentum: float = 0.9
+    wd: float = 5e-4
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    amsgrad: bool = True  # BackdoorBench builds Adam with amsgrad=True
+    lr_scheduler: str | None = "CosineAnnealingLR"
+    cos_t_max: int | None = None  # BackdoorBench's default T_max is 100 (epochs)
+    steplr_stepsize: int = 1
+    steplr_gamma: float = 0.1
+    steplr_milestones: list[int] | None = None
+    min_lr: float = 1e-5
+    step_size_up: int = 2000
+    step_size_down: int = 2000
+    rho: float = 0.95  # Adadelta
+    eps: float = 1e-6  # Adadelta
+    scheduler_step: str = "epoch"  # 'epoch' (BackdoorBench) or 'batch'
+    augment: bool = True
+    drop_last: bool = False
+    amp: bool = False
+    label_smoothing: float = 0.0
+
+
+def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
+    name = (cfg.client_optimizer or "sgd").lower()
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.sgd_momentum, weight_decay=cfg.wd)
+    if name == "adadelta":
+        return torch.optim.Adadelta(params, lr=cfg.lr, rho=cfg.rho, eps=cfg.eps)
+    # BackdoorBench: anything else is Adam (with amsgrad)
+    return torch.optim.Adam(params, lr=cfg.lr, betas=tuple(cfg.adam_betas), weight_decay=cfg.wd,
+                            amsgrad=cfg.amsgrad)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig):
+    name = cfg.lr_scheduler
+    if name in (None, "", "None", "none"):
+        return None
+    if name == "CyclicLR":
+        return torch.optim.lr_scheduler.CyclicLR(optimizer, base_lr=cfg.min_lr, max_lr=cfg.lr,
+                                                 step_size_up=cfg.step_size_up, step_size_down=cfg.step_size_down)
+    if name == "StepLR":
+        return torch.optim.lr_scheduler.StepLR(optimizer, cfg.steplr_stepsize, cfg.steplr_gamma)
+    if name == "CosineAnnealingLR":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.cos_t_max or 100)
+    if name == "MultiStepLR":
+        return torch.optim.lr_scheduler.MultiStepLR(optimizer, list(cfg.steplr_milestones or []), cfg.steplr_gamma)
+    if name == "ReduceLROnPlateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer)
+    raise BurnError(f"lr_scheduler {name!r} is not supported; use CosineAnnealingLR, StepLR, MultiStepLR, "
+                    "CyclicLR, ReduceLROnPlateau or None")
+
+
+# --------------------------------------------------------------------------- steps
+
+
+@dataclass
+class StepContext:
+    """What a step function needs besides the batch: device, AMP and the gradient scaler."""
+
+    device: torch.device
+    amp: bool
+    scaler: "torch.amp.GradScaler | None"
+    epoch: int = 0
+    cfg: TrainConfig | None = None
+
+    def autocast(self):
+        if self.amp and self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.float16)
+        return contextlib.nullcontext()
+
+    def backward_step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+
+
+@dataclass
+class StepOutput:
+    loss: torch.Tensor  # detached scalar
+    logits: torch.Tensor | None = None  # detached, for the train-accuracy columns
+
+
+StepFn = Callable[[nn.Module, Batch, torch.optim.Optimizer, StepContext], StepOutput]
+
+
+def cross_entropy_step(model: nn.Module, batch: Batch, optimizer: torch.optim.Optimizer,
+                       ctx: StepContext) -> StepOutput:
+    """The default step: cross-entropy on the batch's labels, one optimiser step."""
+    smoothing = ctx.cfg.label_smoothing if ctx.cfg is not None else 0.0
+    with ctx.autocast():
+        logits = model(batch.x)
+        loss = F.cross_entropy(logits, batch.y, label_smoothing=smoothing)
+    ctx.backward_step(loss, optimizer)
+    return StepOutput(loss.detach(), logits.detach())
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+@dataclass
+class EvalSuite:
+    """The sets every epoch is scored on: the clean test split and ``bd_test``."""
+
+    clean_test: ImageSet
+    bd_test: ImageSet | None = None
+
+
+@dataclass
+class Metrics:
+    acc: float | None
+    asr: float | None
+    ra: float | None
+    clean_loss: float | None
+    bd_loss: float | None
+
+    def row(self) -> dict:
+        """BackdoorBench's column names for these values."""
+        return {"clean_test_loss_avg_over_batch": self.clean_loss, "bd_test_loss_avg_over_batch": self.bd_loss,
+                "test_acc": self.acc, "test_asr": self.asr, "test_ra": self.ra}
+
+
+def iterate(imageset: ImageSet, batch_size: int, device: torch.device, *, shuffle: bool = False,
+            generator: torch.Generator | None = None, augment: Augment | None = None,
+            drop_last: bool = False) -> Iterator[Batch]:
+    for positions in batches(len(imageset), batch_size, shuffle, generator, drop_last):
+        yield imageset.batch(positions, device, augment, generator)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, imageset: ImageSet, device: torch.device, batch_size: int = 512,
+            amp: bool = False) -> torch.Tensor:
+    """Logits (float32, CPU) for every sample, in order, with the model in eval mode."""
+    model = model.to(device)
+    ctx = StepContext(device, amp, None)
+    outs = []
+    with eval_mode(model):
+        for batch in iterate(imageset, batch_size, device):
+            with ctx.autocast():
+                outs.append(model(_layout(batch.x, device)).float().cpu())
+    if not outs:
+        return torch.zeros(0, 0)
+    return torch.cat(outs)
+
+
+def _loss_and_preds(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, torch.Tensor]:
+    # BackdoorBench averages per-batch mean losses; with equal batches that is the sample mean.
+    return F.cross_entropy(logits, labels.cpu()).item(), logits.argmax(1)
+
+
+def evaluate(model: nn.Module, suite: EvalSuite, device: torch.device, batch_size: int = 512,
+             amp: bool = False) -> Metrics:
+    """ACC on the clean test split, ASR and RA on ``bd_test`` (spec §3.6)."""
+    logits = predict(model, suite.clean_test, device, batch_size, amp)
+    clean_loss, preds = _loss_and_preds(logits, suite.clean_test.labels)
+    acc = accuracy(preds, suite.clean_test.labels)
+    asr = ra = bd_loss = None
+    if suite.bd_test is not None and len(suite.bd_test):
+        bd_logits = predict(model, suite.bd_test, device, batch_size, amp)
+        bd_loss, bd_preds = _loss_and_preds(bd_logits, suite.bd_test.labels)
+        asr = accuracy(bd_preds, suite.bd_test.labels)
+        ra = accuracy(bd_preds, suite.bd_test.original_labels)
+    return Metrics(acc, asr, ra, clean_loss, bd_loss)
+
+
+# --------------------------------------------------------------------------- training
+
+
+@dataclass
+class FitResult:
+    rows: list[dict]
+    wall_time_s: float
+    epochs_run: int
+    resumed_from_epoch: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+def _layout(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
+
+
+def fit(model: nn.Module, train_set: ImageSet, cfg: TrainConfig, *, device: torch.device,
+        eval_suite: EvalSuite | None = None, step: StepFn | None = None,
+        optimizer: torch.optim.Optimizer | None = None, scheduler=None,
+        augment: Augment | None = None, seed: int = 0,
+        epoch_end: Callable[[int, nn.Module, dict], None] | None = None,
+        on_row: Callable[[dict], None] | None = None,
+        attack_columns: bool = False, checkpoint: str | Path | None = None, resume: bool = True,
+        desc: str = "train", progress: bool = True, eval_before: bool = False) -> FitResult:
+    """Train ``model`` on ``train_set`` for ``cfg.epochs`` epochs and score every epoch.
+
+    Args:
+        step: the per-batch update (default: cross-entropy); it owns forward, loss and update.
+        optimizer, scheduler: default ones are built from ``cfg``.
+        augment: batch augmentation (``None`` disables it even if ``cfg.augment``).
+        seed: seeds the generator that shuffles and augments, so runs are reproducible.
+        epoch_end: called as ``epoch_end(epoch, model, row)`` after scoring; may add columns.
+        on_row: receives every finished row (e.g. to write the CSV as the run goes).
+        attack_columns: add ``train_acc_clean_only``, ``train_asr_bd_only``, ``train_ra_bd_only``.
+        checkpoint: file to save model/optimiser/scheduler/RNG state to after every epoch; with
+            ``resume`` an existing one is continued from, so a killed run ends as an unkilled one.
+        eval_before: add a row for the untrained model (epoch -1) first.
+
+    Returns:
+        FitResult with one row per epoch (BackdoorBench's columns), wall time and epochs run.
+    """
+    step = step or cross_entropy_step
+    model.to(device)
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    if len(train_set) == 0:
+        raise BurnError("the training set is empty; check --ratio/--index or the poisoned subset")
+    train_set = train_set.to(device) if device.type == "cuda" else train_set
+    optimizer = optimizer or make_optimizer(model.parameters(), cfg)
+    scheduler = scheduler if scheduler is not None else make_scheduler(optimizer, cfg)
+    use_amp = bool(cfg.amp) and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda") if use_amp else None
+    ctx = StepContext(device, use_amp, scaler, cfg=cfg)
+    generator = torch.Generator().manual_seed(seed)
+    augment = augment if cfg.augment else None
+    rows: list[dict] = []
+    start_epoch = 0
+    ckpt_path = Path(checkpoint) if checkpoint else None
+    if ckpt_path is not None and resume and ckpt_path.exists():
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)  # our own file
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if scheduler is not None and state.get("scheduler") is not None:
+            scheduler.load_state_dict(state["scheduler"])
+        if scaler is not None and state.get("scaler") is not None:
+            scaler.load_state_dict(state["scaler"])
+        generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        rows = state["rows"]
+        start_epoch = state["epoch"] + 1
+    elif eval_before and eval_suite is not None:
+        row = {"epoch": -1, "batch": 0, **evaluate(model, eval_suite, device, amp=use_amp).row()}
+        rows.append(row)
+        if on_row:
+            on_row(row)
+
+    started = time.perf_counter()
+    epoch_times: list[float] = []
+    n_batches = num_batches(len(train_set), cfg.batch_size, cfg.drop_last)
+    for epoch in range(start_epoch, cfg.epochs):
+        ctx.epoch = epoch
+        epoch_start = time.perf_counter()
+        model.train()
+        losses, correct, counts = [], _Counts(), 0
+        bar = tqdm(total=n_batches, desc=f"{desc} {epoch + 1}/{cfg.epochs}", leave=False,
+                   disable=not progress, dynamic_ncols=True)
+        for batch in iterate(train_set, cfg.batch_size, device, shuffle=True, generator=generator,
+                             augment=augment, drop_last=cfg.drop_last):
+            batch.x = _layout(batch.x, device)
+            out = step(model, batch, optimizer, ctx)
+            losses.append(float(out.loss))
+            if out.logits is not None:
+                correct.add(out.logits.argmax(1), batch)
+            if scheduler is not None and cfg.scheduler_step == "batch":
+                _scheduler_step(scheduler, float(out.loss))
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        bar.close()
+        train_loss = sum(losses) / max(1, len(losses))
+        if scheduler is not None and cfg.scheduler_step == "epoch":
+            _scheduler_step(scheduler, train_loss)
+        row = {"epoch": epoch, "batch": len(losses), "train_epoch_loss_avg_over_batch": train_loss,
+               "train_acc": correct.acc()}
+        if attack_columns:
+            row.update(correct.attack_columns())
+        if eval_suite is not None:
+            row.update(evaluate(model, eval_suite, device, amp=use_amp).row())
+        epoch_times.append(time.perf_counter() - epoch_start)
+        if epoch_end is not None:
+            epoch_end(epoch, model, row)
+        rows.append(row)
+        if on_row:
+            on_row(row)
+        if progress:
+            tqdm.write(f"[{desc}] epoch {epoch + 1}/{cfg.epochs} " + _fmt(row))
+        if ckpt_path is not None:
+            _save_checkpoint(ckpt_path, model, optimizer, scheduler, scaler, generator, rows, epoch)
+    return FitResult(rows, time.perf_counter() - started, cfg.epochs - start_epoch, start_epoch,
+                     extra={"epoch_times_s": epoch_times})
+
+
+def _scheduler_step(scheduler, loss: float) -> None:
+    if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        scheduler.step(loss)  # BackdoorBench steps it on the epoch's train loss
+    else:
+        scheduler.step()
+
+
+def _save_checkpoint(path: Path, model, optimizer, scheduler, scaler, generator, rows, epoch) -> None:
+    from .records import atomic_torch_save
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_torch_save({
+        "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
+        "rows": rows, "epoch": epoch,
+    }, path)
+
+
+class _Counts:
+    """Running train accuracies, overall and split by the poison flag (attack CSV columns)."""
+
+    def __init__(self):
+        self.n = self.ok = self.n_clean = self.ok_clean = self.n_bd = self.asr = self.ra = 0
+
+    def add(self, preds: torch.Tensor, batch: Batch) -> None:
+        hit = preds == batch.y
+        self.n += len(preds)
+        self.ok += int(hit.sum())
+        clean = ~batch.poison
+        self.n_clean += int(clean.sum())
+        self.ok_clean += int(hit[clean].sum())
+        bd = batch.poison
+        self.n_bd += int(bd.sum())
+        self.asr += int(hit[bd].sum())
+        self.ra += int((preds[bd] == batch.original_y[bd]).sum())
+
+    def acc(self):
+        return self.ok / self.n if self.n else None
+
+    def attack_columns(self) -> dict:
+        return {"train_acc_clean_only": self.ok_clean / self.n_clean if self.n_clean else None,
+                "train_asr_bd_only": self.asr / self.n_bd if self.n_bd else None,
+                "train_ra_bd_only": self.ra / self.n_bd if self.n_bd else None}
+
+
+def _fmt(row: dict) -> str:
+    keys = ("train_epoch_loss_avg_over_batch", "train_acc", "test_acc", "test_asr", "test_ra")
+    short = {"train_epoch_loss_avg_over_batch": "loss"}
+    parts = []
+    for k in keys:
+        v = row.get(k)
+        if isinstance(v, float) and not math.isnan(v):
+            parts.append(f"{short.get(k, k)}={v:.4f}")
+    return " ".join(parts)

@@ -1,0 +1,358 @@
+"""BackdoorBench attack records and defense results, read and written in its exact format.
+
+An attack record is ``record/<name>/attack_result.pt``: a plain dict (spec §1.3) whose ``bd_train`` /
+``bd_test`` entries describe poisoned splits (spec §1.4), with every poisoned image stored as a PNG
+under ``record/<name>/bd_{train,test}_dataset/<original_label>/<index>.png``. Clean images are never
+stored; they are re-read from the clean dataset.
+
+Reading is safe (weights-only unpickling, :mod:`burnkit.safe_load`) and robust where BackdoorBench's
+own loader is not (spec §9.2): PNG paths are rebuilt from the record folder, so a record works
+wherever it is moved and whatever the working directory; ``int`` and ``numpy.int64`` keys are both
+accepted; ``bd_train`` may be ``None``.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .data import ImageSet
+from .datasets import DatasetInfo, dataset_info, load_split, resolve_data_root
+from .errors import BurnError
+from .safe_load import safe_torch_load
+
+RECORD_KEYS = ("model_name", "num_classes", "model", "data_path", "img_size", "clean_data", "bd_train", "bd_test")
+DEFENSE_KEYS = ("model_name", "num_classes", "model")
+SPLIT_FOLDERS = {"bd_train": "bd_train_dataset", "bd_test": "bd_test_dataset"}
+
+
+# --------------------------------------------------------------------------- reading
+
+@dataclass
+class PoisonEntry:
+    path: Path | None  # the PNG on disk, resolved; None if it cannot be found
+    stored_path: str
+    bd_label: int
+    original_label: int
+
+
+@dataclass
+class PoisonState:
+    """One poisoned split as stored in a record (``prepro_cls_DatasetBD_v2.retrieve_state``)."""
+
+    original_index: np.ndarray  # int64, dataset position -> index in the clean split
+    poison_indicator: np.ndarray  # float64, full clean-split length, indexed by original index
+    entries: dict[int, PoisonEntry]
+    save_folder_path: str
+
+    @property
+    def poisoned_indices(self) -> np.ndarray:
+        return np.flatnonzero(self.poison_indicator == 1)
+
+
+@dataclass
+class RecordData:
+    """The record's data as ImageSets, with BackdoorBench's sample semantics."""
+
+    info: DatasetInfo
+    clean_train: ImageSet
+    clean_test: ImageSet
+    bd_train: ImageSet | None
+    bd_test: ImageSet
+
+
+@dataclass
+class AttackRecord:
+    record_dir: Path
+    model_name: str
+    num_classes: int
+    state_dict: "OrderedDict[str, torch.Tensor]"
+    data_path: str
+    img_size: tuple[int, int, int]
+    clean_data: str
+    bd_train: PoisonState | None
+    bd_test: PoisonState
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def info(self) -> DatasetInfo:
+        return dataset_info(self.clean_data)
+
+    def default_data_root(self) -> Path:
+        """Where BackdoorBench would look for the clean data (spec §1.6 step 3, made robust).
+
+        The folder that contains ``record/`` plus the stored ``data_path`` from its ``data`` part
+        on (``./data/cifar10`` -> ``<base>/data/cifar10``).
+        """
+        record_dir = self.record_dir.resolve()
+        base = record_dir.parent.parent if record_dir.parent.name == "record" else record_dir.parent
+        stored = self.data_path.replace("\\", "/")
+        cut = stored.find("data")
+        tail = stored[cut:] if cut >= 0 else f"data/{self.clean_data}"
+        return base / tail
+
+    def data_root(self, dataset_path: str | Path | None = None) -> Path:
+        """The clean-data folder: ``--dataset_path`` (BackdoorBench's ``<path>/<dataset>`` rule, or
+        the dataset folder itself, or an archive) when given, else :meth:`default_data_root`."""
+        if dataset_path is None:
+            return self.default_data_root()
+        return resolve_data_root(dataset_path, self.clean_data)
+
+    def load_data(self, dataset_path: str | Path | None = None, download: bool = False) -> RecordData:
+        info = self.info
+        root = self.data_root(dataset_path)
+        train_x, train_y = load_split(self.clean_data, root, train=True, download=download)
+        test_x, test_y = load_split(self.clean_data, root, train=False, download=download)
+        for split, (x, n) in {"train": (train_x, len(train_x)), "test": (test_x, len(test_x))}.items():
+            state = self.bd_train if split == "train" else self.bd_test
+            if state is not None and len(state.poison_indicator) != n:
+                raise BurnError(
+                    f"record {self.record_dir} was made on a {split} split of {len(state.poison_indicator)} "
+                    f"images but {root} holds {n}; point --dataset_path at the dataset the attack used")
+        clean_train = ImageSet.from_numpy(train_x, train_y)
+        clean_test = ImageSet.from_numpy(test_x, test_y)
+        bd_train = None if self.bd_train is None else materialize(train_x, train_y, self.bd_train, info)
+        bd_test = materialize(test_x, test_y, self.bd_test, info)
+        return RecordData(info, clean_train, clean_test, bd_train, bd_test)
+
+
+def read_attack_record(record_dir: str | Path, dataset: str | None = None) -> AttackRecord:
+    """Read ``<record_dir>/attack_result.pt`` and check it against ``dataset`` (``--dataset``)."""
+    record_dir = Path(record_dir)
+    path = record_dir / "attack_result.pt"
+    if not path.is_file():
+        raise BurnError(f"no attack record at {path}; check --result_file (a folder under record/) "
+                        "or create it with an attack script, e.g. python attack/badnet.py --save_folder_name NAME")
+    raw = safe_torch_load(path, what="attack record")
+    if not isinstance(raw, dict):
+        raise BurnError(f"{path} is not a BackdoorBench attack record (it holds a {type(raw).__name__}, "
+                        "not a dict); re-create it with an attack script")
+    missing = [k for k in RECORD_KEYS if k not in raw]
+    if missing:
+        raise BurnError(f"{path} is not a complete BackdoorBench attack record: missing {', '.join(missing)}; "
+                        "re-create it with an attack script")
+    clean_data = str(raw["clean_data"])
+    info = dataset_info(clean_data)
+    if dataset is not None and dataset != clean_data:
+        raise BurnError(f"--dataset {dataset} contradicts the record, which was made on {clean_data}; "
+                        f"pass --dataset {clean_data}")
+    num_classes = int(raw["num_classes"])
+    if num_classes != info.num_classes:
+        raise BurnError(f"the record says {num_classes} classes but {clean_data} has {info.num_classes}; "
+                        "the record is inconsistent - check clean_data/num_classes or re-create it")
+    img_size = tuple(int(v) for v in raw["img_size"])
+    if img_size != info.img_size:
+        raise BurnError(f"the record's image size {img_size} contradicts {clean_data} {info.img_size}; "
+                        f"check --dataset (the record says {clean_data})")
+    state = raw["model"]
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise BurnError(f"{path}: 'model' is not a state dict of tensors; re-create the record")
+    if raw["bd_test"] is None:
+        raise BurnError(f"{path} has no bd_test split, so ASR cannot be measured; re-create the record")
+    return AttackRecord(
+        record_dir=record_dir,
+        model_name=str(raw["model_name"]),
+        num_classes=num_classes,
+        state_dict=OrderedDict(state),
+        data_path=str(raw["data_path"]),
+        img_size=img_size,
+        clean_data=clean_data,
+        bd_train=None if raw["bd_train"] is None else _parse_state(raw["bd_train"], "bd_train", record_dir),
+        bd_test=_parse_state(raw["bd_test"], "bd_test", record_dir),
+        extra={k: v for k, v in raw.items() if k not in RECORD_KEYS},
+    )
+
+
+def _parse_state(state, split: str, record_dir: Path) -> PoisonState:
+    def bad(what: str):
+        return BurnError(f"record {record_dir}: {split} {what}; the record is corrupt, re-create it")
+
+    if not isinstance(state, dict):
+        raise bad("is not a dict")
+    for key in ("bd_data_container", "original_index_array", "poison_indicator"):
+        if key not in state:
+            raise bad(f"lacks '{key}'")
+    container = state["bd_data_container"]
+    if not isinstance(container, dict) or "data_dict" not in container:
+        raise bad("has no bd_data_container.data_dict")
+    original_index = np.asarray(state["original_index_array"]).astype(np.int64).ravel()
+    indicator = np.asarray(state["poison_indicator"]).astype(np.float64).ravel()
+    save_folder = str(state.get("save_folder_path") or container.get("save_folder_path") or "")
+    folder_name = Path(save_folder.replace("\\", "/")).name or SPLIT_FOLDERS[split]
+    entries: dict[int, PoisonEntry] = {}
+    for key, value in container["data_dict"].items():
+        try:
+            idx = int(key)
+            stored = str(value["path"])
+            bd_label, original_label = (int(v) for v in list(value["other_info"])[:2])
+        except (TypeError, KeyError, ValueError):
+            raise bad(f"has a malformed data_dict entry for key {key!r} (RAM-mode records are not supported)") from None
+        entries[idx] = PoisonEntry(_resolve_png(record_dir, folder_name, original_label, idx, stored),
+                                   stored, bd_label, original_label)
+    if len(original_index) and (original_index.min() < 0 or original_index.max() >= len(indicator)):
+        raise bad("has original indices outside the poison indicator")
+    missing = [int(i) for i in np.flatnonzero(indicator == 1) if int(i) not in entries]
+    if missing:
+        raise bad(f"flags {len(missing)} samples as poisoned without a stored image (e.g. index {missing[0]})")
+    return PoisonState(original_index, indicator, entries, save_folder)
+
+
+def _resolve_png(record_dir: Path, folder: str, original_label: int, idx: int, stored: str) -> Path | None:
+    """Rebuild the PNG path from the record folder first (spec §9.2), then try the stored path."""
+    candidates = [record_dir / folder / str(original_label) / f"{idx}.png"]
+    stored_path = Path(stored)
+    if stored_path.is_absolute():
+        candidates.append(stored_path)
+    else:
+        candidates.append(Path.cwd() / stored_path)
+        base = record_dir.resolve().parent.parent  # the folder BackdoorBench ran in
+        candidates.append(base / stored_path)
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def materialize(clean_x: np.ndarray, clean_y: np.ndarray, state: PoisonState, info: DatasetInfo) -> ImageSet:
+    """Apply BackdoorBench's ``__getitem__`` rule (spec §1.5) to every position at once."""
+    positions = state.original_index
+    images = clean_x[positions].copy()
+    labels = clean_y[positions].copy()
+    original = clean_y[positions].copy()
+    flags = state.poison_indicator[positions] == 1
+    h, w, c = info.img_size
+    for pos in np.flatnonzero(flags):
+        entry = state.entries[int(positions[pos])]
+        if entry.path is None:
+            raise BurnError(f"poisoned image {entry.stored_path} is missing (looked in the record folder "
+                            "and the working directory); copy the whole record folder")
+        images[pos] = read_png(entry.path, (h, w, c))
+        labels[pos] = entry.bd_label
+        original[pos] = entry.original_label
+    return ImageSet.from_numpy(images, labels, original, flags, positions)
+
+
+def read_png(path: Path, img_size: tuple[int, int, int]) -> np.ndarray:
+    h, w, c = img_size
+    try:
+        with Image.open(path) as img:
+            img = img.convert("L" if c == 1 else "RGB")
+            if img.size != (w, h):
+                img = img.resize((w, h), Image.BILINEAR)
+            arr = np.asarray(img, dtype=np.uint8)
+    except OSError as err:
+        raise BurnError(f"poisoned image {path} is unreadable ({err}); copy the record again") from None
+    return arr[..., None] if arr.ndim == 2 else arr
+
+
+# --------------------------------------------------------------------------- writing
+
+@dataclass
+class PoisonedSplit:
+    """What an attack hands to :func:`write_attack_record` for one split.
+
+    ``images`` maps an original index to its poisoned ``H x W x C`` uint8 image; ``bd_labels`` and
+    ``original_labels`` map the same indices to labels.
+    """
+
+    original_index: np.ndarray
+    poison_indicator: np.ndarray
+    images: dict[int, np.ndarray]
+    bd_labels: dict[int, int]
+    original_labels: dict[int, int]
+
+
+def write_attack_record(record_dir: str | Path, *, model_name: str, num_classes: int, state_dict,
+                        clean_data: str, bd_train: PoisonedSplit | None, bd_test: PoisonedSplit,
+                        data_path: str | None = None) -> Path:
+    """Write PNGs and ``attack_result.pt`` in exactly BackdoorBench's layout (spec §1.3-1.4, §10).
+
+    Stored paths are the relative strings BackdoorBench writes (``./record/<name>/bd_..._dataset/
+    <label>/<idx>.png``), keys are Python ints (equivalent to ``numpy.int64`` for lookups), arrays
+    are int64/float64. The file is written through a temporary name, so a crash never leaves a
+    half record.
+    """
+    record_dir = Path(record_dir)
+    record_dir.mkdir(parents=True, exist_ok=True)
+    info = dataset_info(clean_data)
+    name = record_dir.name
+    save = {
+        "model_name": model_name,
+        "num_classes": int(num_classes),
+        "model": OrderedDict((k, v.detach().cpu()) for k, v in state_dict.items()),
+        "data_path": data_path or f"./data/{clean_data}",
+        "img_size": tuple(int(v) for v in info.img_size),
+        "clean_data": clean_data,
+        "bd_train": None if bd_train is None else _write_split(record_dir, name, "bd_train", bd_train),
+        "bd_test": _write_split(record_dir, name, "bd_test", bd_test),
+    }
+    atomic_torch_save(save, record_dir / "attack_result.pt")
+    return record_dir / "attack_result.pt"
+
+
+def _write_split(record_dir: Path, name: str, split: str, data: PoisonedSplit) -> dict:
+    folder = SPLIT_FOLDERS[split]
+    stored_folder = f"./record/{name}/{folder}"
+    data_dict = {}
+    for idx in sorted(data.images):
+        orig = int(data.original_labels[idx])
+        target = record_dir / folder / str(orig)
+        target.mkdir(parents=True, exist_ok=True)
+        img = np.asarray(data.images[idx], dtype=np.uint8)
+        Image.fromarray(img.squeeze(-1) if img.shape[-1] == 1 else img).save(target / f"{idx}.png")
+        data_dict[int(idx)] = {"path": f"{stored_folder}/{orig}/{idx}.png",
+                               "other_info": [int(data.bd_labels[idx]), orig]}
+    return {
+        "bd_data_container": {"save_folder_path": stored_folder, "save_file_format": ".png",
+                              "data_dict": data_dict},
+        "getitem_all": True,
+        "getitem_all_switch": False,
+        "original_index_array": np.asarray(data.original_index, dtype=np.int64),
+        "poison_indicator": np.asarray(data.poison_indicator, dtype=np.float64),
+        "save_folder_path": stored_folder,
+    }
+
+
+def write_defense_result(out_dir: str | Path, model_name: str, num_classes: int, state_dict) -> Path:
+    """``defense_result.pt`` with exactly ``model_name``, ``num_classes`` and ``model`` (spec §3.7)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    payload = {"model_name": model_name, "num_classes": int(num_classes),
+               "model": OrderedDict((k, v.detach().cpu()) for k, v in state_dict.items())}
+    path = out_dir / "defense_result.pt"
+    atomic_torch_save(payload, path)
+    return path
+
+
+def read_defense_result(path: str | Path) -> dict:
+    """Read a ``defense_result.pt`` (ours or BackdoorBench's). FP's pruning reparametrisation
+    (``*.weight_orig`` x ``*.weight_mask``, spec §9.3) is folded into a plain ``*.weight``."""
+    raw = safe_torch_load(path, what="defense result")
+    if not isinstance(raw, dict) or any(k not in raw for k in DEFENSE_KEYS):
+        raise BurnError(f"{path} is not a BackdoorBench defense result (needs {', '.join(DEFENSE_KEYS)})")
+    state = OrderedDict()
+    for key, value in raw["model"].items():
+        if key.endswith(".weight_orig"):
+            base = key[: -len("_orig")]
+            state[base] = value * raw["model"].get(base + "_mask", torch.ones_like(value))
+        elif not key.endswith(".weight_mask"):
+            state[key] = value
+    return {"model_name": str(raw["model_name"]), "num_classes": int(raw["num_classes"]), "model": state}
+
+
+def atomic_torch_save(obj, path: Path) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)

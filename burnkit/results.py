@@ -1,0 +1,158 @@
+"""Per-run result files in BackdoorBench's format (spec §1.8, §3.7).
+
+``MetricLog`` keeps one dict per epoch/iteration and writes ``<name>_df.csv`` (pandas, unnamed
+index column first, NaN written as ``nan_value``) and ``<name>_df_summary.csv`` whose rows are
+``last`` (last non-NaN value), ``valid_max`` and ``exist_nan_value`` - what BackdoorBench's
+``Metric_Aggregator`` produces. Files are replaced atomically, so a killed run never leaves a
+half-written CSV.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+
+NAN = "nan_value"
+ACC_LIKE = ("train_acc", "train_acc_clean_only", "train_asr_bd_only", "train_ra_bd_only",
+            "test_acc", "test_asr", "test_ra")
+LOSS_LIKE = ("train_epoch_loss_avg_over_batch", "clean_test_loss_avg_over_batch", "bd_test_loss_avg_over_batch")
+
+
+def _clean(value):
+    if isinstance(value, float) and math.isnan(value):
+        return NAN
+    return value
+
+
+class MetricLog:
+    """Rows of metrics written as ``<folder>/<name>_df.csv`` and ``<name>_df_summary.csv``."""
+
+    def __init__(self, folder: str | Path, name: str):
+        self.folder = Path(folder)
+        self.name = name
+        self.rows: list[dict] = []
+
+    def append(self, row: dict) -> None:
+        self.rows.append({k: _clean(v) for k, v in row.items() if v is not None})
+
+    def extend(self, rows) -> None:
+        for row in rows:
+            self.append(row)
+
+    def frame(self) -> pd.DataFrame:
+        return pd.DataFrame(self.rows, dtype=object)
+
+    def summary(self) -> pd.DataFrame:
+        return summarize(self.frame())
+
+    def save(self) -> tuple[Path, Path]:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        df_path = self.folder / f"{self.name}_df.csv"
+        summary_path = self.folder / f"{self.name}_df_summary.csv"
+        atomic_write_text(df_path, self.frame().to_csv())
+        atomic_write_text(summary_path, self.summary().to_csv())
+        return df_path, summary_path
+
+    def last(self) -> dict:
+        return dict(self.rows[-1]) if self.rows else {}
+
+
+def summarize(frame: pd.DataFrame) -> pd.DataFrame:
+    """BackdoorBench's ``last_and_valid_max`` per column."""
+    out = {}
+    for col in frame.columns:
+        values = list(frame[col])
+        valid = [v for v in values if not (isinstance(v, str) and v == NAN) and not _is_missing(v)]
+        numeric = [v for v in valid if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        out[col] = {"last": valid[-1] if valid else None,
+                    "valid_max": max(numeric) if numeric else None,
+                    "exist_nan_value": any(isinstance(v, str) and v == NAN for v in values)}
+    return pd.DataFrame(out, index=["last", "valid_max", "exist_nan_value"])
+
+
+def _is_missing(v) -> bool:
+    return v is None or (isinstance(v, float) and math.isnan(v))
+
+
+def read_summary(path: str | Path) -> dict:
+    """The ``last`` row of a ``*_df_summary.csv`` as floats (ours or BackdoorBench's)."""
+    frame = pd.read_csv(path, index_col=0)
+    row = frame.loc["last"] if "last" in frame.index else frame.iloc[-1]
+    out = {}
+    for key, value in row.items():
+        try:
+            out[key] = float(value)
+        except (TypeError, ValueError):
+            out[key] = value
+    return out
+
+
+def plot_metrics(rows: list[dict], folder: str | Path, prefix: str = "", x_key: str = "epoch") -> list[Path]:
+    """``<prefix>acc_like_metric_plots.png`` and ``<prefix>loss_metric_plots.png``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder = Path(folder)
+    written = []
+    for kind, keys in (("acc_like", ACC_LIKE), ("loss", LOSS_LIKE)):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        drawn = False
+        for key in keys:
+            pts = [(r.get(x_key), r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", label=key)
+                drawn = True
+        if drawn:
+            ax.set_xlabel(x_key)
+            ax.legend(fontsize=7)
+            ax.grid(alpha=0.3)
+            path = folder / f"{prefix}{kind}_metric_plots.png"
+            fig.tight_layout()
+            fig.savefig(path, dpi=100)
+            written.append(path)
+        plt.close(fig)
+    return written
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_json(path: str | Path, payload: dict) -> None:
+    atomic_write_text(path, json.dumps(payload, indent=2, default=str) + "\n")
+
+
+def git_revision() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).resolve().parent, timeout=5)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def run_environment(device) -> dict:
+    import torch
+
+    from .engine import device_description
+
+    return {"device": device_description(device), "torch": torch.__version__, "python": platform.python_version(),
+            "host": platform.node(), "git": git_revision(), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}

@@ -1,0 +1,80 @@
+"""Shared fixtures: tiny attack records on real images (scikit-learn digits) and a CIFAR-10 subset.
+
+Records are made once per test session by our own attack scripts' code path, inside a temporary
+working directory (BackdoorBench resolves ``record/`` against the CWD).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(int(os.environ.get("BURN_TEST_THREADS", "1")))  # tiny tensors: 1 thread is fastest
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+CIFAR_TARBALL = SHARED / "data" / "cifar10-jpeg.tar.gz"
+
+DIGITS_TRAINING = ["--dataset", "digits", "--model", "smallcnn", "--epochs", "20", "--lr", "0.05",
+                   "--cos_t_max", "20", "--progress", "false"]
+
+
+def make_record(workdir: Path, attack: str, name: str, extra=()) -> Path:
+    """Run attack ``attack`` (registered name) in ``workdir`` and return the record folder."""
+    from burnkit.attack import get_attack
+
+    cls = get_attack(attack)
+    with contextlib.chdir(workdir):
+        cfg, _ = cls.parse([*DIGITS_TRAINING, "--save_folder_name", name, *extra])
+        cls.run(cfg)
+    return workdir / "record" / name
+
+
+@pytest.fixture(scope="session")
+def digits_workdir(tmp_path_factory) -> Path:
+    """A working directory holding ``record/badnet_digits`` and ``record/blended_digits``
+    (smallcnn on 8x8 digits, pratio 0.1, target 0; ~20 s each)."""
+    work = tmp_path_factory.mktemp("digits_work")
+    make_record(work, "badnet", "badnet_digits")
+    make_record(work, "blended", "blended_digits")
+    return work
+
+
+@pytest.fixture
+def digits_copy(digits_workdir, tmp_path, monkeypatch) -> Path:
+    """A private copy of the digits work directory, with the CWD set to it."""
+    work = tmp_path / "work"
+    shutil.copytree(digits_workdir, work)
+    monkeypatch.chdir(work)
+    return work
+
+
+@pytest.fixture(scope="session")
+def cifar_root(tmp_path_factory) -> Path:
+    """A small real CIFAR-10 image folder (the first 30 train / 10 test JPEGs of every class)
+    taken from the shared tarball; skipped with a reason if the tarball is absent."""
+    if not CIFAR_TARBALL.exists():
+        pytest.skip(f"shared CIFAR-10 tarball not found at {CIFAR_TARBALL}")
+    root = tmp_path_factory.mktemp("cifar_subset") / "cifar10"
+    keep = {"train": 30, "test": 10}
+    counts: dict[tuple[str, str], int] = {}
+    with tarfile.open(CIFAR_TARBALL) as tar:
+        members = []
+        for m in tar:
+            parts = Path(m.name).parts
+            if not m.isfile() or len(parts) < 3:
+                continue
+            split, cls = parts[-3], parts[-2]
+            if split not in keep:
+                continue
+            n = counts.get((split, cls), 0)
+            if n < keep[split]:
+                counts[(split, cls)] = n + 1
+                m.name = f"{split}/{cls}/{parts[-1]}"
+                members.append(m)
+        tar.extractall(root, members=members, filter="data")
+    return root
