@@ -26,7 +26,7 @@ from typing import Callable, Iterable, Iterator
 import torch
 from torch import Tensor, nn
 
-__all__ = ["BoundaryResult", "boundary_attack", "scan", "BACKWARD_MODES"]
+__all__ = ["BoundaryResult", "boundary_attack", "scan", "attack_space", "BACKWARD_MODES", "SPACES"]
 
 Forward = Callable[[Tensor], Tensor]
 
@@ -233,6 +233,28 @@ def boundary_attack(forward: Forward, x: Tensor, *, overshoot: float = 0.02, max
         l2=delta.flatten(1).norm(dim=1).float(), adv_label=adv_label, iterations=iterations,
         converged=converged, clean_label=clean_label,
         perturbation=delta if return_perturbation else None)
+
+
+SPACES = ("input", "pixel")
+
+
+def attack_space(clf, space: str = "input", clip: bool = True):
+    """Forward function, uint8-batch transform and bounds for measuring distances in ``space``.
+
+    ``clf`` is a ``burnkit.models.Classifier`` (anything with ``net``, ``normalize`` and
+    ``input_bounds``). "input": the normalised tensors ``clf.net`` sees (BackdoorBench's models
+    are fed normalised inputs); "pixel": [0, 1] images through ``clf``. With ``clip`` every iterate
+    stays a valid image ([0, 1] mapped into the chosen space).
+
+    Returns:
+        ``(forward, transform, lower, upper)`` for :func:`scan` (bounds are None without clip).
+    """
+    if space == "input":
+        lower, upper = clf.input_bounds() if clip else (None, None)
+        return clf.net, (lambda u8: clf.normalize(u8.float().div_(255))), lower, upper
+    if space == "pixel":
+        return clf, (lambda u8: u8.float().div_(255)), (0.0 if clip else None), (1.0 if clip else None)
+    raise ValueError(f"space must be one of {SPACES}, got {space!r}")
 
 
 def _batches(images, batch_size: int) -> Iterator[Tensor]:
