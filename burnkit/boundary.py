@@ -173,6 +173,8 @@ def boundary_attack(forward: Forward, x: Tensor, *, overshoot: float = 0.02, max
         module = forward
     device = x.device
     x0 = x.detach().to(grad_dtype)
+    if x0.dim() == 4:  # NHWC convolutions: ~1.3x faster on CPU (oneDNN), the usual fast path on CUDA
+        x0 = x0.contiguous(memory_format=torch.channels_last)
     n = len(x0)
     lower_t = None if lower is None else torch.as_tensor(lower, dtype=grad_dtype, device=device)
     upper_t = None if upper is None else torch.as_tensor(upper, dtype=grad_dtype, device=device)
@@ -228,7 +230,7 @@ def boundary_attack(forward: Forward, x: Tensor, *, overshoot: float = 0.02, max
             x_cur[idx] = clip(x0[idx] + (1.0 + overshoot) * r_tot[idx])
             active = idx
 
-    delta = x_cur - x0
+    delta = (x_cur - x0).contiguous()
     return BoundaryResult(
         l2=delta.flatten(1).norm(dim=1).float(), adv_label=adv_label, iterations=iterations,
         converged=converged, clean_label=clean_label,
