@@ -206,6 +206,7 @@ class Metrics:
     ra: float | None
     clean_loss: float | None
     bd_loss: float | None
+    ra_loss: float | None = None  # CE of bd_test against the original labels (SAU/I-BAU's CSV column)
 
     def row(self) -> dict:
         """BackdoorBench's column names for these values."""
@@ -247,13 +248,14 @@ def evaluate(model: nn.Module, suite: EvalSuite, device: torch.device, batch_siz
     logits = predict(model, suite.clean_test, device, batch_size, amp)
     clean_loss, preds = _loss_and_preds(logits, suite.clean_test.labels)
     acc = accuracy(preds, suite.clean_test.labels)
-    asr = ra = bd_loss = None
+    asr = ra = bd_loss = ra_loss = None
     if suite.bd_test is not None and len(suite.bd_test):
         bd_logits = predict(model, suite.bd_test, device, batch_size, amp)
         bd_loss, bd_preds = _loss_and_preds(bd_logits, suite.bd_test.labels)
+        ra_loss = F.cross_entropy(bd_logits, suite.bd_test.original_labels.cpu()).item()
         asr = accuracy(bd_preds, suite.bd_test.labels)
         ra = accuracy(bd_preds, suite.bd_test.original_labels)
-    return Metrics(acc, asr, ra, clean_loss, bd_loss)
+    return Metrics(acc, asr, ra, clean_loss, bd_loss, ra_loss)
 
 
 # --------------------------------------------------------------------------- training
