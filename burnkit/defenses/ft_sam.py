@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from ..config import option
 from ..data import ImageSet, class_balanced_subset
 from ..defense import Defense, DefenseConfig, DefenseData, DefenseRun, register_defense
-from ..engine import StepContext, StepOutput
+from ..engine import StepContext, StepOutput, TrainConfig
 from ..errors import BurnError
 from ..models import Classifier, load_bb_state_dict
 from ..records import read_defense_result
@@ -182,7 +182,8 @@ def fine_tune_sam(model: Classifier, data: DefenseData, cfg: FtSamConfig, run: D
         start = resolve_checkpoint(cfg.checkpoint_path)
         load_bb_state_dict(model, read_defense_result(start)["model"], source=str(start))
         run.logger.info("starting from %s", start)
-    train_cfg = cfg.train_config(scheduler_step="batch", amp=False)
+    # FT-SAM's unused --rho shares its name with Adadelta's rho; keep the optimiser's own default.
+    train_cfg = cfg.train_config(scheduler_step="batch", amp=False, rho=TrainConfig.rho)
     step = make_sam_step(cfg.lr, cfg.rho_max, cfg.rho_min, cfg.adaptive, cfg.alpha, cfg.label_smoothing)
     run.fit(model, data.clean_subset, train_cfg, step=step, phase="finetune")
     return model
