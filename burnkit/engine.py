@@ -208,10 +208,13 @@ class Metrics:
     bd_loss: float | None
     ra_loss: float | None = None  # CE of bd_test against the original labels (SAU/I-BAU's CSV column)
 
-    def row(self) -> dict:
-        """BackdoorBench's column names for these values."""
-        return {"clean_test_loss_avg_over_batch": self.clean_loss, "bd_test_loss_avg_over_batch": self.bd_loss,
-                "test_acc": self.acc, "test_asr": self.asr, "test_ra": self.ra}
+    def row(self, ra_loss: bool = False) -> dict:
+        """BackdoorBench's column names for these values; ``ra_loss`` adds SAU/I-BAU's
+        ``ra_test_loss_avg_over_batch`` column."""
+        losses = {"clean_test_loss_avg_over_batch": self.clean_loss, "bd_test_loss_avg_over_batch": self.bd_loss}
+        if ra_loss:
+            losses["ra_test_loss_avg_over_batch"] = self.ra_loss
+        return {**losses, "test_acc": self.acc, "test_asr": self.asr, "test_ra": self.ra}
 
 
 def iterate(imageset: ImageSet, batch_size: int, device: torch.device, *, shuffle: bool = False,

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from ..config import option
 from ..data import Augment, Batch, ImageSet
 from ..defense import Defense, DefenseConfig, DefenseData, DefenseRun, register_defense
-from ..engine import Metrics, eval_mode, iterate, make_optimizer
+from ..engine import eval_mode, iterate, make_optimizer
 from ..errors import BurnError
 from ..models import Classifier
 
@@ -201,24 +201,12 @@ def unlearn_ibau(model: Classifier, data: DefenseData, cfg: IBAUConfig, run: Def
                           for batch in cached]
             with run.timed("evaluate"):
                 metrics = run.evaluate(model)
-            run.metrics.append({"epoch": round_, **score_columns(metrics)})
+            run.metrics.append({"epoch": round_, **metrics.row(ra_loss=True)})
             run.metrics.save()
-            run.logger.info("round %d/%d: |δ|=%.3f unlearning loss %.4f %s", round_ + 1, cfg.n_rounds,
-                            float(delta.norm()), sum(losses) / len(losses), metrics_text(metrics))
+            run.logger.info("round %d/%d: |δ|=%.3f unlearning loss %.4f acc %s asr %s ra %s", round_ + 1,
+                            cfg.n_rounds, float(delta.norm()), sum(losses) / len(losses), metrics.acc, metrics.asr,
+                            metrics.ra)
     return model
-
-
-def metrics_text(metrics: Metrics) -> str:
-    return " ".join(f"{k} {v:.4f}" for k, v in (("acc", metrics.acc), ("asr", metrics.asr), ("ra", metrics.ra))
-                    if v is not None)
-
-
-def score_columns(metrics: Metrics) -> dict:
-    """BackdoorBench's SAU/I-BAU CSV columns (spec §3.7) from an engine ``Metrics``."""
-    return {"clean_test_loss_avg_over_batch": metrics.clean_loss,
-            "bd_test_loss_avg_over_batch": metrics.bd_loss,
-            "ra_test_loss_avg_over_batch": metrics.ra_loss,
-            "test_acc": metrics.acc, "test_asr": metrics.asr, "test_ra": metrics.ra}
 
 
 @register_defense

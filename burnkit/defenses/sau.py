@@ -44,7 +44,6 @@ from ..defense import Defense, DefenseConfig, DefenseData, DefenseRun, register_
 from ..engine import StepContext, StepOutput, eval_mode
 from ..errors import BurnError
 from ..models import Classifier
-from .ibau import score_columns
 
 PGD_INITS = ("max", "min", "zero", "random")
 PROB_CLAMP = (0.001, 0.999)
@@ -201,7 +200,7 @@ def shared_adversarial_unlearning(model: Classifier, data: DefenseData, cfg: SAU
     generator = torch.Generator().manual_seed(cfg.random_seed + 1)
 
     def score(epoch, model, row):
-        row.update(score_columns(run.evaluate(model)))
+        row.update(run.evaluate(model).row(ra_loss=True))
 
     run.fit(model, data.clean_subset, train_cfg, step=make_sau_step(ref, cfg, generator), phase="unlearn",
             eval_suite=None, augment=None, epoch_end=score)
