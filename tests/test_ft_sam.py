@@ -142,3 +142,9 @@ def test_ft_sam_honours_index(digits_copy):
 def test_ft_sam_rejects_a_missing_checkpoint(digits_copy):
     with pytest.raises(BurnError, match="checkpoint_path"):
         FtSam.parse(["--checkpoint_path", "no_such_record"])
+
+
+def test_bare_adaptive_flag_turns_adaptive_off_as_in_backdoorbench():
+    assert FtSam.parse([])[0].adaptive is True  # default on
+    assert FtSam.parse(["--adaptive"])[0].adaptive is False  # store_false there
+    assert FtSam.parse(["--adaptive", "true"])[0].adaptive is True

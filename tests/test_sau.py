@@ -107,3 +107,9 @@ def test_sau_rejects_unknown_options():
         SAU.parse(["--pgd_init", "middle"])
     with pytest.raises(BurnError, match="norm_type"):
         SAU.parse(["--norm_type", "L2"])
+
+
+def test_bare_train_mode_flag_switches_it_on():
+    # BackdoorBench's --train_mode is a store_true flag: given without a value it means true.
+    assert SAU.parse(["--train_mode", "--n_rounds", "3"])[0].train_mode is True
+    assert SAU.parse([])[0].train_mode is False

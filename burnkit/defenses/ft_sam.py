@@ -58,7 +58,8 @@ class FtSamConfig(DefenseConfig):
     lr: float = option(0.01, "learning rate of the base optimiser")
     rho_max: float = option(2.0, "SAM radius at the initial lr")
     rho_min: float = option(2.0, "SAM radius as the lr reaches 0")
-    adaptive: bool = option(True, "adaptive SAM (ASAM): scale the perturbation by |w|")
+    adaptive: bool = option(True, "adaptive SAM (ASAM): scale the perturbation by |w|; a bare --adaptive "
+                                  "turns it OFF, as BackdoorBench's store_false flag", bare="false")
     alpha: float = option(0.0, "GSAM: weight of the removed gradient component orthogonal to the SAM gradient")
     label_smoothing: float = option(0.1, "label smoothing of the CE (smoothing/(C-1) on the other classes)")
     rho: float = option(2.0, "accepted for BackdoorBench compatibility (unused there: rho_max/rho_min apply)")
