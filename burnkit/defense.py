@@ -198,6 +198,11 @@ class Defense:
     def repair(self, model: Classifier, data: DefenseData, cfg: DefenseConfig, run: DefenseRun) -> Classifier:
         raise NotImplementedError(f"{type(self).__name__} must implement repair()")
 
+    def choose_subset(self, clean_train: ImageSet, cfg: DefenseConfig) -> np.ndarray:
+        """The defender's clean-train indices: ``--index`` or a seeded ``--ratio`` sample (spec §3.5).
+        A defense with its own selection rule (FT-SAM) overrides this."""
+        return choose_clean_indices(len(clean_train), cfg.ratio, cfg.index, cfg.random_seed)
+
     # -- lifecycle ---------------------------------------------------------------------------
 
     @classmethod
@@ -236,7 +241,7 @@ class Defense:
         model = build_classifier(record.model_name, info, record.num_classes)
         load_bb_state_dict(model, record.state_dict)
         loaded = record.load_data(cfg.dataset_path, download=cfg.download)
-        subset_idx = choose_clean_indices(len(loaded.clean_train), cfg.ratio, cfg.index, cfg.random_seed)
+        subset_idx = self.choose_subset(loaded.clean_train, cfg)
         data = DefenseData(info, loaded.clean_train.subset(subset_idx), loaded.bd_train,
                            loaded.clean_test, loaded.bd_test, subset_idx)
 
