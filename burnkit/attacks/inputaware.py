@@ -182,6 +182,13 @@ class InputAware(DynamicAttack):
                                                     row["train_epoch_loss_avg_over_batch"]))
         self.netM.eval().requires_grad_(False)
         self.netG.train()
+        with torch.no_grad():
+            sample = self.train_set.images[: cfg.batch_size].to(device).float().div(255.0)
+            density = float(self.netM(sample).mean()) if len(sample) else 0.0
+        self.logger.info("mask pre-training done: mean mask value %.4f (mask_density %s)", density, cfg.mask_density)
+        if density < cfg.mask_density / 100:
+            self.logger.warning("the mask network collapsed to an (almost) empty mask, so the trigger is invisible; "
+                                "rerun with another --random_seed or a lower --lr_M")
 
     def mask_step(self, netM, batch, optimizer, ctx) -> StepOutput:
         cfg = self.cfg
