@@ -114,6 +114,21 @@ class PoisonPlan:
     test_poison: np.ndarray  # original test indices in bd_test
 
 
+@dataclass
+class PoisonedData:
+    """The clean splits, the plan and the statically poisoned images, as ``run`` holds them."""
+
+    train_x: np.ndarray  # N_train x H x W x C uint8, the whole clean split
+    train_y: np.ndarray
+    test_x: np.ndarray
+    test_y: np.ndarray
+    plan: PoisonPlan
+    train_bd: np.ndarray  # images of plan.train_poison after apply_trigger
+    train_bd_labels: np.ndarray
+    test_bd: np.ndarray  # images of plan.test_poison after apply_trigger
+    test_bd_labels: np.ndarray
+
+
 class Attack:
     """Base class; subclasses set ``name``/``config_cls`` and implement :meth:`apply_trigger`."""
 
@@ -121,6 +136,7 @@ class Attack:
     config_cls: ClassVar[type[AttackConfig]] = AttackConfig
     clean_label: ClassVar[bool] = False
     description: ClassVar[str] = ""
+    logger: logging.Logger = logging.getLogger("burnkit")  # the run's logger once ``run`` starts
 
     def __init__(self, cfg: AttackConfig, info: DatasetInfo):
         self.cfg = cfg
@@ -150,7 +166,8 @@ class Attack:
         count = int(round(cfg.pratio * len(positions)))
         if count > len(pool):
             raise BurnError(f"pratio {cfg.pratio} asks for {count} poisoned samples but only {len(pool)} "
-                            f"{'target-class ' if self.clean_label else ''}samples are available; lower pratio")
+                            f"{'target-class ' if self.clean_label else ''}samples are available; lower pratio to at most "
+                            f"{len(pool) / max(1, len(positions)):.4f}")
         train_poison = np.sort(rng.choice(pool, size=count, replace=False)) if count else np.zeros(0, np.int64)
         if cfg.attack_label_trans == "all2one":
             test_poison = np.flatnonzero(test_y != cfg.attack_target)
@@ -224,6 +241,7 @@ class Attack:
         if ignored:
             logger.info("YAML keys not used by %s: %s", cls.name, ", ".join(ignored))
         logger.info("attack %s -> %s on %s, model %s, device %s", cls.name, record_dir, cfg.dataset, cfg.model, device)
+        attack.logger = logger
         rng = np.random.default_rng(cfg.random_seed)
         plan = attack.plan(train_y, test_y, rng)
         with _Timer() as poison_time:
@@ -255,21 +273,12 @@ class Attack:
         log.save()
         plot_metrics(log.rows, record_dir)
 
-        indicator_train = np.zeros(len(train_y), dtype=np.float64)
-        indicator_train[plan.train_poison] = 1.0
-        indicator_test = np.zeros(len(test_y), dtype=np.float64)
-        indicator_test[plan.test_poison] = 1.0
-        bd_train_split = PoisonedSplit(plan.train_positions, indicator_train,
-                                       {int(i): img for i, img in zip(plan.train_poison, train_bd)},
-                                       {int(i): int(b) for i, b in zip(plan.train_poison, train_bd_labels)},
-                                       {int(i): int(train_y[i]) for i in plan.train_poison})
-        bd_test_split = PoisonedSplit(plan.test_poison, indicator_test,
-                                      {int(i): img for i, img in zip(plan.test_poison, test_bd)},
-                                      {int(i): int(b) for i, b in zip(plan.test_poison, test_bd_labels)},
-                                      {int(i): int(test_y[i]) for i in plan.test_poison})
+        data = PoisonedData(train_x, train_y, test_x, test_y, plan, train_bd, train_bd_labels, test_bd, test_bd_labels)
+        bd_train_split, bd_test_split = attack.record_splits(model, data, device, record_dir)
         write_attack_record(record_dir, model_name=cfg.model, num_classes=info.num_classes,
                             state_dict=model.bb_state_dict(), clean_data=cfg.dataset,
                             bd_train=bd_train_split, bd_test=bd_test_split)
+        indicator_train = bd_train_split.poison_indicator
         args = as_dict(cfg)
         args.update({"num_classes": info.num_classes, "input_height": info.img_size[0], "input_width": info.img_size[1],
                      "input_channel": info.img_size[2], "img_size": tuple(info.img_size),
@@ -280,7 +289,7 @@ class Attack:
         final = log.last()
         provenance = {"attack": cls.name, "record": str(record_dir), "config": args,
                       "train_subset_size": int(len(plan.train_positions)),
-                      "poisoned_train": int(len(plan.train_poison)), "bd_test_size": int(len(plan.test_poison)),
+                      "poisoned_train": int(indicator_train.sum()), "bd_test_size": len(bd_test_split.original_index),
                       "wall_time_s": time.perf_counter() - started, "poison_time_s": poison_time.seconds,
                       "train_time_s": train_time.seconds, **run_environment(device),
                       "final": {k: final.get(k) for k in ("test_acc", "test_asr", "test_ra")}}
@@ -295,6 +304,29 @@ class Attack:
     def provenance(self) -> dict:
         """Attack-specific facts for ``provenance.json`` (e.g. the trigger's source)."""
         return {}
+
+    def record_splits(self, model: Classifier, data: PoisonedData, device: torch.device,
+                      record_dir: Path) -> tuple[PoisonedSplit, PoisonedSplit]:
+        """The ``bd_train``/``bd_test`` splits written to the record, after training.
+
+        By default they are the statically poisoned samples of the plan. Attacks that poison
+        on the fly during training (WaNet, InputAware, BPP) override this to rebuild them as
+        BackdoorBench does (spec §1.4) and may write extra folders into ``record_dir``.
+        """
+        plan = data.plan
+        indicator_train = np.zeros(len(data.train_y), dtype=np.float64)
+        indicator_train[plan.train_poison] = 1.0
+        indicator_test = np.zeros(len(data.test_y), dtype=np.float64)
+        indicator_test[plan.test_poison] = 1.0
+        train = PoisonedSplit(plan.train_positions, indicator_train,
+                              {int(i): img for i, img in zip(plan.train_poison, data.train_bd)},
+                              {int(i): int(b) for i, b in zip(plan.train_poison, data.train_bd_labels)},
+                              {int(i): int(data.train_y[i]) for i in plan.train_poison})
+        test = PoisonedSplit(plan.test_poison, indicator_test,
+                             {int(i): img for i, img in zip(plan.test_poison, data.test_bd)},
+                             {int(i): int(b) for i, b in zip(plan.test_poison, data.test_bd_labels)},
+                             {int(i): int(data.test_y[i]) for i in plan.test_poison})
+        return train, test
 
 
 def _check_poisoned(images: np.ndarray, n: int, info: DatasetInfo, split: str) -> None:

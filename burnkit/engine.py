@@ -164,15 +164,22 @@ class StepContext:
             return torch.autocast("cuda", dtype=torch.float16)
         return contextlib.nullcontext()
 
-    def backward_step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
-        optimizer.zero_grad(set_to_none=True)
+    def backward_step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer,
+                      *more: torch.optim.Optimizer) -> None:
+        """Zero, backpropagate ``loss`` and step ``optimizer`` and any ``more`` (e.g. a trigger
+        generator trained jointly with the classifier), through the AMP scaler when there is one."""
+        optimizers = (optimizer, *more)
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
-            self.scaler.step(optimizer)
+            for opt in optimizers:
+                self.scaler.step(opt)
             self.scaler.update()
         else:
             loss.backward()
-            optimizer.step()
+            for opt in optimizers:
+                opt.step()
 
 
 @dataclass
