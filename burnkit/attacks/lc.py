@@ -29,7 +29,8 @@ from PIL import Image
 from ..attack import Attack, AttackConfig, register_attack
 from ..config import option
 from ..errors import BurnError
-from ..resources import DEFAULT_CACHE, crafted_path, lc_adv_path, load_image_array, missing, resource_command
+from ..resources import (DEFAULT_CACHE, check_length, crafted_path, lc_adv_path, load_image_array, missing,
+                         resource_command)
 
 # The 3x3 motif at the bottom-right corner (+1 -> brighten, -1 -> darken): a checkerboard whose
 # outermost pixel is bright. It is symmetric, so mirroring it into the other corners changes nothing.
@@ -99,9 +100,13 @@ class LabelConsistent(Attack):
         if not path.is_file():
             raise missing("label-consistent adversarial images", path, self.command, "attack_train_replace_imgs_path")
         self.adv_path = path
-        self.adv = load_image_array(path, info, info.train_size, "label-consistent adversarial images")
+        self.adv = load_image_array(path, info, None, "label-consistent adversarial images")
         sidecar = crafted_path(path)
         self.crafted = np.load(sidecar) if sidecar.is_file() else None  # a plain BackdoorBench array: all crafted
+
+    def plan(self, train_y, test_y, rng):
+        check_length(self.adv, len(train_y), self.adv_path, self.command)
+        return super().plan(train_y, test_y, rng)
 
     def apply_trigger(self, images, labels, indices, train):
         if train:

@@ -22,7 +22,7 @@ import numpy as np
 
 from ..attack import Attack, AttackConfig, register_attack
 from ..config import option
-from ..resources import DEFAULT_CACHE, load_image_array, missing, resource_command, ssba_paths
+from ..resources import DEFAULT_CACHE, check_length, load_image_array, missing, resource_command, ssba_paths
 
 
 @dataclass
@@ -47,15 +47,20 @@ class Ssba(Attack):
         command = resource_command("ssba", cfg.dataset, None, cfg.resource_cache, cfg.dataset_path)
         self.paths = {}
         self.arrays = {}
-        for split, given, default, size in (
-                ("train", cfg.attack_train_replace_imgs_path, default_train, info.train_size),
-                ("test", cfg.attack_test_replace_imgs_path, default_test, info.test_size)):
+        self.command = command
+        for split, given, default in (("train", cfg.attack_train_replace_imgs_path, default_train),
+                                      ("test", cfg.attack_test_replace_imgs_path, default_test)):
             path = Path(given) if given else default
             if not path.is_file():
                 raise missing(f"SSBA {split} replacement images", path, command,
                               f"attack_{split}_replace_imgs_path")
             self.paths[split] = path
-            self.arrays[split] = load_image_array(path, info, size, f"SSBA {split} replacement images")
+            self.arrays[split] = load_image_array(path, info, None, f"SSBA {split} replacement images")
+
+    def plan(self, train_y, test_y, rng):
+        for split, labels in (("train", train_y), ("test", test_y)):
+            check_length(self.arrays[split], len(labels), self.paths[split], self.command)
+        return super().plan(train_y, test_y, rng)
 
     def apply_trigger(self, images, labels, indices, train):
         return np.ascontiguousarray(self.arrays["train" if train else "test"][indices])

@@ -2,7 +2,9 @@
 
 1. Take a clean model of the victim's architecture (``python -m burnkit.resources clean_model``).
 2. Pick the ``num_neuron`` inputs of ``selected_layer_name`` (default: the zoo's last layer) with the
-   largest summed absolute weight in ``selected_layer_param_name``.
+   largest summed absolute weight in ``selected_layer_param_name``, among those that are non-zero on
+   the mask image (a dead ReLU has zero gradient and cannot be excited; BackdoorBench does not skip
+   them, and its search then returns the unchanged mask image).
 3. Optimise the trigger: start from the mask image ([0, 1]), take ``mask_update_iters`` signed
    gradient steps of ``trigger_step_size`` that push those activations towards
    ``neuron_target_values`` (mean squared error), keeping the change within ``trigger_eps`` (L-inf),
@@ -68,8 +70,13 @@ def default_mask_image(h: int, w: int, c: int) -> np.ndarray:
     return img
 
 
-def select_neurons(net: torch.nn.Module, param_name: str, count: int) -> torch.Tensor:
-    """Indices of the ``count`` layer inputs with the largest summed |weight| (dim 1 = inputs)."""
+def select_neurons(net: torch.nn.Module, param_name: str, count: int,
+                   active: torch.Tensor | None = None) -> torch.Tensor:
+    """Indices of the ``count`` layer inputs with the largest summed |weight| (dim 1 = inputs).
+
+    With ``active`` (bool per input), inputs that are 0 on the start image are skipped when enough
+    others are active: behind a ReLU their gradient is exactly 0, so no trigger step could excite them.
+    """
     params = dict(net.named_parameters())
     if param_name not in params:
         raise BurnError(f"selected_layer_param_name {param_name!r} is not a parameter of the model; "
@@ -80,7 +87,16 @@ def select_neurons(net: torch.nn.Module, param_name: str, count: int) -> torch.T
     importance = weight.abs().transpose(0, 1).reshape(weight.shape[1], -1).sum(1)
     if count > len(importance):
         raise BurnError(f"num_neuron {count} exceeds the {len(importance)} inputs of {param_name}")
+    if active is not None and int(active.sum()) >= count:
+        importance = torch.where(active.to(importance.device), importance, torch.full_like(importance, -1.0))
     return importance.topk(count).indices
+
+
+def _input_width(net: torch.nn.Module, param_name: str) -> int:
+    params = dict(net.named_parameters())
+    if param_name not in params or params[param_name].ndim < 2:
+        raise BurnError(f"selected_layer_param_name {param_name!r} is not a Linear/Conv weight of the model")
+    return params[param_name].shape[1]
 
 
 class LayerInput:
@@ -165,7 +181,9 @@ class TrojanNN(Attack):
             raise BurnError(f"mask {cfg.mask_path} has no non-zero pixel; use an image with a visible trigger area")
         start = torch.as_tensor(mask_img, dtype=torch.float32).permute(2, 0, 1).div(255).to(device)
         mask = area[None].expand(c, h, w).float().to(device)
-        self.neurons = select_neurons(model.net, param, cfg.num_neuron).to(device)
+        every = torch.arange(_input_width(model.net, param), device=device)
+        active = neuron_activations(model, self.layer, every, (start * mask)[None])[0] > 0
+        self.neurons = select_neurons(model.net, param, cfg.num_neuron, active).to(device)
         trigger = optimise_trigger(model, self.layer, self.neurons, start, mask, target_value=cfg.neuron_target_values,
                                    iters=cfg.mask_update_iters, step=cfg.trigger_step_size, eps=cfg.trigger_eps)
         self.activations = (neuron_activations(model, self.layer, self.neurons, (start * mask)[None]).cpu().tolist(),

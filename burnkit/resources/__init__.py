@@ -116,3 +116,10 @@ def load_image_array(path: Path, info: DatasetInfo, n: int | None, what: str) ->
     if arr.dtype != np.uint8:
         raise BurnError(f"{what} {path} holds {arr.dtype}, expected uint8 images (0..255); regenerate it")
     return arr
+
+
+def check_length(array: np.ndarray, n: int, path: Path, command: str) -> None:
+    """A replacement array is indexed by original index, so it must cover the whole split."""
+    if len(array) != n:
+        raise BurnError(f"{path} holds {len(array)} images but the split has {n}; it was made for other data - "
+                        f"regenerate it with `{command}`")
