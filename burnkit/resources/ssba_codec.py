@@ -6,10 +6,12 @@ hides a fixed bit string in the image. BackdoorBench expects the result as two u
 (``<dataset>_ssba_{train,test}_b1.npy``, ``N x H x W x C``, entry ``i`` = poisoned version of clean
 image ``i``). We train our own codec (no pretrained StegaStamp weights exist here):
 
-* encoder ``E(x, bits) -> x + r``: the bits (as +-1) go through a linear map to one H x W plane,
-  concatenated with the image; a small conv net outputs ``r = eps * tanh(.)`` so the change is
-  bounded by ``eps`` (0..255 units) per pixel - the invisibility budget - and depends on the image;
-* decoder ``D(x') -> bit logits``: a small strided conv net;
+* encoder ``E(x, bits) -> x + r``: the bits (as +-1) go through a linear map to a C x H x W code,
+  concatenated with the image; a small conv net adds an image-dependent term to the code and
+  ``r = eps * tanh(code + conv(x, code))``, so the change is bounded by ``eps`` (0..255 units) per
+  pixel - the invisibility budget - and depends on the image. The code's skip connection makes the
+  bits readable from the first step, which keeps the residual from collapsing to 0 under the penalty;
+* decoder ``D(x') -> bit logits``: a small strided conv net plus a linear read-out of the pixels;
 * loss: bit cross-entropy of ``D(quantise(E(x, b)))`` with random bits ``b`` per sample (so the
   decoder must read the residual, not memorise one string) + ``l2_weight * mean((r / eps)^2)``,
   that weight ramped up from 0 after the first third of training (StegaStamp ramps its image loss).
@@ -72,23 +74,26 @@ class StegaCodec(nn.Module):
     def __init__(self, channels: int, size: int, n_bits: int, eps: float, width: int = 16):
         super().__init__()
         self.size, self.eps = size, eps / 255.0
-        self.secret = nn.Linear(n_bits, size * size)
-        self.encoder = nn.Sequential(_conv(channels + 1, width), _conv(width, width), _conv(width, width),
+        self.channels = channels
+        self.secret = nn.Linear(n_bits, channels * size * size)
+        self.encoder = nn.Sequential(_conv(2 * channels, width), _conv(width, width),
                                      nn.Conv2d(width, channels, 3, 1, 1))
         reduced = max(1, size // 4)
         self.decoder = nn.Sequential(_conv(channels, width), _conv(width, width, 2), _conv(width, 2 * width, 2),
                                      nn.AdaptiveAvgPool2d(reduced), nn.Flatten(),
                                      nn.Linear(2 * width * reduced * reduced, n_bits))
+        self.readout = nn.Linear(channels * size * size, n_bits)  # a linear path learns the code fast
 
     def residual(self, x: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
-        plane = self.secret(bits * 2 - 1).view(-1, 1, self.size, self.size)
-        return self.eps * torch.tanh(self.encoder(torch.cat([x - 0.5, plane], 1)))
+        code = self.secret(bits * 2 - 1).view(-1, self.channels, self.size, self.size)
+        # the code also skips past the conv net, so the bits are readable from the first step on
+        return self.eps * torch.tanh(code + self.encoder(torch.cat([x - 0.5, code], 1)))
 
     def encode(self, x: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
         return (x + self.residual(x, bits)).clamp(0, 1)
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
-        return self.decoder(x - 0.5)
+        return self.decoder(x - 0.5) + self.readout((x - 0.5).flatten(1))
 
 
 def l2_ramp(epoch: int, epochs: int) -> float:
