@@ -47,7 +47,7 @@ def main(argv=None) -> dict:
                             f"(got {argv[0] if argv else 'nothing'!r})")
         what, rest = argv[0], argv[1:]
         config_cls, generate, description = GENERATORS[what]
-        cfg, _, ignored = parse_config(config_cls, rest, f"{prog} {what}", description, _default_yaml(what))
+        cfg, _, _ignored = parse_config(config_cls, rest, f"{prog} {what}", description, _default_yaml(what))
         summary = generate(cfg)
         print(f"{what}: wrote {', '.join(summary['outputs'])} in {summary['wall_time_s']:.1f}s")
         return summary

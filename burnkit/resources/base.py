@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from ..config import as_dict, option
-from ..data import ImageSet
+from ..data import ImageSet, class_balanced_subset
 from ..datasets import DatasetInfo, dataset_info, load_split, resolve_data_root
 from ..engine import resolve_device, seed_everything
 from ..errors import BurnError
@@ -39,6 +39,13 @@ class ResourceConfig:
             raise BurnError(f"batch_size must be > 0, got {self.batch_size}")
 
 
+@dataclass
+class FromCleanModelConfig(ResourceConfig):
+    """Generators that start from the clean model (LF pattern, LC images)."""
+
+    clean_model_path: str | None = option(None, "clean model state dict (default: the cache's clean_model.pth)")
+
+
 class Session:
     """One generator run: seeded, with its device, dataset facts and a wall clock."""
 
@@ -53,6 +60,13 @@ class Session:
     def split(self, train: bool) -> tuple[np.ndarray, np.ndarray]:
         root = resolve_data_root(self.cfg.dataset_path, self.cfg.dataset)
         return load_split(self.cfg.dataset, root, train=train)
+
+    def subset(self, labels: np.ndarray, size: int) -> np.ndarray:
+        """Original indices of the seeded class-balanced subset an attack run with the same
+        ``--train_subset size --random_seed`` trains on (all indices for size 0)."""
+        if not size:
+            return np.arange(len(labels))
+        return class_balanced_subset(labels, size, np.random.default_rng(self.cfg.random_seed))
 
     def clean_model(self, path: str | None = None):
         cfg = self.cfg

@@ -11,11 +11,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from ..config import option
-from ..data import Augment, ImageSet, class_balanced_subset
+from ..data import Augment, ImageSet
 from ..engine import EvalSuite, TrainConfig, evaluate, fit
 from ..errors import BurnError
 from ..models import build_classifier
@@ -46,9 +45,7 @@ def generate_clean_model(cfg: CleanModelConfig) -> dict:
     run = Session(cfg)
     train_x, train_y = run.split(train=True)
     test_x, test_y = run.split(train=False)
-    keep = np.arange(len(train_y))
-    if cfg.train_subset:
-        keep = class_balanced_subset(train_y, cfg.train_subset, np.random.default_rng(cfg.random_seed))
+    keep = run.subset(train_y, cfg.train_subset)
     model = build_classifier(cfg.model, run.info)
     train_cfg = TrainConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
                             client_optimizer=cfg.client_optimizer, sgd_momentum=cfg.sgd_momentum, wd=cfg.wd,

@@ -23,16 +23,14 @@ import torch
 import torch.nn.functional as F
 
 from ..config import option
-from ..data import class_balanced_subset
 from ..engine import eval_mode, iterate
 from ..errors import BurnError
 from . import crafted_path, lc_adv_path
-from .base import ResourceConfig, Session, imageset, save_npy, to_uint8_nhwc
+from .base import FromCleanModelConfig, Session, imageset, save_npy, to_uint8_nhwc
 
 
 @dataclass
-class LcAdvConfig(ResourceConfig):
-    clean_model_path: str | None = option(None, "clean model state dict (default: the cache's clean_model.pth)")
+class LcAdvConfig(FromCleanModelConfig):
     eps: float = option(8.0, "L-inf radius in 0..255 pixel units")
     step_size: float = option(1.5, "PGD step in 0..255 pixel units")
     steps: int = option(100, "PGD steps")
@@ -77,9 +75,7 @@ def generate_lc_adv(cfg: LcAdvConfig) -> dict:
     run = Session(cfg)
     model = run.clean_model(cfg.clean_model_path)
     train_x, train_y = run.split(train=True)
-    chosen = np.arange(len(train_y))
-    if cfg.train_subset:
-        chosen = class_balanced_subset(train_y, cfg.train_subset, np.random.default_rng(cfg.random_seed))
+    chosen = run.subset(train_y, cfg.train_subset)
     if cfg.classes:
         bad = [c for c in cfg.classes if not 0 <= c < run.info.num_classes]
         if bad:

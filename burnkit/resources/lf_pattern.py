@@ -28,12 +28,11 @@ from ..config import option
 from ..engine import eval_mode, iterate
 from ..errors import BurnError
 from . import lf_pattern_path
-from .base import ResourceConfig, Session, imageset, save_npy
+from .base import FromCleanModelConfig, Session, imageset, save_npy
 
 
 @dataclass
-class LfPatternConfig(ResourceConfig):
-    clean_model_path: str | None = option(None, "clean model state dict (default: the cache's clean_model.pth)")
+class LfPatternConfig(FromCleanModelConfig):
     eps: float = option(0.1, "L-inf bound of the perturbation in [0, 1] pixel units")
     cutoff: float = option(0.25, "keep DFT frequencies up to this fraction of Nyquist")
     iters: int = option(300, "gradient steps (one batch each)")

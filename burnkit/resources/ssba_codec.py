@@ -33,7 +33,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import option
-from ..data import class_balanced_subset
 from ..engine import StepOutput, TrainConfig, eval_mode, fit, iterate
 from ..errors import BurnError
 from . import ssba_codec_path, ssba_paths
@@ -167,9 +166,7 @@ def generate_ssba(cfg: SsbaConfig) -> dict:
     run = Session(cfg)
     train_x, train_y = run.split(train=True)
     test_x, _ = run.split(train=False)
-    keep = np.arange(len(train_y))
-    if cfg.train_subset:
-        keep = class_balanced_subset(train_y, cfg.train_subset, np.random.default_rng(cfg.random_seed))
+    keep = run.subset(train_y, cfg.train_subset)
     codec = train_codec(train_x[keep], train_y[keep], cfg, run.device, run.generator)
     bits = secret_bits(cfg.n_bits)
     train_bd = embed(codec, train_x, bits, run.device)
