@@ -154,9 +154,17 @@ class RayExecutor:
         address = params.get("address")
         if not ray.is_initialized():
             if address:
-                ray.init(address=address, log_to_driver=False)
+                try:
+                    ray.init(address=address, log_to_driver=False)
+                except (ConnectionError, RuntimeError) as err:
+                    raise BurnError(f"cannot reach a Ray cluster at {address!r} ({err}); start one with `ray start "
+                                    "--head` or drop ray.address for a local instance") from None
             else:  # local instance; workers need to import burnkit like the cells do
-                ray.init(num_cpus=jobs, num_gpus=len(visible_gpus()), include_dashboard=False, log_to_driver=False,
+                gpus = len(visible_gpus())
+                if params.get("num_gpus_per_cell", 0) > gpus:
+                    raise BurnError(f"ray: num_gpus_per_cell {params['num_gpus_per_cell']} but this machine has {gpus} "
+                                    "GPU(s); set ray.num_gpus_per_cell to 0 or give ray.address of a GPU cluster")
+                ray.init(num_cpus=jobs, num_gpus=gpus, include_dashboard=False, log_to_driver=False,
                          runtime_env={"env_vars": {"PYTHONPATH": env.get("PYTHONPATH", "")}})
             self.started = True
         self.remote = ray.remote(num_cpus=params.get("num_cpus_per_cell", 1),
