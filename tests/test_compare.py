@@ -304,3 +304,21 @@ def test_unavailable_entries_error_or_are_skipped(tmp_path, capsys):
         main([str(write(tmp_path, spec)), "--dry-run", "--workdir", str(tmp_path)])
     assert err.value.code == 2
     assert "no-such-defense" in capsys.readouterr().err
+
+
+def test_local_executor_round_robins_gpus(tmp_path):
+    """With GPUs, each pool slot has its own device: two cells in flight never share one."""
+    from burnkit.compare.executors import CellTask, LocalExecutor
+
+    pool = LocalExecutor(jobs=2, gpus=["3", "5"])
+    code = "import os, time; print('gpu', os.environ['CUDA_VISIBLE_DEVICES'], flush=True); time.sleep(0.3)"
+    tasks = [CellTask(f"c{i}", (sys.executable, "-c", code), str(tmp_path), str(tmp_path / f"c{i}.log"), (("X", "1"),))
+             for i in range(4)]
+    futures = [pool.submit(t) for t in tasks]
+    outcomes = [f.result() for f in futures]
+    pool.close()
+    assert [o.exit_code for o in outcomes] == [0] * 4
+    assert {o.gpu for o in outcomes} == {"3", "5"}
+    assert outcomes[0].gpu != outcomes[1].gpu  # the first two ran together
+    for o in outcomes:
+        assert f"gpu {o.gpu}" in (tmp_path / f"{o.cell_id}.log").read_text() and f"gpu {o.gpu}" in o.tail
