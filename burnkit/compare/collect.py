@@ -67,7 +67,8 @@ def aggregate(cells: pd.DataFrame, exp: Experiment) -> pd.DataFrame:
     order = {name: i for i, name in enumerate([NO_DEFENSE, *exp.defenses])}
     attacks = {name: i for i, name in enumerate(exp.attacks)}
     out = out.assign(_a=out["attack"].map(attacks), _d=out["defense"].map(order))
-    return out.sort_values(["dataset", "model", "_a", "_d"], kind="stable").drop(columns=["_a", "_d"]).reset_index(drop=True)
+    out = out.sort_values(["dataset", "model", "_a", "_d"], kind="stable")
+    return out.drop(columns=["_a", "_d"]).reset_index(drop=True)
 
 
 def _row(rec, defense, path, metrics, der, wall, summary, state, cell_id) -> dict:

@@ -118,7 +118,8 @@ class SubmititExecutor:
         try:
             import submitit
         except ImportError:
-            raise BurnError("the submitit executor needs submitit: pip install submitit (or burnkit[cluster])") from None
+            raise BurnError("the submitit executor needs submitit: pip install submitit "
+                            "(or burnkit[cluster])") from None
         params = dict(params)
         cluster = params.pop("cluster", None)
         params.setdefault("timeout_min", 24 * 60)

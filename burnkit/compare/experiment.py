@@ -11,6 +11,7 @@ whoever wrote them: that is what makes runs resumable and lets an experiment reu
 """
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import string
@@ -133,7 +134,8 @@ class Experiment:
         for kind, entries in (("attack", self.attacks), ("defense", self.defenses)):
             for entry, script in entries.items():
                 known = registered[kind]
-                if not (self.scripts_root / kind / f"{script}.py").is_file() or (known is not None and script not in known):
+                has_script = (self.scripts_root / kind / f"{script}.py").is_file()
+                if not has_script or (known is not None and script not in known):
                     missing[kind].append(entry)
         return missing
 
@@ -179,7 +181,7 @@ def load_experiment(path: str | Path, workdir: str | None = None) -> Experiment:
     if executor not in EXECUTORS:
         raise BurnError(f"{where}: executor must be one of {', '.join(EXECUTORS)}, got {executor!r}")
     seeds = raw.get("seeds", [0])
-    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+    if not isinstance(seeds, list) or not seeds or not all(type(s) is int for s in seeds):
         raise BurnError(f"{where}: seeds must be a non-empty list of integers, e.g. [0, 1, 2]")
     if len(set(seeds)) != len(seeds):
         raise BurnError(f"{where}: seeds {seeds} repeat a value; list each seed once")
@@ -187,55 +189,50 @@ def load_experiment(path: str | Path, workdir: str | None = None) -> Experiment:
     models = _axis(raw.get("models"), "models", where)
     attacks = _entries(raw.get("attacks"), "attacks", "attack", ATTACK_KEYS, where, required=True)
     defenses = _entries(raw.get("defenses"), "defenses", "defense", DEFENSE_KEYS, where, required=False)
-    env = _mapping(raw.get("env"), "env", where)
     gpus = raw.get("gpus")
     exp = Experiment(
         name=name, path=path, workdir=work, output=output, scripts_root=scripts_root,
-        python=str(raw.get("python") or sys.executable), executor=executor, jobs=_positive(raw.get("jobs", 1), "jobs", where),
+        python=str(raw.get("python") or sys.executable), executor=executor,
+        jobs=_positive(raw.get("jobs", 1), "jobs", where),
         gpus=None if gpus is None else [str(g) for g in (gpus if isinstance(gpus, list) else str(gpus).split(","))],
-        env={str(k): str(v) for k, v in env.items()}, submitit=_mapping(raw.get("submitit"), "submitit", where),
-        ray=_mapping(raw.get("ray"), "ray", where), allow_unavailable=bool(raw.get("allow_unavailable", False)),
-        seeds=seeds, datasets=list(datasets), models=list(models),
-        attacks={k: v["script"] for k, v in attacks.items()}, defenses={k: v["script"] for k, v in defenses.items()})
-    global_attack = _overrides(raw.get("attack_overrides"), "attack_overrides", ATTACK_RESERVED, where)
-    global_defense = _overrides(raw.get("defense_overrides"), "defense_overrides", DEFENSE_RESERVED, where)
+        env={str(k): str(v) for k, v in _mapping(raw.get("env"), "env", where).items()},
+        submitit=_mapping(raw.get("submitit"), "submitit", where), ray=_mapping(raw.get("ray"), "ray", where),
+        allow_unavailable=bool(raw.get("allow_unavailable", False)), seeds=seeds, datasets=list(datasets),
+        models=list(models), attacks={k: v["script"] for k, v in attacks.items()},
+        defenses={k: v["script"] for k, v in defenses.items()})
+    layers = {"attack": _overrides(raw.get("attack_overrides"), "attack_overrides", ATTACK_RESERVED, where),
+              "defense": _overrides(raw.get("defense_overrides"), "defense_overrides", DEFENSE_RESERVED, where)}
     template = str(raw.get("record_name") or DEFAULT_RECORD_NAME)
     seen: dict[str, tuple] = {}
-    for dataset, d_opts in datasets.items():
-        for model, m_opts in models.items():
-            for attack, a in attacks.items():
-                for seed in seeds:
-                    fields = {"dataset": dataset, "model": model, "attack": attack, "seed": seed, "script": a["script"]}
-                    record = _format(a.get("record_name") or template, fields, "record_name", where)
-                    _check_name(record, "record_name", where)
-                    key = (dataset, model, attack, seed)
-                    if record in seen:
-                        raise BurnError(f"{where}: record name {record!r} is produced for both {seen[record]} and {key}; "
-                                        "put {seed}, {dataset}, {model} or {attack} in record_name")
-                    seen[record] = key
-                    overrides = {**global_attack, **_overrides(d_opts.get("attack_overrides"), f"datasets.{dataset}.attack_overrides", ATTACK_RESERVED, where),
-                                 **_overrides(m_opts.get("attack_overrides"), f"models.{model}.attack_overrides", ATTACK_RESERVED, where),
-                                 **a["overrides"]}
-                    args = ["--dataset", dataset, "--model", model, "--save_folder_name", record,
-                            "--random_seed", str(seed), *_flags(overrides, {**fields, "record": record}, where)]
-                    source = RecordCell(dataset, model, attack, a["script"], seed, record, tuple(args))
-                    exp.records.append(source)
-                    for defense, d in defenses.items():
-                        d_fields = {**fields, "record": record, "defense": defense, "script": d["script"]}
-                        d_over = {**global_defense,
-                                  **_overrides(d_opts.get("defense_overrides"), f"datasets.{dataset}.defense_overrides", DEFENSE_RESERVED, where),
-                                  **_overrides(m_opts.get("defense_overrides"), f"models.{model}.defense_overrides", DEFENSE_RESERVED, where),
-                                  **d["overrides"]}
-                        d_args = ["--result_file", record, "--dataset", dataset, "--random_seed", str(seed)]
-                        if defense != d["script"]:
-                            d_args += ["--output_name", defense]
-                        d_args += _flags(d_over, d_fields, where)
-                        exp.defense_cells.append(DefenseCell(source, defense, d["script"], tuple(d_args)))
+    for (dataset, d_opts), (model, m_opts), (attack, a), seed in itertools.product(
+            datasets.items(), models.items(), attacks.items(), seeds):
+        fields = {"dataset": dataset, "model": model, "attack": attack, "seed": seed, "script": a["script"]}
+        record = _format(a["record_name"] or template, fields, "record_name", where)
+        _check_name(record, "record_name", where)
+        if record in seen:
+            raise BurnError(f"{where}: record name {record!r} is produced for both {seen[record]} and "
+                            f"{(dataset, model, attack, seed)}; put {{seed}}, {{dataset}}, {{model}} or {{attack}} "
+                            "in record_name")
+        seen[record] = (dataset, model, attack, seed)
+        fields["record"] = record
+        overrides = {**layers["attack"], **d_opts["attack"], **m_opts["attack"], **a["overrides"]}
+        args = ["--dataset", dataset, "--model", model, "--save_folder_name", record, "--random_seed", str(seed),
+                *_flags(overrides, fields, where)]
+        source = RecordCell(dataset, model, attack, a["script"], seed, record, tuple(args))
+        exp.records.append(source)
+        for defense, d in defenses.items():
+            overrides = {**layers["defense"], **d_opts["defense"], **m_opts["defense"], **d["overrides"]}
+            args = ["--result_file", record, "--dataset", dataset, "--random_seed", str(seed)]
+            if defense != d["script"]:
+                args += ["--output_name", defense]
+            args += _flags(overrides, {**fields, "defense": defense, "script": d["script"]}, where)
+            exp.defense_cells.append(DefenseCell(source, defense, d["script"], tuple(args)))
     return exp
 
 
 def _axis(value, key: str, where: str) -> dict[str, dict]:
-    """``[a, b]`` or ``{a: {attack_overrides: ..., defense_overrides: ...}, b: null}``."""
+    """``[a, b]`` or ``{a: {attack_overrides: ..., defense_overrides: ...}, b: null}`` ->
+    ``{name: {"attack": overrides, "defense": overrides}}``."""
     if isinstance(value, str):
         value = [value]
     if isinstance(value, list):
@@ -247,7 +244,9 @@ def _axis(value, key: str, where: str) -> dict[str, dict]:
         opts = opts or {}
         if not isinstance(opts, dict) or set(opts) - AXIS_KEYS:
             raise BurnError(f"{where}: {key}.{name} may only hold {', '.join(sorted(AXIS_KEYS))}")
-        out[str(name)] = opts
+        out[str(name)] = {
+            kind: _overrides(opts.get(f"{kind}_overrides"), f"{key}.{name}.{kind}_overrides", reserved, where)
+            for kind, reserved in (("attack", ATTACK_RESERVED), ("defense", DEFENSE_RESERVED))}
     return out
 
 
@@ -273,8 +272,8 @@ def _entries(value, key: str, script_key: str, allowed: set, where: str, require
         reserved = ATTACK_RESERVED if script_key == "attack" else DEFENSE_RESERVED
         script = str(opts.get(script_key) or entry)
         _check_name(script, f"{key}.{entry}.{script_key}", where)
-        out[entry] = {"script": script, "overrides": _overrides(opts.get("overrides"), f"{key}.{entry}.overrides", reserved, where),
-                      "record_name": opts.get("record_name")}
+        out[entry] = {"script": script, "record_name": opts.get("record_name"),
+                      "overrides": _overrides(opts.get("overrides"), f"{key}.{entry}.overrides", reserved, where)}
     return out
 
 

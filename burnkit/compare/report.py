@@ -64,7 +64,8 @@ def tables(summary: pd.DataFrame, exp: Experiment) -> list[tuple[str, dict[str, 
                 r = lookup.get((attack, defense))
                 if r is None:
                     continue
-                main[attack][defense] = " / ".join(fmt(getattr(r, f"{m}_mean"), getattr(r, f"{m}_std")) for m in ("acc", "asr", "ra"))
+                main[attack][defense] = " / ".join(fmt(getattr(r, f"{m}_mean"), getattr(r, f"{m}_std"))
+                                                   for m in ("acc", "asr", "ra"))
                 wall[attack][defense] = fmt(r.wall_time_s_mean, r.wall_time_s_std, scale=1.0, digits=1)
                 if defense != NO_DEFENSE:
                     der[attack][defense] = fmt(r.der_mean, r.der_std)
@@ -114,7 +115,8 @@ def html_page(summary: pd.DataFrame, exp: Experiment, plots: dict, footer: list[
         body += [f"<img src='plots/{esc(p.name)}' alt='{esc(p.stem)}'>" for p in paths]
         body.append("</div>")
     body.append("<footer>" + "<br>".join(esc(line) for line in footer) + "</footer>")
-    style = ("body{font-family:sans-serif;margin:2em;max-width:80em}table.grid{border-collapse:collapse;margin-bottom:1em}"
+    style = ("body{font-family:sans-serif;margin:2em;max-width:80em}"
+             "table.grid{border-collapse:collapse;margin-bottom:1em}"
              "table.grid td,table.grid th{border:1px solid #ccc;padding:.3em .6em;text-align:right}"
              "table.grid th{background:#f3f3f3}.plots img{max-width:32em;margin:.5em}footer{color:#555;margin-top:2em}")
     return (f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>{esc(exp.name)}</title>"
@@ -174,7 +176,8 @@ def radar(plt, rows: pd.DataFrame, defenses: list[str], title: str, path: Path) 
     for metric, color in (("acc", "tab:blue"), ("asr", "tab:red")):
         defended = [100 * by.loc[d, f"{metric}_mean"] for d in axes]
         undefended = [100 * by.loc[NO_DEFENSE, f"{metric}_mean"]] * len(ring)
-        ax.plot(closed, defended + defended[:1], color=color, linestyle="-", marker="o", label=f"{metric.upper()} defended")
+        ax.plot(closed, defended + defended[:1], color=color, linestyle="-", marker="o",
+                label=f"{metric.upper()} defended")
         ax.plot(ring, undefended, color=color, linestyle="--", label=f"{metric.upper()} no defense")
     ax.set_xticks(angles)
     ax.set_xticklabels(axes)

@@ -129,7 +129,8 @@ def run_experiment(exp: Experiment, executor: str, jobs: int, echo=print) -> Run
             finished, _ = wait(list(running), return_when=FIRST_COMPLETED)
             for future in finished:
                 cell = running.pop(future)
-                ok = _settle(exp, state, cell, future, echo, len(report.done) + len(report.failed) + 1, len(report.ran) + len(pending))
+                position = (len(report.done) + len(report.failed) + 1, len(report.ran) + len(pending))
+                ok = _settle(exp, state, cell, future, echo, *position)
                 (report.done if ok else report.failed).append(cell.cell_id)
                 if cell.kind == "attack":
                     (finished_records if ok else failed_records).add(cell.record)
