@@ -322,3 +322,16 @@ def test_local_executor_round_robins_gpus(tmp_path):
     assert outcomes[0].gpu != outcomes[1].gpu  # the first two ran together
     for o in outcomes:
         assert f"gpu {o.gpu}" in (tmp_path / f"{o.cell_id}.log").read_text() and f"gpu {o.gpu}" in o.tail
+
+
+@pytest.mark.parametrize("bad", ["..", "a/b", " "])
+def test_defense_output_name_must_be_a_folder_name(tmp_path, monkeypatch, bad):
+    """--output_name (the defense base's flag compare uses for variants) cannot escape defense/."""
+    from burnkit.defense import get_defense
+
+    monkeypatch.chdir(tmp_path)
+    cls = get_defense("ft")
+    cfg, _, _ = cls.parse(["--result_file", "missing_record", "--output_name", bad])
+    with pytest.raises(BurnError, match="--output_name must be a plain folder name"):
+        cls().run(cfg)
+    assert not (tmp_path / "record").exists()
