@@ -10,7 +10,7 @@ import shlex
 import sys
 import time
 
-from ..errors import cli_errors
+from ..errors import BurnError, cli_errors
 from .experiment import EXECUTORS, load_experiment
 from .report import write_report
 from .runner import experiment_lock, plan, run_experiment
@@ -43,8 +43,6 @@ def main(argv=None) -> int:
         executor = args.executor or exp.executor
         jobs = args.jobs if args.jobs is not None else exp.jobs
         if jobs < 1:
-            from ..errors import BurnError
-
             raise BurnError(f"--jobs must be at least 1, got {jobs}")
         if args.dry_run:
             for cell, status in plan(exp):

@@ -174,7 +174,7 @@ def load_experiment(path: str | Path, workdir: str | None = None) -> Experiment:
     name = str(raw.get("name") or path.stem)
     _check_name(name, "name", where)
     work = Path(workdir or raw.get("workdir") or ".").expanduser().resolve()
-    output = Path(str(raw.get("output") or "compare/{name}").format(name=name))
+    output = Path(_format(str(raw.get("output") or "compare/{name}"), {"name": name}, "output", where))
     output = output if output.is_absolute() else work / output
     scripts_root = Path(raw["scripts_root"]).expanduser().resolve() if raw.get("scripts_root") else repo_root()
     executor = str(raw.get("executor") or "local")

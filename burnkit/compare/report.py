@@ -109,7 +109,7 @@ def html_page(summary: pd.DataFrame, exp: Experiment, plots: dict, footer: list[
         for name, frame in frames.items():
             if frame.shape[1]:
                 body.append(f"<h3>{esc(name)}</h3>")
-                body.append(frame.to_html(escape=True, border=0, classes="grid"))
+                body.append(frame.reset_index().to_html(escape=True, border=0, classes="grid", index=False))
     for title, paths in plots.items():
         body.append(f"<h2>{esc(title)}</h2><div class='plots'>")
         body += [f"<img src='plots/{esc(p.name)}' alt='{esc(p.stem)}'>" for p in paths]
@@ -129,6 +129,8 @@ def _footer(exp: Experiment, cells: pd.DataFrame, command: str, wall_time_s: flo
     missing = cells[cells["status"] != "done"]
     if len(missing):
         lines.append("Without results: " + ", ".join(f"{r.record} ({r.status})" for r in missing.itertuples()) + ".")
+    compute = cells.loc[cells["status"] == "done", "wall_time_s"].sum()
+    lines.append(f"Compute in these results: {compute:.0f} s (sum of the runs' wall times).")
     run = f" in {wall_time_s:.0f} s" if wall_time_s is not None else ""
     lines.append(f"Generated {time.strftime('%Y-%m-%d %H:%M')}{run}" + (f" by `{command}`" if command else "") +
                  f"; work dir {exp.workdir}. Std is over seeds (ddof=1); DER is BackdoorBench's simplified form.")
