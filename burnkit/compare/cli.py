@@ -19,7 +19,8 @@ PROG = "burn-compare"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.strip().split("\n")[0])
+    parser = argparse.ArgumentParser(prog=PROG, description="Run the missing cells of an attacks x defenses x seeds "
+                                     "matrix (resumable), then write CSV/Markdown/HTML tables and plots.")
     parser.add_argument("experiment", help="experiment YAML (see docs/compare.md)")
     parser.add_argument("--executor", choices=EXECUTORS, help="where cells run (default: the YAML's, else local)")
     parser.add_argument("--jobs", type=int, help="cells in flight at once (default: the YAML's, else 1)")

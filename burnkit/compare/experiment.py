@@ -166,6 +166,8 @@ class Experiment:
 def load_experiment(path: str | Path, workdir: str | None = None) -> Experiment:
     """Read and validate an experiment YAML; ``workdir`` (the CLI's) beats the YAML's."""
     path = Path(path)
+    if not path.is_file():
+        raise BurnError(f"experiment file {path} not found; give the path to an experiment YAML (see experiments/)")
     raw = load_yaml(path)
     where = str(path)
     unknown = sorted(set(raw) - TOP_KEYS)
