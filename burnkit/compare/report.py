@@ -184,6 +184,7 @@ def radar(plt, rows: pd.DataFrame, defenses: list[str], title: str, path: Path) 
     ax.set_xticks(angles)
     ax.set_xticklabels(axes)
     ax.set_ylim(0, 100)
+    ax.set_rlabel_position(180 / len(axes))  # radial labels between the first two axes
     ax.set_title(title, pad=18)
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.06), ncol=2, fontsize=7)
     fig.tight_layout()
