@@ -214,19 +214,27 @@ def copy_record(matrix, work: Path, name: str) -> None:
 
 def test_submitit_local_runs_cells_and_failures_are_retried(matrix, tmp_path):
     """submitit's local executor runs the cells; a failing cell is reported (exit code, log tail), the
-    others finish, and the next run retries only the failed one."""
+    defenses of a failed record are blocked, the others finish, and the next run retries only what failed."""
     copy_record(matrix, tmp_path, "blended_digits_smallcnn_s0")
     defenses = {"ft-sub": {"defense": "ft", "overrides": {"epochs": 1}},
                 "ft-bad": {"defense": "ft", "overrides": {"lr": -1}}}
-    exp = experiment(tmp_path, "sub", defenses, attacks=["blended"], seeds=[0], submitit={"cluster": "local"})
+    attacks = {"blended": {}, "badnet-bad": {"attack": "badnet", "overrides": {"pratio": 2}}}
+    exp = experiment(tmp_path, "sub", defenses, attacks=attacks, seeds=[0], submitit={"cluster": "local"})
     assert main([str(exp), "--executor", "submitit", "--jobs", "2", "--workdir", str(tmp_path)]) == 1
     out = tmp_path / "compare" / "sub"
     state = json.loads((out / "state.json").read_text())["cells"]
     good, bad = state["defense/blended_digits_smallcnn_s0/ft-sub"], state["defense/blended_digits_smallcnn_s0/ft-bad"]
     assert good["status"] == "done" and bad["status"] == "failed" and bad["exit_code"] == 2
     assert "--lr must be non-negative" in bad["tail"]
+    record = state["attack/badnet-bad_digits_smallcnn_s0"]
+    assert record["status"] == "failed" and record["exit_code"] == 2 and "pratio" in record["tail"]
+    for name in defenses:
+        assert state[f"defense/badnet-bad_digits_smallcnn_s0/{name}"]["status"] == "blocked"
+        assert state[f"defense/badnet-bad_digits_smallcnn_s0/{name}"]["attempts"] == 0
     assert list((out / "submitit").glob("*_result.pkl"))  # the jobs went through submitit
     cells = pd.read_csv(out / "cells.csv").set_index("defense")
+    assert set(cells[cells.attack == "badnet-bad"]["status"]) == {"failed", "blocked"}
+    cells = cells[cells.attack == "blended"]
     summary = tmp_path / "record" / "blended_digits_smallcnn_s0" / "defense" / "ft-sub" / "ft_df_summary.csv"
     assert cells.loc["ft-sub", "acc"] == pytest.approx(last(summary, "test_acc"), rel=1e-12)
     assert cells.loc["ft-bad", "status"] == "failed" and math.isnan(cells.loc["ft-bad", "acc"])
@@ -234,6 +242,7 @@ def test_submitit_local_runs_cells_and_failures_are_retried(matrix, tmp_path):
     assert main([str(exp), "--workdir", str(tmp_path)]) == 1  # retried (still failing), the rest untouched
     state = json.loads((out / "state.json").read_text())["cells"]
     assert state["defense/blended_digits_smallcnn_s0/ft-bad"]["attempts"] == 2
+    assert state["attack/badnet-bad_digits_smallcnn_s0"]["attempts"] == 2
     assert state["defense/blended_digits_smallcnn_s0/ft-sub"]["attempts"] == 1 and summary.stat().st_mtime_ns == mtime
 
 
