@@ -102,6 +102,7 @@ def run_experiment(exp: Experiment, executor: str, jobs: int, echo=print) -> Run
     engine = make_executor(executor, jobs, exp)
     echo(f"executor: {engine.describe()}")
     running = {}
+    total = len(pending)
     finished_records: set[str] = set()
     failed_records: set[str] = set()
     try:
@@ -113,6 +114,7 @@ def run_experiment(exp: Experiment, executor: str, jobs: int, echo=print) -> Run
                     if cell.record in failed_records:
                         pending.remove(cell)
                         _mark(state, cell, status="blocked", tail=f"attack cell attack/{cell.record} failed")
+                        echo(f"[{_count(report)}/{total}] blocked {cell.cell_id}: its record failed")
                         report.blocked.append(cell.cell_id)
                         continue
                     if not cell.source.is_done(exp.workdir) and cell.record not in finished_records:
@@ -129,8 +131,7 @@ def run_experiment(exp: Experiment, executor: str, jobs: int, echo=print) -> Run
             finished, _ = wait(list(running), return_when=FIRST_COMPLETED)
             for future in finished:
                 cell = running.pop(future)
-                position = (len(report.done) + len(report.failed) + 1, len(report.ran) + len(pending))
-                ok = _settle(exp, state, cell, future, echo, *position)
+                ok = _settle(exp, state, cell, future, echo, _count(report), total)
                 (report.done if ok else report.failed).append(cell.cell_id)
                 if cell.kind == "attack":
                     (finished_records if ok else failed_records).add(cell.record)
@@ -168,6 +169,11 @@ def _settle(exp: Experiment, state: RunState, cell, future, echo, index: int, to
         echo(f"[{index}/{total}] FAILED {cell.cell_id} (exit {outcome.exit_code}): {last[0]}  "
              f"[log: {log_path(exp, cell)}]")
     return done
+
+
+def _count(report: RunReport) -> int:
+    """The position of the next finished cell in this run's progress lines."""
+    return len(report.done) + len(report.failed) + len(report.blocked) + 1
 
 
 def _mark(state: RunState, cell, **values) -> None:
