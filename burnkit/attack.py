@@ -22,7 +22,6 @@ epoch; re-running the same command after a kill resumes.
 """
 from __future__ import annotations
 
-import fnmatch
 import logging
 import shutil
 import sys
@@ -40,33 +39,15 @@ from .datasets import DatasetInfo, dataset_info, load_split, resolve_data_root
 from .defense import _close_logger, _make_logger, _pct
 from .engine import EvalSuite, TrainConfig, fit, resolve_device, seed_everything
 from .errors import BurnError, cli_errors
+from .registry import Registry
 from .models import Classifier, build_classifier
 from .records import PoisonedSplit, atomic_torch_save, write_attack_record
 from .results import MetricLog, plot_metrics, run_environment, write_json
 
-_ATTACKS: dict[str, type["Attack"]] = {}
-
-
-def register_attack(cls):
-    if cls.name in _ATTACKS:
-        raise ValueError(f"attack '{cls.name}' is registered twice")
-    _ATTACKS[cls.name] = cls
-    return cls
-
-
-def get_attack(name: str) -> type["Attack"]:
-    import burnkit.attacks  # noqa: F401
-
-    try:
-        return _ATTACKS[name]
-    except KeyError:
-        raise BurnError(f"unknown attack '{name}'; available: {', '.join(sorted(_ATTACKS))}") from None
-
-
-def list_attacks(pattern: str = "*") -> list[str]:
-    import burnkit.attacks  # noqa: F401
-
-    return sorted(n for n in _ATTACKS if fnmatch.fnmatch(n, pattern))
+_REGISTRY = Registry("attack", "burnkit.attacks")
+register_attack = _REGISTRY.register  # class decorator
+get_attack = _REGISTRY.get
+list_attacks = _REGISTRY.names
 
 
 @dataclass
@@ -120,10 +101,8 @@ class AttackConfig:
             raise BurnError(f"--train_subset must be >= 0, got {self.train_subset}")
 
     def train_config(self, **overrides) -> TrainConfig:
-        names = TrainConfig.__dataclass_fields__
-        values = {k: getattr(self, k) for k in names if hasattr(self, k)}
-        values.update(overrides)
-        return TrainConfig(**values)
+        """The engine's TrainConfig from the same-named keys of this config."""
+        return TrainConfig.from_config(self, **overrides)
 
 
 @dataclass

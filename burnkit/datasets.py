@@ -59,7 +59,7 @@ DATASETS: dict[str, DatasetInfo] = {
         DatasetInfo("tiny", 200, (64, 64, 3), (0.4802, 0.4481, 0.3975), (0.2302, 0.2265, 0.2262),
                     False, 100000, 10000),
         # Not a BackdoorBench dataset: scikit-learn's 8x8 digits, shipped with sklearn, for tests.
-        DatasetInfo("digits", 10, (8, 8, 1), (0.5,), (0.5,), False, 1438, 359, crop_padding=1),
+        DatasetInfo("digits", 10, (8, 8, 1), (0.5,), (0.5,), False, 1437, 360, crop_padding=1),
     ]
 }
 

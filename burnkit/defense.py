@@ -19,7 +19,6 @@ was.
 from __future__ import annotations
 
 import contextlib
-import fnmatch
 import logging
 import random
 import sys
@@ -37,34 +36,15 @@ from .datasets import DatasetInfo, dataset_info
 from .engine import (EvalSuite, FitResult, Metrics, TrainConfig, evaluate, fit, resolve_device,
                      seed_everything)
 from .errors import BurnError, cli_errors
+from .registry import Registry
 from .models import Classifier, build_classifier, load_bb_state_dict
 from .records import AttackRecord, read_attack_record, write_defense_result
 from .results import MetricLog, plot_metrics, run_environment, write_json
 
-_DEFENSES: dict[str, type["Defense"]] = {}
-
-
-def register_defense(cls):
-    """Class decorator: make a defense available to ``list_defenses``/``get_defense``."""
-    if cls.name in _DEFENSES:
-        raise ValueError(f"defense '{cls.name}' is registered twice")
-    _DEFENSES[cls.name] = cls
-    return cls
-
-
-def get_defense(name: str) -> type["Defense"]:
-    import burnkit.defenses  # noqa: F401  (registers the built-in defenses)
-
-    try:
-        return _DEFENSES[name]
-    except KeyError:
-        raise BurnError(f"unknown defense '{name}'; available: {', '.join(sorted(_DEFENSES))}") from None
-
-
-def list_defenses(pattern: str = "*") -> list[str]:
-    import burnkit.defenses  # noqa: F401
-
-    return sorted(n for n in _DEFENSES if fnmatch.fnmatch(n, pattern))
+_REGISTRY = Registry("defense", "burnkit.defenses")
+register_defense = _REGISTRY.register  # class decorator
+get_defense = _REGISTRY.get
+list_defenses = _REGISTRY.names
 
 
 # --------------------------------------------------------------------------- configuration
@@ -110,18 +90,16 @@ class DefenseConfig:
     def validate(self) -> None:
         if not 0.0 < self.ratio <= 1.0:
             raise BurnError(f"--ratio must be in (0, 1], got {self.ratio}")
-        for key in ("epochs", "batch_size"):
-            if getattr(self, key) <= 0 and not (key == "epochs" and getattr(self, key) == 0):
-                raise BurnError(f"--{key} must be positive, got {getattr(self, key)}")
+        if self.epochs < 0:
+            raise BurnError(f"--epochs must be >= 0, got {self.epochs}")
+        if self.batch_size <= 0:
+            raise BurnError(f"--batch_size must be positive, got {self.batch_size}")
         if self.lr < 0:
             raise BurnError(f"--lr must be non-negative, got {self.lr}")
 
     def train_config(self, **overrides) -> TrainConfig:
         """The engine's TrainConfig from the same-named keys of this config."""
-        names = TrainConfig.__dataclass_fields__
-        values = {k: getattr(self, k) for k in names if hasattr(self, k)}
-        values.update(overrides)
-        return TrainConfig(**values)
+        return TrainConfig.from_config(self, **overrides)
 
 
 # --------------------------------------------------------------------------- run context

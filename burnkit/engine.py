@@ -108,6 +108,13 @@ class TrainConfig:
     amp: bool = False
     label_smoothing: float = 0.0
 
+    @classmethod
+    def from_config(cls, cfg, **overrides) -> "TrainConfig":
+        """Take every field that ``cfg`` (an attack/defense config) has under the same name."""
+        values = {k: getattr(cfg, k) for k in cls.__dataclass_fields__ if hasattr(cfg, k)}
+        values.update(overrides)
+        return cls(**values)
+
 
 def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
     name = (cfg.client_optimizer or "sgd").lower()

@@ -16,7 +16,16 @@ import torch
 
 torch.set_num_threads(int(os.environ.get("BURN_TEST_THREADS", "1")))  # tiny tensors: 1 thread is fastest
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+def _shared_dir() -> Path:
+    """``../shared`` beside the checkout (CI's layout), or $BURN_SHARED_DIR."""
+    candidates = [os.environ.get("BURN_SHARED_DIR"), Path(__file__).resolve().parents[2] / "shared", "/work/shared"]
+    for candidate in candidates:
+        if candidate and (Path(candidate) / "data" / "cifar10-jpeg.tar.gz").exists():
+            return Path(candidate)
+    return Path(__file__).resolve().parents[2] / "shared"
+
+
+SHARED = _shared_dir()
 CIFAR_TARBALL = SHARED / "data" / "cifar10-jpeg.tar.gz"
 
 DIGITS_TRAINING = ["--dataset", "digits", "--model", "smallcnn", "--epochs", "20", "--lr", "0.05",
