@@ -200,14 +200,20 @@ class Attack:
         cli = vars(args)
         dataset = cli.get("dataset") or "cifar10"
         proto = cli.get("yaml_path") or find_config_file(f"config/attack/prototype/{dataset}.yaml")
-        attack_yaml = cli.get("bd_yaml_path") or find_config_file(f"config/attack/{cls.name}/default.yaml")
-        values = {}
-        for path in (proto, attack_yaml):  # prototype < attack YAML (< CLI, in merge)
-            if path:
-                values.update(load_yaml(path))
+        values = load_yaml(proto) if proto else {}
+        so_far = {**values, **{k: v for k, v in cli.items() if v is not None}}
+        attack_yaml = cli.get("bd_yaml_path") or find_config_file(*cls.attack_yaml_candidates(so_far))
+        if attack_yaml:  # prototype < attack YAML (< CLI, in merge)
+            values.update(load_yaml(attack_yaml))
         cfg, ignored = merge(cls.config_cls, values, cli, yaml_source=f"{proto} + {attack_yaml}")
         cfg.yaml_path, cfg.bd_yaml_path = (str(proto) if proto else None), (str(attack_yaml) if attack_yaml else None)
         return cfg, ignored
+
+    @classmethod
+    def attack_yaml_candidates(cls, values: dict) -> list[str]:
+        """Default attack YAMLs, first existing wins; ``values`` = prototype YAML + CLI so far
+        (TrojanNN picks ``config/attack/trojannn/<model>.yaml``)."""
+        return [f"config/attack/{cls.name}/default.yaml"]
 
     @classmethod
     def main(cls, argv=None) -> dict:
@@ -294,6 +300,7 @@ class Attack:
                       "train_time_s": train_time.seconds, **run_environment(device),
                       "final": {k: final.get(k) for k in ("test_acc", "test_asr", "test_ra")}}
         provenance.update(attack.provenance())
+        attack.save_artifacts(record_dir)
         write_json(record_dir / "provenance.json", provenance)
         shutil.rmtree(record_dir / "checkpoint", ignore_errors=True)
         logger.info("record written: acc %s asr %s ra %s (wall %.1fs) -> %s", _pct(final.get("test_acc")),
@@ -327,6 +334,9 @@ class Attack:
                              {int(i): int(b) for i, b in zip(plan.test_poison, data.test_bd_labels)},
                              {int(i): int(data.test_y[i]) for i in plan.test_poison})
         return train, test
+
+    def save_artifacts(self, record_dir: Path) -> None:
+        """Write attack-specific extra files into the record (e.g. ``trojannn_trigger.png``)."""
 
 
 def _check_poisoned(images: np.ndarray, n: int, info: DatasetInfo, split: str) -> None:

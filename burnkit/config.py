@@ -24,9 +24,11 @@ TRUE = {"true", "1", "yes", "y", "on"}
 FALSE = {"false", "0", "no", "n", "off", "none", "null"}
 
 
-def option(default: Any = None, help: str = "", short: str | None = None, choices=None, cli_only: bool = False):
-    """A config field with its help text (and an optional short flag such as ``-pm``)."""
-    meta = {"help": help, "short": short, "choices": choices, "cli_only": cli_only}
+def option(default: Any = None, help: str = "", short: str | None = None, choices=None, cli_only: bool = False,
+           bare: str = "true"):
+    """A config field with its help text (and an optional short flag such as ``-pm``). A bool flag
+    given without a value means ``bare`` (BackdoorBench's store_true flags; "false" for store_false)."""
+    meta = {"help": help, "short": short, "choices": choices, "cli_only": cli_only, "bare": bare}
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda d=default: type(d)(d), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -143,8 +145,9 @@ def build_parser(config_cls, prog: str, description: str = "") -> argparse.Argum
         help_text = f.metadata.get("help", "")
         help_text = f"{help_text} [{_type_name(base)}; default {default!r}]" if help_text else \
             f"[{_type_name(base)}; default {default!r}]"
+        bare = {"nargs": "?", "const": f.metadata.get("bare", "true")} if base is bool else {}
         parser.add_argument(*names, dest=f.name, default=None, type=str, metavar=f.name.upper(),
-                            help=help_text.replace("%", "%%"))
+                            help=help_text.replace("%", "%%"), **bare)
     return parser
 
 

@@ -55,6 +55,7 @@ class DefenseConfig:
     """Flags every BackdoorBench defense accepts (spec §3.3), under the same names."""
 
     result_file: str | None = option(None, "attack record folder under record/ (or a path to it)")
+    output_name: str | None = option(None, "output folder under record/<result_file>/defense/ (default: the defense's name); lets variants of one defense share a record", cli_only=True)
     yaml_path: str | None = option(None, "the one YAML of defaults (default config/defense/<name>/<dataset>.yaml)")
     dataset: str | None = option(None, "cifar10, cifar100, gtsrb, tiny, mnist, fashion-mnist, digits (default: the record's)")
     dataset_path: str | None = option(None, "clean data: <path>/<dataset>, the dataset folder, or an image-folder archive")
@@ -198,6 +199,11 @@ class Defense:
     def repair(self, model: Classifier, data: DefenseData, cfg: DefenseConfig, run: DefenseRun) -> Classifier:
         raise NotImplementedError(f"{type(self).__name__} must implement repair()")
 
+    def choose_subset(self, clean_train: ImageSet, cfg: DefenseConfig) -> np.ndarray:
+        """The defender's clean-train indices: ``--index`` or a seeded ``--ratio`` sample (spec §3.5).
+        A defense with its own selection rule (FT-SAM) overrides this."""
+        return choose_clean_indices(len(clean_train), cfg.ratio, cfg.index, cfg.random_seed)
+
     # -- lifecycle ---------------------------------------------------------------------------
 
     @classmethod
@@ -225,6 +231,9 @@ class Defense:
         started = time.perf_counter()
         if not cfg.result_file:
             raise BurnError("--result_file is required: the attack record folder under record/")
+        if cfg.output_name is not None and (not cfg.output_name.strip() or Path(cfg.output_name).name != cfg.output_name
+                                           or cfg.output_name in (".", "..")):
+            raise BurnError(f"--output_name must be a plain folder name, got {cfg.output_name!r}")
         record_dir = resolve_record_dir(cfg.result_file)
         record = read_attack_record(record_dir, dataset=cfg.dataset)
         cfg.dataset = record.clean_data
@@ -236,12 +245,12 @@ class Defense:
         model = build_classifier(record.model_name, info, record.num_classes)
         load_bb_state_dict(model, record.state_dict)
         loaded = record.load_data(cfg.dataset_path, download=cfg.download)
-        subset_idx = choose_clean_indices(len(loaded.clean_train), cfg.ratio, cfg.index, cfg.random_seed)
+        subset_idx = self.choose_subset(loaded.clean_train, cfg)
         data = DefenseData(info, loaded.clean_train.subset(subset_idx), loaded.bd_train,
                            loaded.clean_test, loaded.bd_test, subset_idx)
 
         # -- inputs are valid: from here on we write ------------------------------------------
-        out_dir = record_dir / "defense" / self.name
+        out_dir = record_dir / "defense" / (cfg.output_name or self.name)
         out_dir.mkdir(parents=True, exist_ok=True)
         logger = _make_logger(self.name, Path(cfg.log) if cfg.log else out_dir / "log")
         run = DefenseRun(self.name, cfg, out_dir, device, data, record, logger)

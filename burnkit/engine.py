@@ -220,11 +220,15 @@ class Metrics:
     ra: float | None
     clean_loss: float | None
     bd_loss: float | None
+    ra_loss: float | None = None  # CE of bd_test against the original labels (SAU/I-BAU's CSV column)
 
-    def row(self) -> dict:
-        """BackdoorBench's column names for these values."""
-        return {"clean_test_loss_avg_over_batch": self.clean_loss, "bd_test_loss_avg_over_batch": self.bd_loss,
-                "test_acc": self.acc, "test_asr": self.asr, "test_ra": self.ra}
+    def row(self, ra_loss: bool = False) -> dict:
+        """BackdoorBench's column names for these values; ``ra_loss`` adds SAU/I-BAU's
+        ``ra_test_loss_avg_over_batch`` column."""
+        losses = {"clean_test_loss_avg_over_batch": self.clean_loss, "bd_test_loss_avg_over_batch": self.bd_loss}
+        if ra_loss:
+            losses["ra_test_loss_avg_over_batch"] = self.ra_loss
+        return {**losses, "test_acc": self.acc, "test_asr": self.asr, "test_ra": self.ra}
 
 
 def iterate(imageset: ImageSet, batch_size: int, device: torch.device, *, shuffle: bool = False,
@@ -261,13 +265,14 @@ def evaluate(model: nn.Module, suite: EvalSuite, device: torch.device, batch_siz
     logits = predict(model, suite.clean_test, device, batch_size, amp)
     clean_loss, preds = _loss_and_preds(logits, suite.clean_test.labels)
     acc = accuracy(preds, suite.clean_test.labels)
-    asr = ra = bd_loss = None
+    asr = ra = bd_loss = ra_loss = None
     if suite.bd_test is not None and len(suite.bd_test):
         bd_logits = predict(model, suite.bd_test, device, batch_size, amp)
         bd_loss, bd_preds = _loss_and_preds(bd_logits, suite.bd_test.labels)
+        ra_loss = F.cross_entropy(bd_logits, suite.bd_test.original_labels.cpu()).item()
         asr = accuracy(bd_preds, suite.bd_test.labels)
         ra = accuracy(bd_preds, suite.bd_test.original_labels)
-    return Metrics(acc, asr, ra, clean_loss, bd_loss)
+    return Metrics(acc, asr, ra, clean_loss, bd_loss, ra_loss)
 
 
 # --------------------------------------------------------------------------- training

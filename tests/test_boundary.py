@@ -238,3 +238,26 @@ def test_rejects_bad_arguments():
         boundary_attack(net, torch.randn(2, 4), backward="loop")
     with pytest.raises(ValueError, match="candidates"):
         boundary_attack(net, torch.randn(2, 4), candidates=1)
+
+
+def test_attack_space_input_vs_pixel_scale_by_std():
+    from burnkit.boundary import attack_space
+    from burnkit.models import Classifier
+
+    clf = Classifier(_small_cnn(seed=4).double(), mean=(0.4, 0.5, 0.6), std=(0.5, 0.5, 0.5)).eval()
+    clf.mean, clf.std = clf.mean.double(), clf.std.double()
+    u8 = torch.randint(0, 256, (6, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(11))
+    results = {}
+    for space in ("input", "pixel"):
+        forward, transform, lower, upper = attack_space(clf, space)
+        x = transform(u8).double()
+        results[space] = boundary_attack(forward, x, module=clf, lower=lower, upper=upper,
+                                         grad_dtype=torch.float64, return_perturbation=True)
+        x_adv = x + results[space].perturbation
+        low = torch.as_tensor(lower, dtype=torch.float64)
+        assert (x_adv >= low - 1e-9).all() and (x_adv <= torch.as_tensor(upper, dtype=torch.float64) + 1e-9).all()
+    # normalisation with one std is a uniform scaling: same iterates, distances scale by 1/std
+    assert torch.equal(results["input"].adv_label, results["pixel"].adv_label)
+    assert torch.allclose(results["input"].l2 * 0.5, results["pixel"].l2, rtol=1e-5)
+    with pytest.raises(ValueError, match="space"):
+        attack_space(clf, "latent")

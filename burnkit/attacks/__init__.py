@@ -1,3 +1,2 @@
 """Built-in attacks. Importing this package registers them (explicit imports)."""
-from . import badnet, blended  # noqa: F401
-from . import bpp, inputaware, sig, wanet  # noqa: F401
+from . import badnet, blended, bpp, inputaware, lc, lf, sig, ssba, trojannn, wanet  # noqa: F401

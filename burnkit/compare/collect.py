@@ -1,0 +1,99 @@
+"""Numbers per cell and per (attack, defense) over seeds, read from BackdoorBench-format outputs.
+
+``cells`` has one row per record ("No defense", the attacked model: the record's
+``attack_df_summary.csv``) and one per defense cell, with ACC/ASR/RA as fractions, DER against the
+same record (``burnkit.metrics.defense_effectiveness_rate``, BackdoorBench's simplified form, spec §4)
+and the wall time. ``aggregate`` gives mean and sample standard deviation (ddof=1) over seeds.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pandas as pd
+
+from ..metrics import defense_effectiveness_rate
+from .experiment import Experiment
+from .outputs import find_defense_summary, read_metrics, read_wall_time
+
+NO_DEFENSE = "No defense"
+VALUES = ("acc", "asr", "ra", "der", "wall_time_s")
+KEYS = ("dataset", "model", "attack", "defense")
+
+
+def collect(exp: Experiment) -> pd.DataFrame:
+    """One row per record and per defense cell of the experiment, missing outputs included (NaN)."""
+    state = _state_cells(exp.output / "state.json")
+    rows = []
+    baseline = {}
+    for rec in exp.records:
+        folder = exp.workdir / "record" / rec.record
+        summary = folder / "attack_df_summary.csv"
+        metrics = read_metrics(summary) if summary.is_file() and (folder / "attack_result.pt").is_file() else _empty()
+        baseline[rec.record] = metrics
+        wall = read_wall_time(folder, "provenance.json")
+        rows.append(_row(rec, NO_DEFENSE, rec.record, metrics, math.nan, _wall(wall, state, rec.cell_id),
+                         summary if not math.isnan(metrics["acc"]) else None, state, rec.cell_id))
+    for cell in exp.defense_cells:
+        folder = exp.workdir / "record" / cell.record / "defense" / cell.folder
+        summary = find_defense_summary(folder, cell.script) if (folder / "defense_result.pt").is_file() else None
+        metrics = read_metrics(summary) if summary else _empty()
+        base = baseline[cell.record]
+        der = math.nan
+        if not any(math.isnan(v) for v in (base["acc"], base["asr"], metrics["acc"], metrics["asr"])):
+            der = defense_effectiveness_rate(base["acc"], base["asr"], metrics["acc"], metrics["asr"])
+        wall = read_wall_time(folder, "cost.json")
+        rows.append(_row(cell.source, cell.defense, f"{cell.record}/defense/{cell.folder}", metrics, der,
+                         _wall(wall, state, cell.cell_id), summary, state, cell.cell_id))
+    return pd.DataFrame(rows, columns=["dataset", "model", "attack", "defense", "seed", "record", "status",
+                                       "acc", "asr", "ra", "der", "wall_time_s", "summary_csv"])
+
+
+def aggregate(cells: pd.DataFrame, exp: Experiment) -> pd.DataFrame:
+    """Mean and sample std over seeds per (dataset, model, attack, defense); ``n`` = seeds with numbers."""
+    rows = []
+    for key, group in cells.groupby(list(KEYS), sort=False):
+        row = dict(zip(KEYS, key))
+        have = group.dropna(subset=["acc"])
+        row["n"] = len(have)
+        row["seeds"] = len(group)
+        for value in VALUES:
+            series = have[value].astype(float)
+            row[f"{value}_mean"] = series.mean() if len(series) else math.nan
+            row[f"{value}_std"] = series.std(ddof=1) if len(series) > 1 else math.nan
+        rows.append(row)
+    out = pd.DataFrame(rows)
+    order = {name: i for i, name in enumerate([NO_DEFENSE, *exp.defenses])}
+    attacks = {name: i for i, name in enumerate(exp.attacks)}
+    out = out.assign(_a=out["attack"].map(attacks), _d=out["defense"].map(order))
+    out = out.sort_values(["dataset", "model", "_a", "_d"], kind="stable")
+    return out.drop(columns=["_a", "_d"]).reset_index(drop=True)
+
+
+def _row(rec, defense, path, metrics, der, wall, summary, state, cell_id) -> dict:
+    status = "done" if summary is not None else state.get(cell_id, {}).get("status", "missing")
+    if summary is None:
+        status, wall = ("missing" if status == "done" else status), math.nan
+    return {"dataset": rec.dataset, "model": rec.model, "attack": rec.attack, "defense": defense, "seed": rec.seed,
+            "record": path, "status": status, **metrics, "der": der, "wall_time_s": wall,
+            "summary_csv": str(summary) if summary else ""}
+
+
+def _wall(from_files: float, state: dict, cell_id: str) -> float:
+    """The script's own wall time; compare's measurement of the subprocess when the script has none."""
+    if not math.isnan(from_files):
+        return from_files
+    measured = state.get(cell_id, {}).get("wall_time_s")
+    return float(measured) if measured is not None else math.nan
+
+
+def _state_cells(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text()).get("cells", {}) if path.is_file() else {}
+    except ValueError:
+        return {}
+
+
+def _empty() -> dict:
+    return {"acc": math.nan, "asr": math.nan, "ra": math.nan}

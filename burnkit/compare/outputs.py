@@ -1,0 +1,68 @@
+"""Where a run's numbers are on disk, for our outputs and BackdoorBench's own (spec §1.8, §3.7, §9.3).
+
+* attack: ``record/<name>/attack_df_summary.csv`` (row ``last``) + ``attack_result.pt``;
+* defense: ``record/<name>/defense/<folder>/`` with ``defense_result.pt`` and a summary CSV whose
+  name depends on the defense: ``<defense>_df_summary.csv`` (ours, and BackdoorBench's ft/sau/i-bau/
+  nad/anp - ANP's is a single data row), FP's ``finetune_df_summary.csv``, FT-SAM's
+  ``log/d-sam_df_summary.csv``. Wall time comes from our ``cost.json`` / ``provenance.json`` when present.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from ..results import read_summary
+
+# BackdoorBench's defenses whose summary is not <name>_df_summary.csv (spec §3.7)
+IRREGULAR_SUMMARIES = {
+    "fp": ("finetune_df_summary.csv", "prune_log_summary.csv"),
+    "ft-sam": ("log/d-sam_df_summary.csv",),
+}
+METRICS = {"acc": "test_acc", "asr": "test_asr", "ra": "test_ra"}
+
+
+def record_done(record_dir: Path) -> bool:
+    return (record_dir / "attack_result.pt").is_file() and (record_dir / "attack_df_summary.csv").is_file()
+
+
+def find_defense_summary(folder: Path, defense: str) -> Path | None:
+    """The summary CSV holding the defended model's final numbers, or None."""
+    names = [f"{defense}_df_summary.csv", f"{folder.name}_df_summary.csv", *IRREGULAR_SUMMARIES.get(defense, ())]
+    for name in names:
+        if (folder / name).is_file():
+            return folder / name
+    # an unknown defense: accept a single *_df_summary.csv (teacher phases such as NAD's *_te_* excluded)
+    found = [p for p in sorted(folder.glob("*_df_summary.csv")) + sorted(folder.glob("log/*_df_summary.csv"))
+             if not p.name.endswith("_te_df_summary.csv")]
+    return found[0] if len(found) == 1 else None
+
+
+def defense_done(folder: Path, defense: str) -> bool:
+    return (folder / "defense_result.pt").is_file() and find_defense_summary(folder, defense) is not None
+
+
+def read_metrics(summary: Path) -> dict[str, float]:
+    """ACC/ASR/RA (fractions) from a summary CSV; NaN where a column is missing or not a number."""
+    row = read_summary(summary)
+    return {key: _number(row.get(column)) for key, column in METRICS.items()}
+
+
+def read_wall_time(folder: Path, *names: str) -> float:
+    """``wall_time_s`` from the first of ``names`` (JSON files in ``folder``) that has it, else NaN."""
+    for name in names:
+        path = folder / name
+        if path.is_file():
+            try:
+                return _number(json.loads(path.read_text()).get("wall_time_s"))
+            except (ValueError, AttributeError):
+                continue
+    return math.nan
+
+
+def _number(value) -> float:
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        return math.nan
+    return out

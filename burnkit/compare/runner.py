@@ -1,0 +1,181 @@
+"""Run an experiment's missing cells: records first, each defense as soon as its record exists.
+
+Resumability comes from the outputs themselves (a cell whose files exist is skipped, whoever wrote
+them); ``state.json`` in the output folder only remembers what compare did: attempts per cell, exit
+codes, the tail of failed logs, wall times. A failed cell is reported and retried on the next run; its
+defenses are reported as blocked; everything else goes on. One compare at a time per output folder
+(an advisory lock that dies with the process).
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import time
+from concurrent.futures import FIRST_COMPLETED, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import BurnError
+from ..results import write_json
+from .executors import CellTask, make_executor
+from .experiment import Experiment, cell_env
+
+
+class RunState:
+    """``state.json``: per cell ``status``, ``attempts``, ``exit_code``, ``tail``, ``wall_time_s``, ``log``."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.data = {"runs": 0, "cells": {}}
+        if path.is_file():
+            try:
+                self.data = json.loads(path.read_text())
+            except ValueError:
+                raise BurnError(f"{path} is not valid JSON; delete it (outputs on disk are kept and reused)") from None
+
+    def cell(self, cell_id: str) -> dict:
+        return self.data["cells"].setdefault(cell_id, {"attempts": 0})
+
+    def save(self) -> None:
+        write_json(self.path, self.data)
+
+
+@dataclass
+class RunReport:
+    ran: list[str] = field(default_factory=list)
+    done: list[str] = field(default_factory=list)  # finished now
+    skipped: list[str] = field(default_factory=list)  # outputs already there
+    failed: list[str] = field(default_factory=list)
+    blocked: list[str] = field(default_factory=list)
+    wall_time_s: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed and not self.blocked
+
+
+@contextlib.contextmanager
+def experiment_lock(output: Path):
+    output.mkdir(parents=True, exist_ok=True)
+    with open(output / ".lock", "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise BurnError(f"another compare is running this experiment (lock {output / '.lock'}); "
+                            "wait for it or stop it") from None
+        yield
+
+
+def log_path(exp: Experiment, cell) -> Path:
+    return exp.output / "logs" / (cell.cell_id.replace("/", "__") + ".log")
+
+
+def plan(exp: Experiment) -> list[tuple[object, str]]:
+    """``(cell, "done" | "todo")`` for every cell, records first."""
+    return [(cell, "done" if cell.is_done(exp.workdir) else "todo") for cell in exp.cells]
+
+
+def run_experiment(exp: Experiment, executor: str, jobs: int, echo=print) -> RunReport:
+    """Run every missing cell with ``jobs`` in flight at once; returns what happened."""
+    started = time.perf_counter()
+    report = RunReport()
+    state = RunState(exp.output / "state.json")
+    state.data["runs"] += 1
+    env = tuple(sorted(cell_env(exp).items()))
+    pending = []
+    for cell, status in plan(exp):
+        if status == "done":
+            report.skipped.append(cell.cell_id)
+            entry = state.cell(cell.cell_id)
+            entry.setdefault("status", "done")
+            if entry.get("status") != "done":  # finished elsewhere (or by hand) since the last run
+                entry.update(status="done", exit_code=None, tail=None)
+        else:
+            pending.append(cell)
+    state.save()
+    echo(f"{exp.name}: {len(exp.cells)} cells, {len(report.skipped)} already done, {len(pending)} to run "
+         f"({executor}, {jobs} at a time)")
+    if not pending:
+        report.wall_time_s = time.perf_counter() - started
+        return report
+    engine = make_executor(executor, jobs, exp)
+    echo(f"executor: {engine.describe()}")
+    running = {}
+    total = len(pending)
+    finished_records: set[str] = set()
+    failed_records: set[str] = set()
+    try:
+        while pending or running:
+            for cell in list(pending):
+                if len(running) >= jobs:
+                    break
+                if cell.kind == "defense":
+                    if cell.record in failed_records:
+                        pending.remove(cell)
+                        _mark(state, cell, status="blocked", tail=f"attack cell attack/{cell.record} failed")
+                        echo(f"[{_count(report)}/{total}] blocked {cell.cell_id}: its record failed")
+                        report.blocked.append(cell.cell_id)
+                        continue
+                    if not cell.source.is_done(exp.workdir) and cell.record not in finished_records:
+                        continue  # its record is still being made
+                pending.remove(cell)
+                entry = state.cell(cell.cell_id)
+                entry["attempts"] += 1
+                _mark(state, cell, status="running", log=str(log_path(exp, cell)), command=exp.command(cell))
+                task = CellTask(cell.cell_id, tuple(exp.command(cell)), str(exp.workdir), str(log_path(exp, cell)), env)
+                running[engine.submit(task)] = cell
+                report.ran.append(cell.cell_id)
+            if not running:
+                break
+            finished, _ = wait(list(running), return_when=FIRST_COMPLETED)
+            for future in finished:
+                cell = running.pop(future)
+                ok = _settle(exp, state, cell, future, echo, _count(report), total)
+                (report.done if ok else report.failed).append(cell.cell_id)
+                if cell.kind == "attack":
+                    (finished_records if ok else failed_records).add(cell.record)
+        for cell in pending:  # defenses whose record cannot be made in this run
+            _mark(state, cell, status="blocked", tail=f"record {cell.record} is missing")
+            report.blocked.append(cell.cell_id)
+    finally:
+        for future, cell in running.items():  # interrupted: whatever was running is not done
+            future.cancel()
+            _mark(state, cell, status="interrupted")
+        state.save()
+        engine.close()
+    report.wall_time_s = time.perf_counter() - started
+    return report
+
+
+def _settle(exp: Experiment, state: RunState, cell, future, echo, index: int, total: int) -> bool:
+    """Record a finished cell's outcome; a cell succeeded only if its outputs exist."""
+    try:
+        outcome = future.result()
+    except Exception as err:  # the executor itself failed (a Slurm job killed, a Ray worker lost)
+        _mark(state, cell, status="failed", exit_code=None, tail=f"{type(err).__name__}: {err}")
+        echo(f"[{index}/{total}] FAILED {cell.cell_id}: executor error {type(err).__name__}: {err}")
+        return False
+    done = outcome.exit_code == 0 and cell.is_done(exp.workdir)
+    tail = None if done else (outcome.tail if outcome.exit_code != 0 else
+                              f"exited 0 but its outputs are missing\n{outcome.tail}")
+    _mark(state, cell, status="done" if done else "failed", exit_code=outcome.exit_code, tail=tail,
+          wall_time_s=round(outcome.wall_time_s, 3), host=outcome.host, gpu=outcome.gpu,
+          finished_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    if done:
+        echo(f"[{index}/{total}] done {cell.cell_id} ({outcome.wall_time_s:.1f}s)")
+    else:
+        last = (tail or "").strip().splitlines()[-1:] or [""]
+        echo(f"[{index}/{total}] FAILED {cell.cell_id} (exit {outcome.exit_code}): {last[0]}  "
+             f"[log: {log_path(exp, cell)}]")
+    return done
+
+
+def _count(report: RunReport) -> int:
+    """The position of the next finished cell in this run's progress lines."""
+    return len(report.done) + len(report.failed) + len(report.blocked) + 1
+
+
+def _mark(state: RunState, cell, **values) -> None:
+    state.cell(cell.cell_id).update(values)
+    state.save()

@@ -1,0 +1,350 @@
+"""burn-compare: a real attacks x defenses x seeds matrix on digits, killed and resumed; the tables
+checked against the per-run CSVs; BackdoorBench's irregular defense folders; submitit's local
+executor and a local Ray instance.
+
+Every cell is a real subprocess of attack/<name>.py or defense/<name>.py (small budgets: 2 attack
+epochs, 1 defense epoch), so the numbers are real; the checks compare them with the files on disk.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from burnkit.compare import main
+from burnkit.compare.experiment import load_experiment
+from burnkit.errors import BurnError
+
+REPO = Path(__file__).resolve().parents[1]
+ATTACKS = ["badnet", "blended"]
+# three real defense entries at tiny budgets: FT, a variant of FT (its own output folder) and BURN
+BURN_FAST = {"iterations": 1, "epochs": 1, "batch_size": 64, "max_iter": 10, "candidates": 3,
+             "kp_start": 0.02, "kp_end": 0.04, "kc_start": 0.1, "kc_end": 0.2}
+DEFENSES = {"ft": {"overrides": {"epochs": 1}},
+            "ft-lr": {"defense": "ft", "overrides": {"epochs": 1, "lr": 0.05}},
+            "burn": {"overrides": BURN_FAST}}
+SEEDS = [0, 1]
+
+
+def experiment(work: Path, name: str, defenses: dict, attacks=ATTACKS, seeds=SEEDS, **extra) -> Path:
+    spec = {"name": name, "seeds": seeds, "datasets": ["digits"], "models": ["smallcnn"],
+            "env": {"OMP_NUM_THREADS": 1}, "attack_overrides": {"epochs": 2, "progress": False},
+            "defense_overrides": {"progress": False}, "attacks": attacks, "defenses": defenses, **extra}
+    path = work / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def last(summary: Path, column: str) -> float:
+    """The ``last`` row of a BackdoorBench summary CSV, read here independently of burnkit."""
+    frame = pd.read_csv(summary, index_col=0)
+    return float(frame.loc["last", column] if "last" in frame.index else frame.iloc[-1][column])
+
+
+def der(acc_bd, asr_bd, acc_def, asr_def) -> float:
+    return (max(0.0, asr_bd - asr_def) - max(0.0, acc_bd - acc_def) + 1) / 2  # spec §4, simplified form
+
+
+def done_files(work: Path) -> dict[Path, int]:
+    """mtimes of the result files of every finished cell."""
+    files = {}
+    for rec in (work / "record").iterdir():
+        if (rec / "attack_result.pt").is_file():
+            for name in ("attack_result.pt", "attack_df_summary.csv"):
+                files[rec / name] = (rec / name).stat().st_mtime_ns
+        for folder in (rec / "defense").glob("*") if (rec / "defense").is_dir() else []:
+            summaries = list(folder.glob("*_df_summary.csv"))
+            if (folder / "defense_result.pt").is_file() and summaries:
+                for path in [folder / "defense_result.pt", *summaries]:
+                    files[path] = path.stat().st_mtime_ns
+    return files
+
+
+@pytest.fixture(scope="module")
+def matrix(tmp_path_factory):
+    """2 attacks x 3 defenses x 2 seeds: a first run is killed (SIGKILL to its process group) once two
+    defense cells have finished; the same command then completes the matrix."""
+    work = tmp_path_factory.mktemp("compare_matrix")
+    exp = experiment(work, "matrix", DEFENSES)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    with open(work / "first_run.log", "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "burnkit.compare", str(exp), "--jobs", "2"], cwd=work, env=env,
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.time() + 900
+        while time.time() < deadline and proc.poll() is None:
+            if len(list(work.glob("record/*/defense/*/defense_result.pt"))) >= 2:
+                break
+            time.sleep(0.5)
+        assert proc.poll() is None, (work / "first_run.log").read_text()
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    before = done_files(work)
+    state_before = json.loads((work / "compare" / "matrix" / "state.json").read_text())
+    started = time.time()
+    code = main([str(exp), "--jobs", "2", "--workdir", str(work)])
+    return {"work": work, "exp": exp, "before": before, "state_before": state_before, "code": code,
+            "resume_s": time.time() - started, "out": work / "compare" / "matrix"}
+
+
+def test_killed_run_resumes_without_redoing_finished_cells(matrix):
+    work, before = matrix["work"], matrix["before"]
+    assert matrix["code"] == 0
+    records_before = [p for p in before if p.name == "attack_result.pt"]
+    defenses_before = [p for p in before if p.name == "defense_result.pt"]
+    assert len(defenses_before) >= 2 and len(defenses_before) < 12  # killed mid-way
+    for path, mtime in before.items():  # finished outputs were not rewritten
+        assert path.stat().st_mtime_ns == mtime, path
+    state = json.loads((matrix["out"] / "state.json").read_text())
+    assert state["runs"] == 2
+    cells = state["cells"]
+    assert len(cells) == 4 + 12 and all(c["status"] == "done" for c in cells.values())
+    finished_first = {f"attack/{p.parent.name}" for p in records_before} | \
+                     {f"defense/{p.parents[2].name}/{p.parent.name}" for p in defenses_before}
+    for cell_id, entry in cells.items():
+        assert entry["attempts"] == (1 if cell_id in finished_first else entry["attempts"])
+        assert 1 <= entry["attempts"] <= 2
+    assert sum(c["attempts"] for c in cells.values()) < 2 * len(cells)
+    # each cell has its own log with the command it ran
+    log = Path(cells["defense/badnet_digits_smallcnn_s1/ft-lr"]["log"]).read_text()
+    assert "--output_name ft-lr" in log and "--lr 0.05" in log and "--random_seed 1" in log
+
+
+def test_tables_equal_the_per_run_csvs(matrix):
+    work, out = matrix["work"], matrix["out"]
+    cells = pd.read_csv(out / "cells.csv")
+    assert len(cells) == 4 + 12 and set(cells["status"]) == {"done"}
+    by_key = {}
+    for row in cells.itertuples():
+        rec = f"{row.attack}_digits_smallcnn_s{row.seed}"
+        if row.defense == "No defense":
+            summary = work / "record" / rec / "attack_df_summary.csv"
+        else:
+            script = DEFENSES[row.defense].get("defense", row.defense)
+            summary = work / "record" / rec / "defense" / row.defense / f"{script}_df_summary.csv"
+        values = {m: last(summary, f"test_{m}") for m in ("acc", "asr", "ra")}
+        for m, v in values.items():
+            assert getattr(row, m) == pytest.approx(v, rel=1e-12, abs=0)
+        by_key[(row.attack, row.defense, row.seed)] = values
+    for (attack, defense, seed), values in by_key.items():
+        row = cells[(cells.attack == attack) & (cells.defense == defense) & (cells.seed == seed)].iloc[0]
+        if defense == "No defense":
+            assert math.isnan(row.der)
+        else:
+            base = by_key[(attack, "No defense", seed)]
+            values["der"] = der(base["acc"], base["asr"], values["acc"], values["asr"])
+            assert row.der == pytest.approx(values["der"], rel=1e-12)
+
+    summary = pd.read_csv(out / "summary.csv")
+    markdown = (out / "leaderboard.md").read_text()
+    page = (out / "index.html").read_text()
+    header = next(line for line in markdown.splitlines() if line.startswith("| Attack | No defense"))
+    columns = [c.strip() for c in header.strip("|").split("|")]
+    assert columns == ["Attack", "No defense", *DEFENSES]
+    for attack in ATTACKS:
+        table_row = next(line for line in markdown.splitlines() if line.startswith(f"| {attack} |"))
+        shown = [c.strip() for c in table_row.strip("|").split("|")]
+        for defense in ["No defense", *DEFENSES]:
+            per_seed = [by_key[(attack, defense, s)] for s in SEEDS]
+            expected = []
+            for m in ("acc", "asr", "ra"):
+                values = [v[m] for v in per_seed]
+                mean, std = statistics.mean(values), statistics.stdev(values)
+                row = summary[(summary.attack == attack) & (summary.defense == defense)].iloc[0]
+                assert row[f"{m}_mean"] == pytest.approx(mean, rel=1e-12)
+                assert row[f"{m}_std"] == pytest.approx(std, rel=1e-9)
+                expected.append(f"{100 * mean:.2f} ± {100 * std:.2f}")
+            assert shown[columns.index(defense)] == " / ".join(expected)
+            assert " / ".join(expected) in page
+            if defense != "No defense":
+                ders = [v["der"] for v in per_seed]
+                assert f"{100 * statistics.mean(ders):.2f} ± {100 * statistics.stdev(ders):.2f}" in markdown
+    plots = sorted(p.name for p in (out / "plots").glob("*.png"))
+    assert plots == ["der_digits_smallcnn.png", "radar_digits_smallcnn_badnet.png", "radar_digits_smallcnn_blended.png"]
+    assert all((out / "plots" / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in plots)
+    assert "<img src='plots/radar_digits_smallcnn_badnet.png'" in page
+
+
+def test_collects_backdoorbench_defense_folders(matrix, tmp_path):
+    """BackdoorBench's own output forms (spec §3.7): ANP's single-row summary, FP's finetune_df_summary,
+    FT-SAM's log/d-sam_df_summary, I-BAU's hyphenated name; collection only, nothing runs."""
+    src = matrix["work"] / "record" / "badnet_digits_smallcnn_s0"
+    rec = tmp_path / "record" / "bb_badnet"
+    shutil.copytree(src, rec, ignore=shutil.ignore_patterns("defense"))
+    known = {"anp": (0.81, 0.02, 0.70), "fp": (0.85, 0.40, 0.50), "ft-sam": (0.80, 0.10, 0.75), "i-bau": (0.60, 0.90, 0.05)}
+    for name, (acc, asr, ra) in known.items():
+        folder = rec / "defense" / name
+        folder.mkdir(parents=True)
+        (folder / "defense_result.pt").write_bytes(b"")  # presence is what marks a finished run
+        metrics = {"clean_test_loss_avg_over_batch": 0.5, "bd_test_loss_avg_over_batch": 1.5,
+                   "test_acc": acc, "test_asr": asr, "test_ra": ra}
+        if name == "anp":  # a single data row, index 0
+            pd.DataFrame([metrics]).to_csv(folder / "anp_df_summary.csv")
+        else:
+            frame = pd.DataFrame([{"epoch": 9, **metrics}, {"epoch": 9, **metrics}, {"epoch": False}],
+                                 index=["last", "valid_max", "exist_nan_value"])
+            target = {"fp": "finetune_df_summary.csv", "ft-sam": "log/d-sam_df_summary.csv"}.get(name, f"{name}_df_summary.csv")
+            (folder / target).parent.mkdir(exist_ok=True)
+            frame.to_csv(folder / target)
+        if name == "fp":  # the pruning log must not be mistaken for the final numbers
+            pd.DataFrame([{"test_acc": 0.1, "test_asr": 0.1, "test_ra": 0.1}], index=["last"]).to_csv(folder / "prune_log_summary.csv")
+    exp = experiment(tmp_path, "bb", list(known), attacks={"badnet": {"record_name": "bb_badnet"}}, seeds=[0])
+    assert main([str(exp), "--collect-only", "--workdir", str(tmp_path)]) == 0
+    cells = pd.read_csv(tmp_path / "compare" / "bb" / "cells.csv").set_index("defense")
+    acc_bd, asr_bd = last(rec / "attack_df_summary.csv", "test_acc"), last(rec / "attack_df_summary.csv", "test_asr")
+    for name, (acc, asr, ra) in known.items():
+        assert (cells.loc[name, "acc"], cells.loc[name, "asr"], cells.loc[name, "ra"]) == (acc, asr, ra)
+        assert cells.loc[name, "der"] == pytest.approx(der(acc_bd, asr_bd, acc, asr), rel=1e-12)
+
+
+def copy_record(matrix, work: Path, name: str) -> None:
+    src = matrix["work"] / "record" / name
+    shutil.copytree(src, work / "record" / name, ignore=shutil.ignore_patterns("defense"))
+
+
+def test_submitit_local_runs_cells_and_failures_are_retried(matrix, tmp_path):
+    """submitit's local executor runs the cells; a failing cell is reported (exit code, log tail), the
+    defenses of a failed record are blocked, the others finish, and the next run retries only what failed."""
+    copy_record(matrix, tmp_path, "blended_digits_smallcnn_s0")
+    defenses = {"ft-sub": {"defense": "ft", "overrides": {"epochs": 1}},
+                "ft-bad": {"defense": "ft", "overrides": {"lr": -1}}}
+    attacks = {"blended": {}, "badnet-bad": {"attack": "badnet", "overrides": {"pratio": 2}}}
+    exp = experiment(tmp_path, "sub", defenses, attacks=attacks, seeds=[0], submitit={"cluster": "local"})
+    assert main([str(exp), "--executor", "submitit", "--jobs", "2", "--workdir", str(tmp_path)]) == 1
+    out = tmp_path / "compare" / "sub"
+    state = json.loads((out / "state.json").read_text())["cells"]
+    good, bad = state["defense/blended_digits_smallcnn_s0/ft-sub"], state["defense/blended_digits_smallcnn_s0/ft-bad"]
+    assert good["status"] == "done" and bad["status"] == "failed" and bad["exit_code"] == 2
+    assert "--lr must be non-negative" in bad["tail"]
+    record = state["attack/badnet-bad_digits_smallcnn_s0"]
+    assert record["status"] == "failed" and record["exit_code"] == 2 and "pratio" in record["tail"]
+    for name in defenses:
+        assert state[f"defense/badnet-bad_digits_smallcnn_s0/{name}"]["status"] == "blocked"
+        assert state[f"defense/badnet-bad_digits_smallcnn_s0/{name}"]["attempts"] == 0
+    assert list((out / "submitit").glob("*_result.pkl"))  # the jobs went through submitit
+    cells = pd.read_csv(out / "cells.csv").set_index("defense")
+    assert set(cells[cells.attack == "badnet-bad"]["status"]) == {"failed", "blocked"}
+    cells = cells[cells.attack == "blended"]
+    summary = tmp_path / "record" / "blended_digits_smallcnn_s0" / "defense" / "ft-sub" / "ft_df_summary.csv"
+    assert cells.loc["ft-sub", "acc"] == pytest.approx(last(summary, "test_acc"), rel=1e-12)
+    assert cells.loc["ft-bad", "status"] == "failed" and math.isnan(cells.loc["ft-bad", "acc"])
+    mtime = summary.stat().st_mtime_ns
+    assert main([str(exp), "--workdir", str(tmp_path)]) == 1  # retried (still failing), the rest untouched
+    state = json.loads((out / "state.json").read_text())["cells"]
+    assert state["defense/blended_digits_smallcnn_s0/ft-bad"]["attempts"] == 2
+    assert state["attack/badnet-bad_digits_smallcnn_s0"]["attempts"] == 2
+    assert state["defense/blended_digits_smallcnn_s0/ft-sub"]["attempts"] == 1 and summary.stat().st_mtime_ns == mtime
+
+
+def test_ray_local_runs_cells(matrix, tmp_path):
+    copy_record(matrix, tmp_path, "badnet_digits_smallcnn_s1")
+    exp = experiment(tmp_path, "ray", {"ft-ray": {"defense": "ft", "overrides": {"epochs": 1}}}, attacks=["badnet"], seeds=[1])
+    assert main([str(exp), "--executor", "ray", "--jobs", "1", "--workdir", str(tmp_path)]) == 0
+    state = json.loads((tmp_path / "compare" / "ray" / "state.json").read_text())["cells"]
+    assert state["defense/badnet_digits_smallcnn_s1/ft-ray"]["status"] == "done"
+    summary = tmp_path / "record" / "badnet_digits_smallcnn_s1" / "defense" / "ft-ray" / "ft_df_summary.csv"
+    cells = pd.read_csv(tmp_path / "compare" / "ray" / "cells.csv").set_index("defense")
+    assert cells.loc["ft-ray", "asr"] == pytest.approx(last(summary, "test_asr"), rel=1e-12)
+
+
+# --------------------------------------------------------------------------- experiment files (no runs)
+
+
+def write(tmp_path, spec: dict) -> Path:
+    path = tmp_path / "e.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+BASE = {"datasets": ["digits"], "models": ["smallcnn"], "attacks": ["badnet"], "defenses": ["ft"]}
+
+
+def test_experiment_expands_cells_with_overrides(tmp_path):
+    spec = {**BASE, "seeds": [3], "attack_overrides": {"epochs": 2, "amp": False},
+            "datasets": {"digits": {"defense_overrides": {"epochs": 4, "yaml_path": "config/defense/ft/{dataset}.yaml"}}},
+            "defense_overrides": {"epochs": 9, "steplr_milestones": [30, 60], "index": None},
+            "defenses": {"ft": {}, "ft-x": {"defense": "ft", "overrides": {"epochs": 1}}}}
+    exp = load_experiment(write(tmp_path, spec), workdir=str(tmp_path))
+    (rec,) = exp.records
+    assert rec.record == "badnet_digits_smallcnn_s3"
+    assert list(rec.args) == ["--dataset", "digits", "--model", "smallcnn", "--save_folder_name", rec.record,
+                              "--random_seed", "3", "--epochs", "2", "--amp", "false"]
+    ft, ftx = exp.defense_cells
+    assert list(ft.args) == ["--result_file", rec.record, "--dataset", "digits", "--random_seed", "3",
+                             "--epochs", "4", "--steplr_milestones", "30,60", "--yaml_path", "config/defense/ft/digits.yaml"]
+    assert "--output_name" not in ft.args and ft.folder == "ft"
+    assert list(ftx.args) == ["--result_file", rec.record, "--dataset", "digits", "--random_seed", "3",
+                              "--output_name", "ft-x", "--epochs", "1", "--steplr_milestones", "30,60",
+                              "--yaml_path", "config/defense/ft/digits.yaml"]
+    assert exp.command(ftx)[1] == str(REPO / "defense" / "ft.py")
+    assert exp.output == tmp_path / "compare" / "e"
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"seeds": [0, 1], "record_name": "{attack}_{dataset}"}, "record name 'badnet_digits' is produced for both"),
+    ({"attack_overrides": {"save_folder_name": "x"}}, "compare sets per cell"),
+    ({"defense_overrides": {"random_seed": 1}}, "compare sets per cell"),
+    ({"epoch": 3}, "unknown key(s) epoch"),
+    ({"record_name": "{attack}_{size}"}, "unknown placeholder(s) size"),
+    ({"executor": "slurm"}, "executor must be one of"),
+    ({"defenses": {"ft": {"epochs": 1}}}, "unknown key(s) epochs"),
+    ({"seeds": []}, "seeds must be a non-empty list"),
+    ({"attacks": {"../x": {}}}, "must be a plain folder name"),
+])
+def test_experiment_rejects_bad_input(tmp_path, change, message):
+    with pytest.raises(BurnError) as err:
+        load_experiment(write(tmp_path, {**BASE, **change}))
+    assert message in str(err.value)
+
+
+def test_unavailable_entries_error_or_are_skipped(tmp_path, capsys):
+    spec = {**BASE, "defenses": ["ft", "no-such-defense"]}
+    with pytest.raises(BurnError, match="no script for defense no-such-defense"):
+        load_experiment(write(tmp_path, spec)).check_available()
+    exp = load_experiment(write(tmp_path, {**spec, "allow_unavailable": True}))
+    assert exp.check_available() and [c.defense for c in exp.defense_cells] == ["ft"]
+    with pytest.raises(SystemExit) as err:
+        main([str(write(tmp_path, spec)), "--dry-run", "--workdir", str(tmp_path)])
+    assert err.value.code == 2
+    assert "no-such-defense" in capsys.readouterr().err
+
+
+def test_local_executor_round_robins_gpus(tmp_path):
+    """With GPUs, each pool slot has its own device: two cells in flight never share one."""
+    from burnkit.compare.executors import CellTask, LocalExecutor
+
+    pool = LocalExecutor(jobs=2, gpus=["3", "5"])
+    code = "import os, time; print('gpu', os.environ['CUDA_VISIBLE_DEVICES'], flush=True); time.sleep(0.3)"
+    tasks = [CellTask(f"c{i}", (sys.executable, "-c", code), str(tmp_path), str(tmp_path / f"c{i}.log"), (("X", "1"),))
+             for i in range(4)]
+    futures = [pool.submit(t) for t in tasks]
+    outcomes = [f.result() for f in futures]
+    pool.close()
+    assert [o.exit_code for o in outcomes] == [0] * 4
+    assert {o.gpu for o in outcomes} == {"3", "5"}
+    assert outcomes[0].gpu != outcomes[1].gpu  # the first two ran together
+    for o in outcomes:
+        assert f"gpu {o.gpu}" in (tmp_path / f"{o.cell_id}.log").read_text() and f"gpu {o.gpu}" in o.tail
+
+
+@pytest.mark.parametrize("bad", ["..", "a/b", " "])
+def test_defense_output_name_must_be_a_folder_name(tmp_path, monkeypatch, bad):
+    """--output_name (the defense base's flag compare uses for variants) cannot escape defense/."""
+    from burnkit.defense import get_defense
+
+    monkeypatch.chdir(tmp_path)
+    cls = get_defense("ft")
+    cfg, _, _ = cls.parse(["--result_file", "missing_record", "--output_name", bad])
+    with pytest.raises(BurnError, match="--output_name must be a plain folder name"):
+        cls().run(cfg)
+    assert not (tmp_path / "record").exists()
