@@ -160,3 +160,21 @@ def test_resume_refuses_a_checkpoint_of_other_settings(digits_copy, capsys):
         _run("--kp_end", "0.05")
     assert exit_info.value.code == 2
     assert "--resume false" in capsys.readouterr().err
+
+
+def test_frozen_bn_step_trains_weights_but_keeps_running_statistics():
+    from burnkit.data import Batch
+    from burnkit.defenses.burn import frozen_bn_step
+    from burnkit.engine import StepContext
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                              torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 3)).train()
+    stats = net[1].running_mean.clone(), net[1].running_var.clone()
+    weight = net[0].weight.detach().clone()
+    x = torch.rand(8, 3, 6, 6) * 5  # far from the running statistics (0, 1)
+    y = torch.randint(0, 3, (8,))
+    batch = Batch(x, y, y, torch.zeros(8, dtype=torch.bool), torch.arange(8), torch.arange(8))
+    frozen_bn_step(net, batch, torch.optim.SGD(net.parameters(), lr=0.1), StepContext(torch.device("cpu"), False, None))
+    assert torch.equal(net[1].running_mean, stats[0]) and torch.equal(net[1].running_var, stats[1])
+    assert not torch.equal(net[0].weight, weight)

@@ -17,7 +17,8 @@ Choices where the paper is silent (each one a YAML key / flag, the alternative a
   ``clip: true`` keeps every iterate a valid image.
 * ``pd_output: logits`` - PD compares logit vectors (the ``f`` of §2.3); ``probs`` uses softmax.
 * fine-tuning: a fresh Adam(β = 0.9, 0.999) per fine-tuning, fixed lr 5e-5, no weight decay, no
-  AMSGrad, BackdoorBench's train augmentation (``augment: true``).
+  AMSGrad, BackdoorBench's train augmentation (``augment: true``), BatchNorm in train mode like any
+  fine-tuning (``bn_eval: true`` freezes its running statistics; Phase 1 trains on 0.5 % of the data).
 * Phase 1 fine-tunes on D_poison^0 only (Alg. 1 line 8); Phase 2 runs t = 1..T, so there are T + 1
   fine-tunings; ``burn_df.csv`` has one row per fine-tuning (iteration 0 = Phase 1).
 * ``l(x)`` of a sample the attack cannot flip within ``max_iter`` steps is the norm of its last
@@ -37,12 +38,13 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ..boundary import SPACES, BoundaryResult, attack_space, scan
 from ..config import option
 from ..data import ImageSet, concat
 from ..defense import Defense, DefenseConfig, DefenseData, DefenseRun, register_defense
-from ..engine import predict, seed_everything
+from ..engine import StepOutput, cross_entropy_step, predict, seed_everything
 from ..errors import BurnError
 from ..metrics import auroc
 from ..models import Classifier
@@ -67,6 +69,7 @@ class BurnConfig(DefenseConfig):
     amsgrad: bool = option(False, "AMSGrad variant of Adam (BackdoorBench's trainer uses it; the paper does not)")
     lr_scheduler: str | None = option(None, "learning-rate schedule (None: fixed, as in the paper)")
     augment: bool = option(True, "BackdoorBench's train augmentation while fine-tuning")
+    bn_eval: bool = option(False, "keep BatchNorm running statistics frozen while fine-tuning (small sets)")
     kp_start: float = option(0.005, "k_p^0: share of samples relabelled as poison at iteration 0")
     kp_end: float = option(0.01, "k_p^T: share relabelled as poison at the last iteration")
     kc_start: float = option(0.025, "k_c^0: share kept as clean at iteration 0")
@@ -117,6 +120,15 @@ def schedule(cfg: BurnConfig, t: int) -> tuple[float, float, float]:
 def share_count(share: float, n: int) -> int:
     """Number of samples in a ``share`` of ``n`` (rounded, at least one for a positive share)."""
     return 0 if share <= 0 else min(n, max(1, int(round(share * n))))
+
+
+def frozen_bn_step(model: nn.Module, batch, optimizer, ctx) -> StepOutput:
+    """Cross-entropy step with every BatchNorm in eval mode, so that fine-tuning on a few hundred
+    (partly relabelled) samples does not overwrite statistics learnt on the whole training set."""
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.eval()
+    return cross_entropy_step(model, batch, optimizer, ctx)
 
 
 def boundary_scan(model: Classifier, images: ImageSet, cfg: BurnConfig, device: torch.device) -> BoundaryResult:
@@ -182,7 +194,7 @@ def selection_quality(train: ImageSet, poison_pos: torch.Tensor, clean_pos: torc
 def _fingerprint(cfg: BurnConfig, train: ImageSet, record_dir: str) -> dict:
     """What a checkpoint must agree with to be resumed."""
     keys = ("iterations", "epochs", "batch_size", "lr", "client_optimizer", "adam_betas", "wd", "amsgrad",
-            "lr_scheduler", "augment", "kp_start", "kp_end", "kc_start", "kc_end", "omega_start", "omega_end",
+            "lr_scheduler", "augment", "bn_eval", "kp_start", "kp_end", "kc_start", "kc_end", "omega_start", "omega_end",
             "pd_output", "attack_space", "clip", "overshoot", "max_iter", "candidates", "random_seed")
     return {"record": str(record_dir), "n_train": len(train), **{k: _plain(getattr(cfg, k)) for k in keys}}
 
@@ -261,7 +273,7 @@ def burn(model: Classifier, data: DefenseData, cfg: BurnConfig, run: DefenseRun)
         phase = "phase1" if t == 0 else "phase2"
         fit = run.fit(model, finetune_set(train, poison_pos, adv_label, clean_pos), cfg.train_config(),
                       log=False, phase=f"{phase}_finetune", eval_suite=None, seed=cfg.random_seed + t,
-                      desc=f"burn t={t}")
+                      desc=f"burn t={t}", step=frozen_bn_step if cfg.bn_eval else None)
         metrics = run.evaluate(model)
         row = {"epoch": t, "iteration": t, "phase": 1 if t == 0 else 2, "k_p": kp, "k_c": kc,
                "omega": omega if t else None, "n_poison": len(poison_pos), "n_clean": len(clean_pos),
