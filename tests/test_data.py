@@ -26,11 +26,17 @@ def test_cifar_image_folder_labels_follow_sorted_classes(cifar_root):
                                   np.asarray(Image.open(first_cat).convert("RGB")))
 
 
-def test_cache_is_reused_and_equal(cifar_root):
-    x1, y1 = load_split("cifar10", cifar_root, train=False)
-    cache_files = list((cifar_root / ".burnkit_cache").glob("cifar10-test-*.images.npy"))
+def test_cache_is_reused_and_equal(cifar_root, tmp_path):
+    import shutil
+
+    root = tmp_path / "cifar10"
+    shutil.copytree(cifar_root / "test", root / "test")
+    x1, y1 = load_split("cifar10", root, train=False)
+    cache_files = list((root / ".burnkit_cache").glob("cifar10-test-*.images.npy"))
     assert len(cache_files) == 1
-    x2, y2 = load_split("cifar10", cifar_root, train=False)
+    written = cache_files[0].stat().st_mtime_ns
+    x2, y2 = load_split("cifar10", root, train=False)
+    assert cache_files[0].stat().st_mtime_ns == written  # read, not rebuilt
     np.testing.assert_array_equal(x1, x2)
     np.testing.assert_array_equal(y1, y2)
 
