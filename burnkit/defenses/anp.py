@@ -249,8 +249,9 @@ def sweep_points(cfg: ANPConfig, ranked: list[tuple[str, int, float]]) -> list[t
 
 
 def prune_sweep(model: Classifier, ranked: list[tuple[str, int, float]], cfg: ANPConfig,
-                evaluate) -> tuple[list[dict], int]:
-    """Score the pruning sweep on a copy of ``model``; returns the rows and the kept count."""
+                evaluate, on_row=None) -> tuple[list[dict], int]:
+    """Score the pruning sweep on a copy of ``model``; returns the rows and the last count.
+    ``on_row`` receives every row as it is scored (so a killed sweep leaves its CSV)."""
     work = copy.deepcopy(model)
     key = cfg.pruning_by
     rows: list[dict] = []
@@ -264,6 +265,8 @@ def prune_sweep(model: Classifier, ranked: list[tuple[str, int, float]], cfg: AN
         rows.append({"epoch": step, key: value_key,
                      "value": ranked[count - 1][2] if count else float("nan"),
                      "num_pruned": count, **last.row()})
+        if on_row is not None:
+            on_row(rows[-1])
     return rows, pruned
 
 
@@ -283,11 +286,14 @@ def adversarial_neuron_pruning(model: Classifier, data: DefenseData, cfg: ANPCon
         mask_rows = optimize_masks(model, data.clean_subset, cfg, run)
     write_mask_values(run.checkpoint_dir / "mask_values.txt", mask_rows)
     ranked = sorted(mask_rows, key=lambda r: r[2])  # stable: ties keep layer order
-    with run.timed("prune"):
-        rows, _ = prune_sweep(model, ranked, cfg, run.evaluate)
     sweep = MetricLog(run.out_dir, cfg.pruning_by)
-    sweep.extend(rows)
-    sweep.save()
+
+    def on_row(row):
+        sweep.append(row)
+        sweep.save()
+
+    with run.timed("prune"):
+        rows, _ = prune_sweep(model, ranked, cfg, run.evaluate, on_row)
     plot_metrics(sweep.rows, run.out_dir, prefix=f"{cfg.pruning_by}_", x_key=cfg.pruning_by)
 
     chosen = select_row(rows, run.before, cfg.acc_ratio)
