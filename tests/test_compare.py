@@ -28,11 +28,11 @@ from burnkit.errors import BurnError
 
 REPO = Path(__file__).resolve().parents[1]
 ATTACKS = ["badnet", "blended"]
-# three real defense entries at tiny budgets: FT, a variant of FT (its own output folder) and BURN
+# three real defenses at tiny budgets (I-BAU also checks BackdoorBench's hyphenated folder name)
 BURN_FAST = {"iterations": 1, "epochs": 1, "batch_size": 64, "max_iter": 10, "candidates": 3,
              "kp_start": 0.02, "kp_end": 0.04, "kc_start": 0.1, "kc_end": 0.2}
 DEFENSES = {"ft": {"overrides": {"epochs": 1}},
-            "ft-lr": {"defense": "ft", "overrides": {"epochs": 1, "lr": 0.05}},
+            "i-bau": {"overrides": {"n_rounds": 1}},
             "burn": {"overrides": BURN_FAST}}
 SEEDS = [0, 1]
 
@@ -116,8 +116,9 @@ def test_killed_run_resumes_without_redoing_finished_cells(matrix):
         assert 1 <= entry["attempts"] <= 2
     assert sum(c["attempts"] for c in cells.values()) < 2 * len(cells)
     # each cell has its own log with the command it ran
-    log = Path(cells["defense/badnet_digits_smallcnn_s1/ft-lr"]["log"]).read_text()
-    assert "--output_name ft-lr" in log and "--lr 0.05" in log and "--random_seed 1" in log
+    log = Path(cells["defense/badnet_digits_smallcnn_s1/i-bau"]["log"]).read_text()
+    assert "defense/i-bau.py --result_file badnet_digits_smallcnn_s1" in log and "--n_rounds 1" in log
+    assert "--random_seed 1" in log and "[i-bau] final:" in log
 
 
 def test_tables_equal_the_per_run_csvs(matrix):
@@ -226,6 +227,7 @@ def test_submitit_local_runs_cells_and_failures_are_retried(matrix, tmp_path):
     good, bad = state["defense/blended_digits_smallcnn_s0/ft-sub"], state["defense/blended_digits_smallcnn_s0/ft-bad"]
     assert good["status"] == "done" and bad["status"] == "failed" and bad["exit_code"] == 2
     assert "--lr must be non-negative" in bad["tail"]
+    assert "--output_name ft-sub" in Path(good["log"]).read_text()  # a variant gets its own folder
     record = state["attack/badnet-bad_digits_smallcnn_s0"]
     assert record["status"] == "failed" and record["exit_code"] == 2 and "pratio" in record["tail"]
     for name in defenses:
