@@ -206,6 +206,8 @@ def test_collects_backdoorbench_defense_folders(matrix, tmp_path):
     for name, (acc, asr, ra) in known.items():
         assert (cells.loc[name, "acc"], cells.loc[name, "asr"], cells.loc[name, "ra"]) == (acc, asr, ra)
         assert cells.loc[name, "der"] == pytest.approx(der(acc_bd, asr_bd, acc, asr), rel=1e-12)
+    assert cells["reused"].all()  # nothing here was run by compare: the report says so
+    assert "Reused (not run by compare" in (tmp_path / "compare" / "bb" / "leaderboard.md").read_text()
 
 
 def copy_record(matrix, work: Path, name: str) -> None:
@@ -239,6 +241,7 @@ def test_submitit_local_runs_cells_and_failures_are_retried(matrix, tmp_path):
     cells = cells[cells.attack == "blended"]
     summary = tmp_path / "record" / "blended_digits_smallcnn_s0" / "defense" / "ft-sub" / "ft_df_summary.csv"
     assert cells.loc["ft-sub", "acc"] == pytest.approx(last(summary, "test_acc"), rel=1e-12)
+    assert not cells.loc["ft-sub", "reused"] and cells.loc["No defense", "reused"]  # the copied record is reused
     assert cells.loc["ft-bad", "status"] == "failed" and math.isnan(cells.loc["ft-bad", "acc"])
     mtime = summary.stat().st_mtime_ns
     assert main([str(exp), "--workdir", str(tmp_path)]) == 1  # retried (still failing), the rest untouched
