@@ -131,7 +131,8 @@ def _footer(exp: Experiment, cells: pd.DataFrame, command: str, wall_time_s: flo
         lines.append("Without results: " + ", ".join(f"{r.record} ({r.status})" for r in missing.itertuples()) + ".")
     reused = cells[cells["reused"]]
     if len(reused):
-        lines.append("Reused (not run by compare; settings in their own logs): " +
+        lines.append("Reused (not run by compare: made elsewhere, or finished while compare was stopped; "
+                     "check their settings): " +
                      ", ".join(reused["record"]) + ".")
     compute = cells.loc[cells["status"] == "done", "wall_time_s"].sum()
     lines.append(f"Compute in these results: {compute:.0f} s (sum of the runs' wall times).")
