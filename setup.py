@@ -25,7 +25,7 @@ setup(
         "pillow>=10.0",
     ],
     extras_require={
-        "test": ["pytest>=7.0", "submitit>=1.5", "ray>=2.9"],  # test_compare runs both in their local modes
+        "test": ["pytest>=7.0", "pytest-xdist>=3.0", "submitit>=1.5", "ray>=2.9"],  # test_compare runs both in their local modes
         # benchmark-only peers, never imported by the library
         "bench": ["torchattacks>=3.5", "foolbox>=3.3"],
         "cluster": ["submitit>=1.5", "ray>=2.9"],
