@@ -28,11 +28,11 @@ from burnkit.errors import BurnError
 
 REPO = Path(__file__).resolve().parents[1]
 ATTACKS = ["badnet", "blended"]
-# three real defense entries at tiny budgets: FT, a variant of FT (its own output folder) and BURN
+# three real defenses at tiny budgets (I-BAU also checks BackdoorBench's hyphenated folder name)
 BURN_FAST = {"iterations": 1, "epochs": 1, "batch_size": 64, "max_iter": 10, "candidates": 3,
              "kp_start": 0.02, "kp_end": 0.04, "kc_start": 0.1, "kc_end": 0.2}
 DEFENSES = {"ft": {"overrides": {"epochs": 1}},
-            "ft-lr": {"defense": "ft", "overrides": {"epochs": 1, "lr": 0.05}},
+            "i-bau": {"overrides": {"n_rounds": 1}},
             "burn": {"overrides": BURN_FAST}}
 SEEDS = [0, 1]
 
@@ -71,7 +71,7 @@ def done_files(work: Path) -> dict[Path, int]:
     return files
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def matrix(tmp_path_factory):
     """2 attacks x 3 defenses x 2 seeds: a first run is killed (SIGKILL to its process group) once two
     defense cells have finished; the same command then completes the matrix."""
@@ -97,7 +97,13 @@ def matrix(tmp_path_factory):
             "resume_s": time.time() - started, "out": work / "compare" / "matrix"}
 
 
-def test_killed_run_resumes_without_redoing_finished_cells(matrix):
+def test_matrix_resumes_after_a_kill_and_its_tables_equal_the_per_run_csvs(matrix):
+    """The one test that uses the matrix (with ``pytest -n``, a second user could build it twice)."""
+    check_resumed(matrix)
+    check_tables(matrix)
+
+
+def check_resumed(matrix):
     work, before = matrix["work"], matrix["before"]
     assert matrix["code"] == 0
     records_before = [p for p in before if p.name == "attack_result.pt"]
@@ -116,11 +122,12 @@ def test_killed_run_resumes_without_redoing_finished_cells(matrix):
         assert 1 <= entry["attempts"] <= 2
     assert sum(c["attempts"] for c in cells.values()) < 2 * len(cells)
     # each cell has its own log with the command it ran
-    log = Path(cells["defense/badnet_digits_smallcnn_s1/ft-lr"]["log"]).read_text()
-    assert "--output_name ft-lr" in log and "--lr 0.05" in log and "--random_seed 1" in log
+    log = Path(cells["defense/badnet_digits_smallcnn_s1/i-bau"]["log"]).read_text()
+    assert "defense/i-bau.py --result_file badnet_digits_smallcnn_s1" in log and "--n_rounds 1" in log
+    assert "--random_seed 1" in log and "[i-bau] final:" in log
 
 
-def test_tables_equal_the_per_run_csvs(matrix):
+def check_tables(matrix):
     work, out = matrix["work"], matrix["out"]
     cells = pd.read_csv(out / "cells.csv")
     assert len(cells) == 4 + 12 and set(cells["status"]) == {"done"}
@@ -175,10 +182,10 @@ def test_tables_equal_the_per_run_csvs(matrix):
     assert "<img src='plots/radar_digits_smallcnn_badnet.png'" in page
 
 
-def test_collects_backdoorbench_defense_folders(matrix, tmp_path):
+def test_collects_backdoorbench_defense_folders(digits_workdir, tmp_path):
     """BackdoorBench's own output forms (spec §3.7): ANP's single-row summary, FP's finetune_df_summary,
     FT-SAM's log/d-sam_df_summary, I-BAU's hyphenated name; collection only, nothing runs."""
-    src = matrix["work"] / "record" / "badnet_digits_smallcnn_s0"
+    src = digits_workdir / "record" / "badnet_digits"
     rec = tmp_path / "record" / "bb_badnet"
     shutil.copytree(src, rec, ignore=shutil.ignore_patterns("defense"))
     known = {"anp": (0.81, 0.02, 0.70), "fp": (0.85, 0.40, 0.50), "ft-sam": (0.80, 0.10, 0.75), "i-bau": (0.60, 0.90, 0.05)}
@@ -205,27 +212,31 @@ def test_collects_backdoorbench_defense_folders(matrix, tmp_path):
     for name, (acc, asr, ra) in known.items():
         assert (cells.loc[name, "acc"], cells.loc[name, "asr"], cells.loc[name, "ra"]) == (acc, asr, ra)
         assert cells.loc[name, "der"] == pytest.approx(der(acc_bd, asr_bd, acc, asr), rel=1e-12)
+    assert cells["reused"].all()  # nothing here was run by compare: the report says so
+    assert "Reused (not run by compare" in (tmp_path / "compare" / "bb" / "leaderboard.md").read_text()
 
 
-def copy_record(matrix, work: Path, name: str) -> None:
-    src = matrix["work"] / "record" / name
+def copy_record(source: Path, work: Path, name: str) -> None:
+    src = source / "record" / name
     shutil.copytree(src, work / "record" / name, ignore=shutil.ignore_patterns("defense"))
 
 
-def test_submitit_local_runs_cells_and_failures_are_retried(matrix, tmp_path):
+def test_submitit_local_runs_cells_and_failures_are_retried(digits_workdir, tmp_path):
     """submitit's local executor runs the cells; a failing cell is reported (exit code, log tail), the
     defenses of a failed record are blocked, the others finish, and the next run retries only what failed."""
-    copy_record(matrix, tmp_path, "blended_digits_smallcnn_s0")
+    copy_record(digits_workdir, tmp_path, "blended_digits")
     defenses = {"ft-sub": {"defense": "ft", "overrides": {"epochs": 1}},
                 "ft-bad": {"defense": "ft", "overrides": {"lr": -1}}}
-    attacks = {"blended": {}, "badnet-bad": {"attack": "badnet", "overrides": {"pratio": 2}}}
+    attacks = {"blended": {"record_name": "blended_digits"},  # the shared fixture record, reused
+               "badnet-bad": {"attack": "badnet", "overrides": {"pratio": 2}}}
     exp = experiment(tmp_path, "sub", defenses, attacks=attacks, seeds=[0], submitit={"cluster": "local"})
     assert main([str(exp), "--executor", "submitit", "--jobs", "2", "--workdir", str(tmp_path)]) == 1
     out = tmp_path / "compare" / "sub"
     state = json.loads((out / "state.json").read_text())["cells"]
-    good, bad = state["defense/blended_digits_smallcnn_s0/ft-sub"], state["defense/blended_digits_smallcnn_s0/ft-bad"]
+    good, bad = state["defense/blended_digits/ft-sub"], state["defense/blended_digits/ft-bad"]
     assert good["status"] == "done" and bad["status"] == "failed" and bad["exit_code"] == 2
     assert "--lr must be non-negative" in bad["tail"]
+    assert "--output_name ft-sub" in Path(good["log"]).read_text()  # a variant gets its own folder
     record = state["attack/badnet-bad_digits_smallcnn_s0"]
     assert record["status"] == "failed" and record["exit_code"] == 2 and "pratio" in record["tail"]
     for name in defenses:
@@ -235,24 +246,26 @@ def test_submitit_local_runs_cells_and_failures_are_retried(matrix, tmp_path):
     cells = pd.read_csv(out / "cells.csv").set_index("defense")
     assert set(cells[cells.attack == "badnet-bad"]["status"]) == {"failed", "blocked"}
     cells = cells[cells.attack == "blended"]
-    summary = tmp_path / "record" / "blended_digits_smallcnn_s0" / "defense" / "ft-sub" / "ft_df_summary.csv"
+    summary = tmp_path / "record" / "blended_digits" / "defense" / "ft-sub" / "ft_df_summary.csv"
     assert cells.loc["ft-sub", "acc"] == pytest.approx(last(summary, "test_acc"), rel=1e-12)
+    assert not cells.loc["ft-sub", "reused"] and cells.loc["No defense", "reused"]  # the copied record is reused
     assert cells.loc["ft-bad", "status"] == "failed" and math.isnan(cells.loc["ft-bad", "acc"])
     mtime = summary.stat().st_mtime_ns
     assert main([str(exp), "--workdir", str(tmp_path)]) == 1  # retried (still failing), the rest untouched
     state = json.loads((out / "state.json").read_text())["cells"]
-    assert state["defense/blended_digits_smallcnn_s0/ft-bad"]["attempts"] == 2
+    assert state["defense/blended_digits/ft-bad"]["attempts"] == 2
     assert state["attack/badnet-bad_digits_smallcnn_s0"]["attempts"] == 2
-    assert state["defense/blended_digits_smallcnn_s0/ft-sub"]["attempts"] == 1 and summary.stat().st_mtime_ns == mtime
+    assert state["defense/blended_digits/ft-sub"]["attempts"] == 1 and summary.stat().st_mtime_ns == mtime
 
 
-def test_ray_local_runs_cells(matrix, tmp_path):
-    copy_record(matrix, tmp_path, "badnet_digits_smallcnn_s1")
-    exp = experiment(tmp_path, "ray", {"ft-ray": {"defense": "ft", "overrides": {"epochs": 1}}}, attacks=["badnet"], seeds=[1])
+def test_ray_local_runs_cells(digits_workdir, tmp_path):
+    copy_record(digits_workdir, tmp_path, "badnet_digits")
+    exp = experiment(tmp_path, "ray", {"ft-ray": {"defense": "ft", "overrides": {"epochs": 1}}},
+                     attacks={"badnet": {"record_name": "badnet_digits"}}, seeds=[0])
     assert main([str(exp), "--executor", "ray", "--jobs", "1", "--workdir", str(tmp_path)]) == 0
     state = json.loads((tmp_path / "compare" / "ray" / "state.json").read_text())["cells"]
-    assert state["defense/badnet_digits_smallcnn_s1/ft-ray"]["status"] == "done"
-    summary = tmp_path / "record" / "badnet_digits_smallcnn_s1" / "defense" / "ft-ray" / "ft_df_summary.csv"
+    assert state["defense/badnet_digits/ft-ray"]["status"] == "done"
+    summary = tmp_path / "record" / "badnet_digits" / "defense" / "ft-ray" / "ft_df_summary.csv"
     cells = pd.read_csv(tmp_path / "compare" / "ray" / "cells.csv").set_index("defense")
     assert cells.loc["ft-ray", "asr"] == pytest.approx(last(summary, "test_asr"), rel=1e-12)
 

@@ -47,7 +47,7 @@ def collect(exp: Experiment) -> pd.DataFrame:
         rows.append(_row(cell.source, cell.defense, f"{cell.record}/defense/{cell.folder}", metrics, der,
                          _wall(wall, state, cell.cell_id), summary, state, cell.cell_id))
     return pd.DataFrame(rows, columns=["dataset", "model", "attack", "defense", "seed", "record", "status",
-                                       "acc", "asr", "ra", "der", "wall_time_s", "summary_csv"])
+                                       "acc", "asr", "ra", "der", "wall_time_s", "reused", "summary_csv"])
 
 
 def aggregate(cells: pd.DataFrame, exp: Experiment) -> pd.DataFrame:
@@ -75,8 +75,11 @@ def _row(rec, defense, path, metrics, der, wall, summary, state, cell_id) -> dic
     status = "done" if summary is not None else state.get(cell_id, {}).get("status", "missing")
     if summary is None:
         status, wall = ("missing" if status == "done" else status), math.nan
+    # outputs compare did not see finish (made by hand, by another tool, or before a kill): their
+    # settings are whatever made them, so the report lists them
+    reused = summary is not None and not state.get(cell_id, {}).get("finished_at")
     return {"dataset": rec.dataset, "model": rec.model, "attack": rec.attack, "defense": defense, "seed": rec.seed,
-            "record": path, "status": status, **metrics, "der": der, "wall_time_s": wall,
+            "record": path, "status": status, **metrics, "der": der, "wall_time_s": wall, "reused": reused,
             "summary_csv": str(summary) if summary else ""}
 
 

@@ -129,6 +129,11 @@ def _footer(exp: Experiment, cells: pd.DataFrame, command: str, wall_time_s: flo
     missing = cells[cells["status"] != "done"]
     if len(missing):
         lines.append("Without results: " + ", ".join(f"{r.record} ({r.status})" for r in missing.itertuples()) + ".")
+    reused = cells[cells["reused"]]
+    if len(reused):
+        lines.append("Reused (not run by compare: made elsewhere, or finished while compare was stopped; "
+                     "check their settings): " +
+                     ", ".join(reused["record"]) + ".")
     compute = cells.loc[cells["status"] == "done", "wall_time_s"].sum()
     lines.append(f"Compute in these results: {compute:.0f} s (sum of the runs' wall times).")
     run = f" in {wall_time_s:.0f} s" if wall_time_s is not None else ""
