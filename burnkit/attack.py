@@ -184,14 +184,10 @@ class Attack:
             log.append(row)
             log.save()
 
-        result = fit(model, train_set, cfg.train_config(), device=device, eval_suite=suite,
-                     augment=Augment(self.info.crop_padding, self.info.train_flip), seed=cfg.random_seed,
-                     attack_columns=True, checkpoint=checkpoint, resume=cfg.resume, on_row=on_row,
-                     desc=self.name, progress=cfg.progress)
-        if result.resumed_from_epoch:  # the CSV keeps the epochs trained before the interruption too
-            log.rows = []
-            log.extend(result.rows)
-            log.save()
+        fit(model, train_set, cfg.train_config(), device=device, eval_suite=suite,
+            augment=Augment(self.info.crop_padding, self.info.train_flip), seed=cfg.random_seed,
+            attack_columns=True, checkpoint=checkpoint, resume=cfg.resume, on_row=on_row,
+            desc=self.name, progress=cfg.progress)
 
     # -- lifecycle -------------------------------------------------------------------------------
 

@@ -207,27 +207,45 @@ class Defense:
     # -- lifecycle ---------------------------------------------------------------------------
 
     @classmethod
-    def default_yaml(cls, cli: dict) -> Path | None:
-        dataset = cli.get("dataset")
+    def default_yaml(cls, cli: dict, record: "AttackRecord | None" = None) -> Path | None:
+        """``config/defense/<name>/<dataset>.yaml`` for ``--dataset``, else for the record's dataset
+        (``record``, already read by :meth:`parse`), else ``config.yaml``."""
+        dataset = cli.get("dataset") or (record.clean_data if record is not None else None)
         candidates = [f"config/defense/{cls.name}/{dataset}.yaml"] if dataset else []
         candidates.append(f"config/defense/{cls.name}/config.yaml")
         return find_config_file(*candidates)
 
     @classmethod
-    def parse(cls, argv=None, prog: str | None = None):
+    def parse(cls, argv=None, prog: str | None = None, loaded: dict | None = None):
+        """CLI + YAML -> config. Without ``--dataset`` and ``--yaml_path`` the record is read here to
+        pick its dataset's YAML; it is left in ``loaded["record"]`` so that :meth:`run` does not read
+        it a second time. A record that cannot be read is left for :meth:`run` to report."""
         prog = prog or f"defense/{cls.name}.py"
+        loaded = {} if loaded is None else loaded
+
+        def default_yaml(cli: dict) -> Path | None:
+            if not cli.get("dataset") and cli.get("result_file"):
+                record_dir = resolve_record_dir(cli["result_file"])
+                if (record_dir / "attack_result.pt").is_file():
+                    try:
+                        loaded["record"] = read_attack_record(record_dir)
+                    except BurnError:
+                        pass
+            return cls.default_yaml(cli, loaded.get("record"))
+
         return parse_config(cls.config_cls, sys.argv[1:] if argv is None else argv, prog,
-                            cls.description or (cls.__doc__ or "").strip().split("\n")[0], cls.default_yaml)
+                            cls.description or (cls.__doc__ or "").strip().split("\n")[0], default_yaml)
 
     @classmethod
     def main(cls, argv=None) -> dict:
         """The CLI entry point: errors become one line and exit code 2."""
         prog = f"defense/{cls.name}.py"
         with cli_errors(prog):
-            cfg, yaml_path, ignored = cls.parse(argv, prog)
-            return cls().run(cfg, ignored_keys=ignored)
+            loaded: dict = {}
+            cfg, yaml_path, ignored = cls.parse(argv, prog, loaded)
+            return cls().run(cfg, ignored_keys=ignored, record=loaded.get("record"))
 
-    def run(self, cfg: DefenseConfig, ignored_keys=()) -> dict:
+    def run(self, cfg: DefenseConfig, ignored_keys=(), record: AttackRecord | None = None) -> dict:
         started = time.perf_counter()
         if not cfg.result_file:
             raise BurnError("--result_file is required: the attack record folder under record/")
@@ -235,7 +253,11 @@ class Defense:
                                            or cfg.output_name in (".", "..")):
             raise BurnError(f"--output_name must be a plain folder name, got {cfg.output_name!r}")
         record_dir = resolve_record_dir(cfg.result_file)
-        record = read_attack_record(record_dir, dataset=cfg.dataset)
+        if record is None or record.record_dir != record_dir:
+            record = read_attack_record(record_dir, dataset=cfg.dataset)
+        elif cfg.dataset is not None and cfg.dataset != record.clean_data:
+            raise BurnError(f"--dataset {cfg.dataset} contradicts the record, which was made on {record.clean_data}; "
+                            f"pass --dataset {record.clean_data}")
         cfg.dataset = record.clean_data
         if cfg.model and cfg.model != record.model_name:
             raise BurnError(f"--model {cfg.model} contradicts the record's model {record.model_name}; drop --model")
@@ -245,7 +267,10 @@ class Defense:
         model = build_classifier(record.model_name, info, record.num_classes)
         load_bb_state_dict(model, record.state_dict)
         loaded = record.load_data(cfg.dataset_path, download=cfg.download)
-        subset_idx = self.choose_subset(loaded.clean_train, cfg)
+        if self.needs_clean_subset:
+            subset_idx = self.choose_subset(loaded.clean_train, cfg)
+        else:  # e.g. BURN: the algorithm gets no clean sample at all; index.txt is written empty
+            subset_idx = np.zeros(0, dtype=np.int64)
         data = DefenseData(info, loaded.clean_train.subset(subset_idx), loaded.bd_train,
                            loaded.clean_test, loaded.bd_test, subset_idx)
 
@@ -259,6 +284,8 @@ class Defense:
         np.savetxt(run.log_dir / "index.txt", subset_idx, fmt="%d")
         if ignored_keys:
             logger.info("YAML keys not used by %s: %s", self.name, ", ".join(ignored_keys))
+        if not self.needs_clean_subset and cfg.index:
+            logger.warning("%s uses no clean data: --index %s is ignored", self.name, cfg.index)
         logger.info("defense %s on %s (%s, %s) device %s", self.name, record_dir, record.model_name,
                     record.clean_data, device)
         logger.info("config: %s", as_dict(cfg))

@@ -307,7 +307,8 @@ def fit(model: nn.Module, train_set: ImageSet, cfg: TrainConfig, *, device: torc
         augment: batch augmentation (``None`` disables it even if ``cfg.augment``).
         seed: seeds the generator that shuffles and augments, so runs are reproducible.
         epoch_end: called as ``epoch_end(epoch, model, row)`` after scoring; may add columns.
-        on_row: receives every finished row (e.g. to write the CSV as the run goes).
+        on_row: receives every finished row (e.g. to write the CSV as the run goes); on resume,
+            the rows restored from the checkpoint first.
         attack_columns: add ``train_acc_clean_only``, ``train_asr_bd_only``, ``train_ra_bd_only``.
         checkpoint: file to save model/optimiser/scheduler/RNG state to after every epoch; with
             ``resume`` an existing one is continued from, so a killed run ends as an unkilled one.
@@ -345,6 +346,9 @@ def fit(model: nn.Module, train_set: ImageSet, cfg: TrainConfig, *, device: torc
         torch.set_rng_state(state["torch_rng"])
         rows = state["rows"]
         start_epoch = state["epoch"] + 1
+        if on_row:  # the caller's CSV gets the epochs trained before the interruption first
+            for row in rows:
+                on_row(row)
     elif eval_before and eval_suite is not None:
         row = {"epoch": -1, "batch": 0, **evaluate(model, eval_suite, device, amp=use_amp).row()}
         rows.append(row)

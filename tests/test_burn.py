@@ -85,6 +85,8 @@ def test_end_to_end_outputs_and_selection_sets(digits_copy):
                  "burn_detection.json", "burn_roc.png", "burn_l2_hist.png", "burn_iterations.png",
                  "cost.json", "log/index.txt"):
         assert (out / name).exists(), name
+    assert (out / "log" / "index.txt").read_text().strip() == ""  # no clean sample is handed to BURN
+    assert json.loads((out / "cost.json").read_text())["clean_subset_size"] == 0
     df = pd.read_csv(out / "burn_df.csv")
     assert df["iteration"].tolist() == [0, 1, 2]
     assert {"test_acc", "test_asr", "test_ra", "poison_precision", "poison_recall", "relabel_acc"} <= set(df)

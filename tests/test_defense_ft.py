@@ -85,3 +85,27 @@ def test_corrupt_record_cli(digits_copy):
     path.write_bytes(path.read_bytes()[:1000])
     proc = _cli(["--result_file", "badnet_digits"], digits_copy)
     assert proc.returncode == 2 and "corrupt" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_default_yaml_follows_the_records_dataset(digits_copy, monkeypatch):
+    """Without --dataset, the YAML of the record's dataset is used (not config.yaml), and the record
+    read to find it is the one the run uses: it is loaded once."""
+    from burnkit import defense as defense_mod
+
+    yaml_dir = digits_copy / "config" / "defense" / "ft"
+    yaml_dir.mkdir(parents=True)
+    (yaml_dir / "digits.yaml").write_text("epochs: 1\nlr: 0.0123\nratio: 0.1\n")
+    (yaml_dir / "config.yaml").write_text("epochs: 1\nlr: 0.5\n")
+    loaded: dict = {}
+    cfg, yaml_path, _ = FineTune.parse(["--result_file", "badnet_digits"], loaded=loaded)
+    assert Path(yaml_path).name == "digits.yaml" and cfg.lr == 0.0123 and cfg.ratio == 0.1
+    reads = []
+    real_read = defense_mod.read_attack_record
+    monkeypatch.setattr(defense_mod, "read_attack_record", lambda *a, **k: reads.append(a) or real_read(*a, **k))
+    FineTune.main(["--result_file", "badnet_digits", "--progress", "false"])
+    assert len(reads) == 1  # parse() read it; run() reused it
+    used = np.loadtxt(digits_copy / "record/badnet_digits/defense/ft/log/index.txt", dtype=int)
+    assert len(used) == int(1437 * 0.1)
+    # --dataset still wins over the record's name for the YAML choice, and a mismatch is refused
+    (yaml_dir / "cifar10.yaml").write_text("epochs: 1\n")
+    assert Path(FineTune.parse(["--result_file", "badnet_digits", "--dataset", "cifar10"])[1]).name == "cifar10.yaml"

@@ -19,12 +19,12 @@ def digits_sets():
     return ImageSet.from_numpy(x[:400], y[:400]), EvalSuite(ImageSet.from_numpy(xt, yt))
 
 
-def _train(sets, epochs, checkpoint=None, seed=0):
+def _train(sets, epochs, checkpoint=None, seed=0, on_row=None):
     torch.manual_seed(0)
     model = build_classifier("smallcnn", dataset_info("digits"))
     cfg = TrainConfig(epochs=epochs, batch_size=64, lr=0.05, cos_t_max=4)
     res = fit(model, sets[0], cfg, device=torch.device("cpu"), eval_suite=sets[1], augment=Augment(1),
-              seed=seed, checkpoint=checkpoint, progress=False)
+              seed=seed, checkpoint=checkpoint, progress=False, on_row=on_row)
     return model, res
 
 
@@ -42,8 +42,10 @@ def test_killed_run_resumes_to_the_same_model(digits_sets, tmp_path):
     straight, _ = _train(digits_sets, 4)
     ckpt = tmp_path / "state.pt"
     _train(digits_sets, 2, checkpoint=ckpt)  # "killed" after epoch 2
-    resumed, res = _train(digits_sets, 4, checkpoint=ckpt)
+    seen = []  # what a CSV writer fed by on_row gets: the restored epochs, then the new ones
+    resumed, res = _train(digits_sets, 4, checkpoint=ckpt, on_row=seen.append)
     assert res.resumed_from_epoch == 2 and res.epochs_run == 2 and len(res.rows) == 4
+    assert [r["epoch"] for r in seen] == [0, 1, 2, 3] and seen == res.rows
     for a, b in zip(straight.state_dict().values(), resumed.state_dict().values()):
         assert torch.equal(a, b)
 
