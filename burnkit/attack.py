@@ -37,10 +37,11 @@ from .config import as_dict, find_config_file, load_yaml, merge, option, build_p
 from .data import Augment, ImageSet, class_balanced_subset
 from .datasets import DatasetInfo, dataset_info, load_split, resolve_data_root
 from .defense import _close_logger, _make_logger, _pct
-from .engine import EvalSuite, TrainConfig, fit, resolve_device, seed_everything
+from .engine import EvalSuite, fit, resolve_device, seed_everything
 from .errors import BurnError, cli_errors
 from .registry import Registry
 from .models import Classifier, build_classifier
+from .options import TrainingOptions
 from .records import PoisonedSplit, atomic_torch_save, write_attack_record
 from .results import MetricLog, plot_metrics, run_environment, write_json
 
@@ -51,8 +52,9 @@ list_attacks = _REGISTRY.names
 
 
 @dataclass
-class AttackConfig:
-    """BackdoorBench's prototype + attack keys (spec §6.1)."""
+class AttackConfig(TrainingOptions):
+    """BackdoorBench's prototype + attack keys (spec §6.1); the training, device and compatibility
+    flags come from :class:`~burnkit.options.TrainingOptions`."""
 
     yaml_path: str | None = option(None, "prototype YAML (default config/attack/prototype/<dataset>.yaml)", cli_only=True)
     bd_yaml_path: str | None = option(None, "attack YAML (default config/attack/<attack>/default.yaml)", cli_only=True)
@@ -61,25 +63,7 @@ class AttackConfig:
     dataset_path: str = option("./data", "clean data: <path>/<dataset>, the dataset folder, or an image-folder archive")
     download: bool = option(False, "let torchvision download a missing clean dataset (needs internet)")
     model: str = option("preactresnet18", "victim architecture (attack_models zoo)")
-    device: str | None = option(None, "cpu, cuda or cuda:N (default: cuda if present)")
-    amp: bool = option(False, "mixed precision on CUDA")
-    pin_memory: bool = option(True, "accepted for BackdoorBench compatibility", short="-pm")
-    non_blocking: bool = option(True, "accepted for BackdoorBench compatibility", short="-nb")
-    prefetch: bool = option(False, "accepted for BackdoorBench compatibility", short="-pf")
-    num_workers: int = option(4, "accepted for BackdoorBench compatibility")
-    frequency_save: int = option(0, "accepted for BackdoorBench compatibility")
     epochs: int = option(100, "training epochs")
-    batch_size: int = option(128, "batch size")
-    lr: float = option(0.01, "learning rate")
-    client_optimizer: str = option("sgd", "sgd, adam or adadelta")
-    sgd_momentum: float = option(0.9, "SGD momentum")
-    wd: float = option(5e-4, "weight decay")
-    adam_betas: tuple[float, float] = option((0.9, 0.999), "Adam betas")
-    lr_scheduler: str | None = option("CosineAnnealingLR", "CosineAnnealingLR, StepLR, MultiStepLR, CyclicLR, ReduceLROnPlateau or None")
-    cos_t_max: int | None = option(None, "CosineAnnealingLR T_max (BackdoorBench default: 100)")
-    steplr_stepsize: int = option(1, "StepLR step size")
-    steplr_gamma: float = option(0.1, "StepLR/MultiStepLR decay")
-    steplr_milestones: list[int] | None = option(None, "MultiStepLR milestones")
     random_seed: int = option(0, "seed for poison selection, subset, init and training")
     attack: str | None = option(None, "attack name (informational, as in BackdoorBench)")
     attack_label_trans: str = option("all2one", "all2one or all2all")
@@ -87,22 +71,16 @@ class AttackConfig:
     attack_label_shift_amount: int = option(1, "label shift (all2all)")
     pratio: float = option(0.1, "poisoning ratio")
     train_subset: int = option(0, "train on a class-balanced subset of this many samples (0 = all)")
-    progress: bool = option(True, "show progress bars")
     resume: bool = option(True, "resume an interrupted training from its checkpoint")
 
     def validate(self) -> None:
+        super().validate()
         if self.attack_label_trans not in ("all2one", "all2all"):
             raise BurnError(f"attack_label_trans must be all2one or all2all, got {self.attack_label_trans!r}")
         if not 0.0 <= self.pratio <= 1.0:
             raise BurnError(f"pratio must be in [0, 1], got {self.pratio}")
-        if self.epochs < 0 or self.batch_size <= 0:
-            raise BurnError("epochs must be >= 0 and batch_size > 0")
         if self.train_subset < 0:
             raise BurnError(f"--train_subset must be >= 0, got {self.train_subset}")
-
-    def train_config(self, **overrides) -> TrainConfig:
-        """The engine's TrainConfig from the same-named keys of this config."""
-        return TrainConfig.from_config(self, **overrides)
 
 
 @dataclass

@@ -38,6 +38,7 @@ from .engine import (EvalSuite, FitResult, Metrics, TrainConfig, evaluate, fit, 
 from .errors import BurnError, cli_errors
 from .registry import Registry
 from .models import Classifier, build_classifier, load_bb_state_dict
+from .options import TrainingOptions
 from .records import AttackRecord, read_attack_record, write_defense_result
 from .results import MetricLog, plot_metrics, run_environment, write_json
 
@@ -51,8 +52,9 @@ list_defenses = _REGISTRY.names
 
 
 @dataclass
-class DefenseConfig:
-    """Flags every BackdoorBench defense accepts (spec §3.3), under the same names."""
+class DefenseConfig(TrainingOptions):
+    """Flags every BackdoorBench defense accepts (spec §3.3), under the same names; the training,
+    device and compatibility flags come from :class:`~burnkit.options.TrainingOptions`."""
 
     result_file: str | None = option(None, "attack record folder under record/ (or a path to it)")
     output_name: str | None = option(None, "output folder under record/<result_file>/defense/ (default: the defense's name); lets variants of one defense share a record", cli_only=True)
@@ -60,47 +62,19 @@ class DefenseConfig:
     dataset: str | None = option(None, "cifar10, cifar100, gtsrb, tiny, mnist, fashion-mnist, digits (default: the record's)")
     dataset_path: str | None = option(None, "clean data: <path>/<dataset>, the dataset folder, or an image-folder archive")
     download: bool = option(False, "let torchvision download a missing clean dataset (needs internet)")
-    device: str | None = option(None, "cpu, cuda or cuda:N (default: cuda if present)")
-    amp: bool = option(False, "mixed precision on CUDA")
-    pin_memory: bool = option(True, "accepted for BackdoorBench compatibility (no DataLoader is used)", short="-pm")
-    non_blocking: bool = option(True, "accepted for BackdoorBench compatibility", short="-nb")
-    prefetch: bool = option(False, "accepted for BackdoorBench compatibility", short="-pf")
-    num_workers: int = option(4, "accepted for BackdoorBench compatibility (batches are tensor slices)")
     checkpoint_load: str | None = option(None, "accepted for BackdoorBench compatibility (unused, as there)")
     checkpoint_save: str | None = option(None, "checkpoint folder (default <output>/checkpoint/)")
     log: str | None = option(None, "log folder (default <output>/log/); receives index.txt")
     model: str | None = option(None, "model name; must match the record's when given")
-    epochs: int = option(10, "training epochs")
     batch_size: int = option(256, "batch size")
-    lr: float = option(0.01, "learning rate")
-    lr_scheduler: str | None = option("CosineAnnealingLR", "CosineAnnealingLR, StepLR, MultiStepLR, CyclicLR, ReduceLROnPlateau or None")
-    cos_t_max: int | None = option(None, "CosineAnnealingLR T_max (BackdoorBench default: 100)")
-    steplr_stepsize: int = option(1, "StepLR step size")
-    steplr_gamma: float = option(0.1, "StepLR/MultiStepLR decay")
-    steplr_milestones: list[int] | None = option(None, "MultiStepLR milestones, e.g. 30,60")
-    client_optimizer: str = option("sgd", "sgd, adam or adadelta")
-    sgd_momentum: float = option(0.9, "SGD momentum")
-    wd: float = option(5e-4, "weight decay")
-    adam_betas: tuple[float, float] = option((0.9, 0.999), "Adam betas")
-    frequency_save: int = option(0, "accepted for BackdoorBench compatibility")
     random_seed: int = option(0, "seed for the clean subset, shuffling and augmentation")
     ratio: float = option(0.05, "share of the clean training split given to the defender")
     index: str | None = option(None, "file of clean-train indices (one per line); overrides --ratio")
-    progress: bool = option(True, "show progress bars")
 
     def validate(self) -> None:
+        super().validate()
         if not 0.0 < self.ratio <= 1.0:
             raise BurnError(f"--ratio must be in (0, 1], got {self.ratio}")
-        if self.epochs < 0:
-            raise BurnError(f"--epochs must be >= 0, got {self.epochs}")
-        if self.batch_size <= 0:
-            raise BurnError(f"--batch_size must be positive, got {self.batch_size}")
-        if self.lr < 0:
-            raise BurnError(f"--lr must be non-negative, got {self.lr}")
-
-    def train_config(self, **overrides) -> TrainConfig:
-        """The engine's TrainConfig from the same-named keys of this config."""
-        return TrainConfig.from_config(self, **overrides)
 
 
 # --------------------------------------------------------------------------- run context

@@ -10,8 +10,10 @@ import torch
 from burnkit import records
 from burnkit.data import ImageSet
 from burnkit.defenses import burn as burn_mod
-from burnkit.defenses.burn import (Burn, BurnConfig, composite_score, finetune_set, linear_schedule,
-                                   prediction_divergence, schedule, select, share_count)
+from burnkit.boundary import BoundaryResult
+from burnkit.defenses.burn import (Burn, BurnConfig, composite_score, detection_summary, finetune_set,
+                                   linear_schedule, prediction_divergence, schedule, select, selection_quality,
+                                   share_count)
 from burnkit.errors import BurnError
 
 FAST = ["--iterations", "2", "--epochs", "1", "--batch_size", "64", "--max_iter", "20", "--candidates", "4",
@@ -67,6 +69,38 @@ def test_finetune_set_relabels_poison_with_adversarial_labels_only():
     ft = finetune_set(train, torch.tensor([1, 3]), adv, torch.tensor([0, 5]))
     assert ft.index.tolist() == [1, 3, 0, 5]
     assert ft.labels.tolist() == [8, 6, 0, 5]
+
+
+def _flagged_set():
+    """8 samples: 0-3 clean; 4-6 poison relabelled to class 0; 7 poison from the target class itself."""
+    labels = torch.tensor([1, 2, 3, 0, 0, 0, 0, 0])
+    original = torch.tensor([1, 2, 3, 0, 5, 6, 7, 0])
+    poison = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1], dtype=torch.bool)
+    return ImageSet(torch.zeros(8, 1, 2, 2, dtype=torch.uint8), labels, original, poison, torch.arange(8))
+
+
+def test_selection_quality_by_hand():
+    train = _flagged_set()
+    adv = torch.tensor([4, 4, 4, 4, 5, 9, 7, 3])
+    q = selection_quality(train, poison_pos=torch.tensor([4, 5, 7, 0]), clean_pos=torch.tensor([1, 6]), adv_label=adv)
+    assert q["poison_precision"] == 0.75 and q["poison_recall"] == 0.75
+    # relabelled poison selected: 4 (adv 5 = original 5) and 5 (adv 9 != 6); 7 keeps its label, left out
+    assert q["relabel_acc"] == 0.5
+    assert q["clean_set_poison_rate"] == 0.5
+    assert selection_quality(train, torch.tensor([7]), torch.tensor([0]), adv)["relabel_acc"] is None
+
+
+def test_detection_summary_by_hand():
+    train = _flagged_set()
+    l2 = torch.tensor([0.1, 0.2, 0.3, 0.9, 0.8, 1.0, 0.25, 2.0])
+    result = BoundaryResult(l2, torch.zeros(8, dtype=torch.long), torch.ones(8, dtype=torch.long),
+                            torch.ones(8, dtype=torch.bool), torch.zeros(8, dtype=torch.long))
+    det = detection_summary(train, result, score=-l2)
+    # poison {0.8, 1.0, 0.25, 2.0} vs clean {0.1, 0.2, 0.3, 0.9}: pairs won 3+4+2+4 = 13 of 16
+    assert det["auroc_l2"] == pytest.approx(13 / 16) and det["auroc_score"] == pytest.approx(3 / 16)
+    assert det["mean_l2_clean"] == pytest.approx(0.375) and det["mean_l2_poison"] == pytest.approx(1.0125)
+    # relabelled poison {0.8, 1.0, 0.25} vs the same clean: 3 + 4 + 2 = 9 of 12
+    assert det["n_poison_relabelled"] == 3 and det["auroc_l2_relabelled"] == pytest.approx(9 / 12)
 
 
 def test_config_validation():

@@ -1,0 +1,52 @@
+"""The CLI/YAML keys every attack and defense shares: device, BackdoorBench's compatibility flags and
+the training keys the engine's :class:`~burnkit.engine.TrainConfig` is built from (spec §3.3, §6.1).
+
+One dataclass, so a flag is declared (and documented) once; :class:`burnkit.attack.AttackConfig` and
+:class:`burnkit.defense.DefenseConfig` add their own keys and redeclare the defaults that differ.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .config import option
+from .engine import TrainConfig
+from .errors import BurnError
+
+
+@dataclass
+class TrainingOptions:
+    """Device, compatibility and training keys under BackdoorBench's names."""
+
+    device: str | None = option(None, "cpu, cuda or cuda:N (default: cuda if present)")
+    amp: bool = option(False, "mixed precision on CUDA")
+    pin_memory: bool = option(True, "accepted for BackdoorBench compatibility (no DataLoader is used)", short="-pm")
+    non_blocking: bool = option(True, "accepted for BackdoorBench compatibility", short="-nb")
+    prefetch: bool = option(False, "accepted for BackdoorBench compatibility", short="-pf")
+    num_workers: int = option(4, "accepted for BackdoorBench compatibility (batches are tensor slices)")
+    frequency_save: int = option(0, "accepted for BackdoorBench compatibility")
+    epochs: int = option(10, "training epochs")
+    batch_size: int = option(128, "batch size")
+    lr: float = option(0.01, "learning rate")
+    client_optimizer: str = option("sgd", "sgd, adam or adadelta")
+    sgd_momentum: float = option(0.9, "SGD momentum")
+    wd: float = option(5e-4, "weight decay")
+    adam_betas: tuple[float, float] = option((0.9, 0.999), "Adam betas")
+    lr_scheduler: str | None = option("CosineAnnealingLR", "CosineAnnealingLR, StepLR, MultiStepLR, CyclicLR, ReduceLROnPlateau or None")
+    cos_t_max: int | None = option(None, "CosineAnnealingLR T_max (BackdoorBench default: 100)")
+    steplr_stepsize: int = option(1, "StepLR step size")
+    steplr_gamma: float = option(0.1, "StepLR/MultiStepLR decay")
+    steplr_milestones: list[int] | None = option(None, "MultiStepLR milestones, e.g. 30,60")
+    random_seed: int = option(0, "seed")
+    progress: bool = option(True, "show progress bars")
+
+    def validate(self) -> None:
+        if self.epochs < 0:
+            raise BurnError(f"--epochs must be >= 0, got {self.epochs}")
+        if self.batch_size <= 0:
+            raise BurnError(f"--batch_size must be positive, got {self.batch_size}")
+        if self.lr < 0:
+            raise BurnError(f"--lr must be non-negative, got {self.lr}")
+
+    def train_config(self, **overrides) -> TrainConfig:
+        """The engine's TrainConfig from the same-named keys of this config."""
+        return TrainConfig.from_config(self, **overrides)
