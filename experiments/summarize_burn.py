@@ -29,7 +29,9 @@ def summarize(result_file: str, dataset_path: str = "./data") -> dict:
         det = json.loads(detection.read_text())
         cost = json.loads((out / "cost.json").read_text())
         row.update({k: det.get(k) for k in ("auroc_l2", "auroc_score", "mean_l2_clean", "mean_l2_poison",
-                                            "l2_ratio_poison_clean")})
+                                            "l2_ratio_poison_clean", "auroc_l2_relabelled", "auroc_score_relabelled")})
+        if det.get("auroc_l2_relabelled") is None and (out / "burn_samples.csv").exists():
+            row.update(relabelled_aurocs(pd.read_csv(out / "burn_samples.csv")))  # reports of older versions
         row.update({f"{k}_s": v for k, v in cost["burn"]["timings_s"].items()})
         row["total_s"] = cost["wall_time_s"]
         row["device"] = cost["device"]
@@ -47,6 +49,21 @@ def summarize(result_file: str, dataset_path: str = "./data") -> dict:
         row.update({"iterations_done": int(last["iteration"]), "acc": last["test_acc"], "asr": last["test_asr"],
                     "ra": last["test_ra"]})
     return row
+
+
+def relabelled_aurocs(samples: pd.DataFrame) -> dict:
+    """AUROCs with only the poison the attack relabelled as positives (target-class and cross samples,
+    which keep their label, left out), from the per-sample table."""
+    if "is_poison" not in samples:
+        return {}
+    poison = samples["is_poison"].astype(bool)
+    relabelled = poison & (samples["label"] != samples["original_label"])
+    keep = relabelled | ~poison
+    if not 0 < relabelled.sum() < keep.sum():
+        return {}
+    flags = torch.tensor(relabelled[keep].to_numpy())
+    return {"auroc_l2_relabelled": auroc(torch.tensor(samples["boundary_l2"][keep].to_numpy()), flags),
+            "auroc_score_relabelled": auroc(torch.tensor(samples["S"][keep].to_numpy()), flags)}
 
 
 def main(argv=None) -> None:
