@@ -37,7 +37,7 @@ from .config import as_dict, find_config_file, load_yaml, merge, option, build_p
 from .data import Augment, ImageSet, class_balanced_subset
 from .datasets import DatasetInfo, dataset_info, load_split, resolve_data_root
 from .defense import _close_logger, _make_logger, _pct
-from .engine import EvalSuite, fit, resolve_device, seed_everything
+from .engine import EvalSuite, FitResult, fit, resolve_device, seed_everything
 from .errors import BurnError, cli_errors
 from .registry import Registry
 from .models import Classifier, build_classifier
@@ -154,7 +154,7 @@ class Attack:
         return PoisonPlan(positions.astype(np.int64), train_poison.astype(np.int64), test_poison.astype(np.int64))
 
     def train(self, model: Classifier, train_set: ImageSet, suite: EvalSuite, device: torch.device,
-              log: MetricLog, checkpoint: Path) -> None:
+              log: MetricLog, checkpoint: Path) -> FitResult:
         """Train the victim on the poisoned set (the engine's plain cross-entropy loop)."""
         cfg = self.cfg
 
@@ -162,10 +162,10 @@ class Attack:
             log.append(row)
             log.save()
 
-        fit(model, train_set, cfg.train_config(), device=device, eval_suite=suite,
-            augment=Augment(self.info.crop_padding, self.info.train_flip), seed=cfg.random_seed,
-            attack_columns=True, checkpoint=checkpoint, resume=cfg.resume, on_row=on_row,
-            desc=self.name, progress=cfg.progress)
+        return fit(model, train_set, cfg.train_config(), device=device, eval_suite=suite,
+                   augment=Augment(self.info.crop_padding, self.info.train_flip), seed=cfg.random_seed,
+                   attack_columns=True, checkpoint=checkpoint, resume=cfg.resume, on_row=on_row,
+                   desc=self.name, progress=cfg.progress)
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -254,7 +254,7 @@ class Attack:
         log = MetricLog(record_dir, "attack")
         checkpoint = record_dir / "checkpoint" / "train_state.pt"
         with _Timer() as train_time:
-            attack.train(model, train_set, suite, device, log, checkpoint)
+            fit_result = attack.train(model, train_set, suite, device, log, checkpoint)
         log.save()
         plot_metrics(log.rows, record_dir)
 
@@ -276,7 +276,7 @@ class Attack:
                       "train_subset_size": int(len(plan.train_positions)),
                       "poisoned_train": int(indicator_train.sum()), "bd_test_size": len(bd_test_split.original_index),
                       "wall_time_s": time.perf_counter() - started, "poison_time_s": poison_time.seconds,
-                      "train_time_s": train_time.seconds, **run_environment(device),
+                      "train_time_s": train_time.seconds, **_resume_facts(fit_result), **run_environment(device),
                       "final": {k: final.get(k) for k in ("test_acc", "test_asr", "test_ra")}}
         provenance.update(attack.provenance())
         attack.save_artifacts(record_dir)
@@ -337,3 +337,11 @@ class _Timer:
 
 
 logging.getLogger("burnkit").addHandler(logging.NullHandler())
+
+
+def _resume_facts(result: FitResult | None) -> dict:
+    """Training time over every session of a resumed run (``train_time_s`` is this process's only)."""
+    if result is None:
+        return {}
+    return {"resumed_from_epoch": result.resumed_from_epoch,
+            "train_time_s_all_sessions": result.extra.get("train_s_all_sessions", result.wall_time_s)}

@@ -333,6 +333,7 @@ def fit(model: nn.Module, train_set: ImageSet, cfg: TrainConfig, *, device: torc
     augment = augment if cfg.augment else None
     rows: list[dict] = []
     start_epoch = 0
+    trained_before_s = 0.0  # training time of the interrupted sessions a resumed run continues
     ckpt_path = Path(checkpoint) if checkpoint else None
     if ckpt_path is not None and resume and ckpt_path.exists():
         state = torch.load(ckpt_path, map_location="cpu", weights_only=False)  # our own file
@@ -346,6 +347,7 @@ def fit(model: nn.Module, train_set: ImageSet, cfg: TrainConfig, *, device: torc
         torch.set_rng_state(state["torch_rng"])
         rows = state["rows"]
         start_epoch = state["epoch"] + 1
+        trained_before_s = float(state.get("train_s", 0.0))
         if on_row:  # the caller's CSV gets the epochs trained before the interruption first
             for row in rows:
                 on_row(row)
@@ -395,9 +397,11 @@ def fit(model: nn.Module, train_set: ImageSet, cfg: TrainConfig, *, device: torc
         if progress:
             tqdm.write(f"[{desc}] epoch {epoch + 1}/{cfg.epochs} " + _fmt(row))
         if ckpt_path is not None:
-            _save_checkpoint(ckpt_path, model, optimizer, scheduler, scaler, generator, rows, epoch)
-    return FitResult(rows, time.perf_counter() - started, cfg.epochs - start_epoch, start_epoch,
-                     extra={"epoch_times_s": epoch_times})
+            _save_checkpoint(ckpt_path, model, optimizer, scheduler, scaler, generator, rows, epoch,
+                             trained_before_s + time.perf_counter() - started)
+    wall = time.perf_counter() - started
+    return FitResult(rows, wall, cfg.epochs - start_epoch, start_epoch,
+                     extra={"epoch_times_s": epoch_times, "train_s_all_sessions": trained_before_s + wall})
 
 
 def _scheduler_step(scheduler, loss: float) -> None:
@@ -407,7 +411,8 @@ def _scheduler_step(scheduler, loss: float) -> None:
         scheduler.step()
 
 
-def _save_checkpoint(path: Path, model, optimizer, scheduler, scaler, generator, rows, epoch) -> None:
+def _save_checkpoint(path: Path, model, optimizer, scheduler, scaler, generator, rows, epoch,
+                     train_s: float = 0.0) -> None:
     from .records import atomic_torch_save
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -416,7 +421,7 @@ def _save_checkpoint(path: Path, model, optimizer, scheduler, scaler, generator,
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "scaler": scaler.state_dict() if scaler is not None else None,
         "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
-        "rows": rows, "epoch": epoch,
+        "rows": rows, "epoch": epoch, "train_s": train_s,
     }, path)
 
 

@@ -99,3 +99,44 @@ def test_cifar_subset_attack_writes_a_loadable_record(cifar_root, tmp_path, monk
     assert len(data.bd_test) == 90
     with pytest.raises(Exception, match="already holds an attack record"):
         BadNet.run(cfg)
+
+
+def test_killed_attack_resumes_to_the_same_record(tmp_path, monkeypatch):
+    """An attack killed after an epoch, re-run with the same command, ends with the model and the
+    per-epoch CSV of an uninterrupted run, and its provenance counts the training time of both sessions."""
+    import json
+
+    import pandas as pd
+    import torch
+
+    from burnkit import engine
+    from conftest import make_record
+
+    short = ["--epochs", "3", "--cos_t_max", "3"]
+    for work in ("a", "b"):
+        (tmp_path / work).mkdir()
+    straight = make_record(tmp_path / "a", "badnet", "r", short)
+    real_save = engine._save_checkpoint
+
+    def save_then_die(*args, **kwargs):
+        real_save(*args, **kwargs)
+        if args[7] == 1:  # the epoch argument: "killed" after the second epoch's checkpoint
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(engine, "_save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        make_record(tmp_path / "b", "badnet", "r", short)
+    assert not (tmp_path / "b" / "record" / "r" / "attack_result.pt").exists()
+    monkeypatch.setattr(engine, "_save_checkpoint", real_save)
+    resumed = make_record(tmp_path / "b", "badnet", "r", short)
+
+    a = torch.load(straight / "attack_result.pt", weights_only=False)["model"]
+    b = torch.load(resumed / "attack_result.pt", weights_only=False)["model"]
+    assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
+    csv_a, csv_b = pd.read_csv(straight / "attack_df.csv"), pd.read_csv(resumed / "attack_df.csv")
+    assert csv_b["epoch"].tolist() == [0, 1, 2]
+    pd.testing.assert_series_equal(csv_a["test_acc"], csv_b["test_acc"])
+    prov = json.loads((resumed / "provenance.json").read_text())
+    assert prov["resumed_from_epoch"] == 2
+    assert prov["train_time_s_all_sessions"] > prov["train_time_s"] > 0
+    assert not (resumed / "checkpoint").exists()

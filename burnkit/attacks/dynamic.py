@@ -307,7 +307,7 @@ class DynamicAttack(Attack):
     def train_config(self):
         return self.cfg.train_config(augment=False)  # the step applies its own batch transform
 
-    def train(self, model, train_set, suite, device, log, checkpoint) -> None:
+    def train(self, model, train_set, suite, device, log, checkpoint):
         cfg = self.cfg
         self.device = device
         self.train_set = train_set
@@ -328,9 +328,9 @@ class DynamicAttack(Attack):
             log.append(row)
             log.save()
 
-        fit(model, train_set, self.train_config(), device=device, step=self.step, seed=cfg.random_seed,
-            epoch_end=epoch_end, on_row=on_row, checkpoint=checkpoint if self.resumable else None,
-            resume=cfg.resume, desc=self.name, progress=cfg.progress)
+        return fit(model, train_set, self.train_config(), device=device, step=self.step, seed=cfg.random_seed,
+                   epoch_end=epoch_end, on_row=on_row, checkpoint=checkpoint if self.resumable else None,
+                   resume=cfg.resume, desc=self.name, progress=cfg.progress)
 
     # -- the record ----------------------------------------------------------------------------
 
