@@ -278,6 +278,9 @@ class Attack:
                       "wall_time_s": time.perf_counter() - started, "poison_time_s": poison_time.seconds,
                       "train_time_s": train_time.seconds, **_resume_facts(fit_result), **run_environment(device),
                       "final": {k: final.get(k) for k in ("test_acc", "test_asr", "test_ra")}}
+        if fit_result is not None and fit_result.resumed_from_epoch:
+            provenance["wall_time_s_all_sessions"] = (provenance["wall_time_s"] + provenance["train_time_s_all_sessions"]
+                                                      - fit_result.wall_time_s)
         provenance.update(attack.provenance())
         attack.save_artifacts(record_dir)
         write_json(record_dir / "provenance.json", provenance)

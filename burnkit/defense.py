@@ -115,6 +115,7 @@ class DefenseRun:
         self.metrics = MetricLog(out_dir, name)
         self.timings: dict[str, float] = {}
         self.extra_results: dict = {}
+        self.previous_sessions_s = 0.0  # compute of interrupted earlier processes a resumed run continues
         self.before: Metrics | None = None
 
     @property
@@ -278,6 +279,8 @@ class Defense:
         final = run.metrics.last()
         cost = {"defense": self.name, "result_file": cfg.result_file, "wall_time_s": time.perf_counter() - started,
                 "phases_s": run.timings, **run_environment(device),
+                **({"wall_time_s_all_sessions": time.perf_counter() - started + run.previous_sessions_s}
+                   if run.previous_sessions_s else {}),
                 "attacked": run.before.row(), "final": {k: final.get(k) for k in ("test_acc", "test_asr", "test_ra")},
                 "clean_subset_size": int(len(subset_idx)), **run.extra_results}
         write_json(out_dir / "cost.json", cost)

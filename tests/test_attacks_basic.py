@@ -139,4 +139,6 @@ def test_killed_attack_resumes_to_the_same_record(tmp_path, monkeypatch):
     prov = json.loads((resumed / "provenance.json").read_text())
     assert prov["resumed_from_epoch"] == 2
     assert prov["train_time_s_all_sessions"] > prov["train_time_s"] > 0
+    assert prov["wall_time_s_all_sessions"] > prov["wall_time_s"]
+    assert "wall_time_s_all_sessions" not in json.loads((straight / "provenance.json").read_text())
     assert not (resumed / "checkpoint").exists()

@@ -180,14 +180,18 @@ def test_resume_after_kill_ends_with_the_same_model(digits_copy, monkeypatch):
     calls.clear()
     counting = []
     monkeypatch.setattr(burn_mod, "finetune_set", lambda *a, **kw: counting.append(1) or real(*a, **kw))
-    resumed = _net_state(_run())
+    resumed_run = _run()
+    resumed = _net_state(resumed_run)
     assert len(counting) == 1  # only iteration 2 was left
+    cost = resumed_run["cost"]  # the scan and iterations 0-1 of the killed process count too
+    assert cost["wall_time_s_all_sessions"] > cost["wall_time_s"] + cost["burn"]["timings_s"]["scan"] * 0.99
     assert all(torch.equal(uninterrupted[k], resumed[k]) for k in uninterrupted)
     df = pd.read_csv(digits_copy / "record/badnet_digits/defense/burn/burn_df.csv")
     assert df["iteration"].tolist() == [0, 1, 2]
     counting.clear()
-    _run("--resume", "false")  # starts over: all three fine-tunings again
+    fresh = _run("--resume", "false")  # starts over: all three fine-tunings again
     assert len(counting) == 3
+    assert "wall_time_s_all_sessions" not in fresh["cost"]
 
 
 def test_resume_refuses_a_checkpoint_of_other_settings(digits_copy, capsys):

@@ -361,3 +361,17 @@ def test_defense_output_name_must_be_a_folder_name(tmp_path, monkeypatch, bad):
     with pytest.raises(BurnError, match="--output_name must be a plain folder name"):
         cls().run(cfg)
     assert not (tmp_path / "record").exists()
+
+
+def test_wall_time_of_a_resumed_run_counts_every_session(tmp_path):
+    """A run resumed after a kill reports all its sessions; BackdoorBench's files only wall_time_s."""
+    import json
+    import math
+
+    from burnkit.compare.outputs import read_wall_time
+
+    (tmp_path / "cost.json").write_text(json.dumps({"wall_time_s": 100.0, "wall_time_s_all_sessions": 250.0}))
+    (tmp_path / "provenance.json").write_text(json.dumps({"wall_time_s": 40.0}))
+    assert read_wall_time(tmp_path, "cost.json") == 250.0
+    assert read_wall_time(tmp_path, "provenance.json") == 40.0
+    assert math.isnan(read_wall_time(tmp_path, "missing.json"))

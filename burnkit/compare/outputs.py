@@ -49,12 +49,14 @@ def read_metrics(summary: Path) -> dict[str, float]:
 
 
 def read_wall_time(folder: Path, *names: str) -> float:
-    """``wall_time_s`` from the first of ``names`` (JSON files in ``folder``) that has it, else NaN."""
+    """The run's wall time from the first of ``names`` (JSON files in ``folder``) that has it, else
+    NaN: ``wall_time_s_all_sessions`` for a run resumed after a kill (ours), else ``wall_time_s``."""
     for name in names:
         path = folder / name
         if path.is_file():
             try:
-                return _number(json.loads(path.read_text()).get("wall_time_s"))
+                facts = json.loads(path.read_text())
+                return _number(facts.get("wall_time_s_all_sessions", facts.get("wall_time_s")))
             except (ValueError, AttributeError):
                 continue
     return math.nan

@@ -241,6 +241,7 @@ def burn(model: Classifier, data: DefenseData, cfg: BurnConfig, run: DefenseRun)
 
     # Phase 1, lines 2-4: the boundary scan of the frozen infected model θ0 (kept on disk).
     scanned = _load(scan_path, _scan_fingerprint(fingerprint), "scan")
+    scanned_before = scanned is not None
     if scanned is None:
         start = time.perf_counter()
         result = boundary_scan(model, train, cfg, device)
@@ -261,6 +262,9 @@ def burn(model: Classifier, data: DefenseData, cfg: BurnConfig, run: DefenseRun)
     else:
         model.net.load_state_dict(state["model"])
         run.logger.info("resuming BURN after iteration %d of %d", state["completed"], cfg.iterations)
+    # what earlier, interrupted processes spent (the scan and the finished iterations), for cost.json
+    run.previous_sessions_s = sum(state["timings"].values()) if scanned_before else sum(
+        v for k, v in state["timings"].items() if k != "scan")
     run.metrics.rows = list(state["rows"])
 
     for t in range(state["completed"] + 1, cfg.iterations + 1):
