@@ -25,10 +25,11 @@ FALSE = {"false", "0", "no", "n", "off", "none", "null"}
 
 
 def option(default: Any = None, help: str = "", short: str | None = None, choices=None, cli_only: bool = False,
-           bare: str = "true"):
+           bare: str = "true", group: str | None = None):
     """A config field with its help text (and an optional short flag such as ``-pm``). A bool flag
-    given without a value means ``bare`` (BackdoorBench's store_true flags; "false" for store_false)."""
-    meta = {"help": help, "short": short, "choices": choices, "cli_only": cli_only, "bare": bare}
+    given without a value means ``bare`` (BackdoorBench's store_true flags; "false" for store_false).
+    ``group`` lists the flag under that heading of ``--help``, after the ungrouped ones."""
+    meta = {"help": help, "short": short, "choices": choices, "cli_only": cli_only, "bare": bare, "group": group}
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda d=default: type(d)(d), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -135,7 +136,11 @@ def build_parser(config_cls, prog: str, description: str = "") -> argparse.Argum
     parser = argparse.ArgumentParser(prog=prog, description=description,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     hints = _hints(config_cls)
-    for f in dataclasses.fields(config_cls):
+    fields = dataclasses.fields(config_cls)
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for f in sorted(fields, key=lambda f: f.metadata.get("group") is not None):  # stable: ungrouped first
+        group = f.metadata.get("group")
+        target = parser if group is None else groups.setdefault(group, parser.add_argument_group(group))
         names = [f"--{f.name}"]
         if f.metadata.get("short"):
             names.insert(0, f.metadata["short"])
@@ -146,7 +151,7 @@ def build_parser(config_cls, prog: str, description: str = "") -> argparse.Argum
         help_text = f"{help_text} [{_type_name(base)}; default {default!r}]" if help_text else \
             f"[{_type_name(base)}; default {default!r}]"
         bare = {"nargs": "?", "const": f.metadata.get("bare", "true")} if base is bool else {}
-        parser.add_argument(*names, dest=f.name, default=None, type=str, metavar=f.name.upper(),
+        target.add_argument(*names, dest=f.name, default=None, type=str, metavar=f.name.upper(),
                             help=help_text.replace("%", "%%"), **bare)
     return parser
 

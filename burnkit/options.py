@@ -13,31 +13,34 @@ from .engine import TrainConfig
 from .errors import BurnError
 
 
+GROUP = "training, device and BackdoorBench-compatibility options"
+
+
 @dataclass
 class TrainingOptions:
     """Device, compatibility and training keys under BackdoorBench's names."""
 
-    device: str | None = option(None, "cpu, cuda or cuda:N (default: cuda if present)")
-    amp: bool = option(False, "mixed precision on CUDA")
-    pin_memory: bool = option(True, "accepted for BackdoorBench compatibility (no DataLoader is used)", short="-pm")
-    non_blocking: bool = option(True, "accepted for BackdoorBench compatibility", short="-nb")
-    prefetch: bool = option(False, "accepted for BackdoorBench compatibility", short="-pf")
-    num_workers: int = option(4, "accepted for BackdoorBench compatibility (batches are tensor slices)")
-    frequency_save: int = option(0, "accepted for BackdoorBench compatibility")
-    epochs: int = option(10, "training epochs")
-    batch_size: int = option(128, "batch size")
-    lr: float = option(0.01, "learning rate")
-    client_optimizer: str = option("sgd", "sgd, adam or adadelta")
-    sgd_momentum: float = option(0.9, "SGD momentum")
-    wd: float = option(5e-4, "weight decay")
-    adam_betas: tuple[float, float] = option((0.9, 0.999), "Adam betas")
-    lr_scheduler: str | None = option("CosineAnnealingLR", "CosineAnnealingLR, StepLR, MultiStepLR, CyclicLR, ReduceLROnPlateau or None")
-    cos_t_max: int | None = option(None, "CosineAnnealingLR T_max (BackdoorBench default: 100)")
-    steplr_stepsize: int = option(1, "StepLR step size")
-    steplr_gamma: float = option(0.1, "StepLR/MultiStepLR decay")
-    steplr_milestones: list[int] | None = option(None, "MultiStepLR milestones, e.g. 30,60")
-    random_seed: int = option(0, "seed")
-    progress: bool = option(True, "show progress bars")
+    device: str | None = option(None, "cpu, cuda or cuda:N (default: cuda if present)", group=GROUP)
+    amp: bool = option(False, "mixed precision on CUDA", group=GROUP)
+    pin_memory: bool = option(True, "accepted for BackdoorBench compatibility (no DataLoader is used)", short="-pm", group=GROUP)
+    non_blocking: bool = option(True, "accepted for BackdoorBench compatibility", short="-nb", group=GROUP)
+    prefetch: bool = option(False, "accepted for BackdoorBench compatibility", short="-pf", group=GROUP)
+    num_workers: int = option(4, "accepted for BackdoorBench compatibility (batches are tensor slices)", group=GROUP)
+    frequency_save: int = option(0, "accepted for BackdoorBench compatibility", group=GROUP)
+    epochs: int = option(10, "training epochs", group=GROUP)
+    batch_size: int = option(128, "batch size", group=GROUP)
+    lr: float = option(0.01, "learning rate", group=GROUP)
+    client_optimizer: str = option("sgd", "sgd, adam or adadelta", group=GROUP)
+    sgd_momentum: float = option(0.9, "SGD momentum", group=GROUP)
+    wd: float = option(5e-4, "weight decay", group=GROUP)
+    adam_betas: tuple[float, float] = option((0.9, 0.999), "Adam betas", group=GROUP)
+    lr_scheduler: str | None = option("CosineAnnealingLR", "CosineAnnealingLR, StepLR, MultiStepLR, CyclicLR, ReduceLROnPlateau or None", group=GROUP)
+    cos_t_max: int | None = option(None, "CosineAnnealingLR T_max (BackdoorBench default: 100)", group=GROUP)
+    steplr_stepsize: int = option(1, "StepLR step size", group=GROUP)
+    steplr_gamma: float = option(0.1, "StepLR/MultiStepLR decay", group=GROUP)
+    steplr_milestones: list[int] | None = option(None, "MultiStepLR milestones, e.g. 30,60", group=GROUP)
+    random_seed: int = option(0, "seed", group=GROUP)
+    progress: bool = option(True, "show progress bars", group=GROUP)
 
     def validate(self) -> None:
         if self.epochs < 0:
