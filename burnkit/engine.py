@@ -298,7 +298,8 @@ def fit(model: nn.Module, train_set: ImageSet, cfg: TrainConfig, *, device: torc
         epoch_end: Callable[[int, nn.Module, dict], None] | None = None,
         on_row: Callable[[dict], None] | None = None,
         attack_columns: bool = False, checkpoint: str | Path | None = None, resume: bool = True,
-        desc: str = "train", progress: bool = True, eval_before: bool = False) -> FitResult:
+        desc: str = "train", progress: bool = True, eval_before: bool = False,
+        eval_every: int = 1) -> FitResult:
     """Train ``model`` on ``train_set`` for ``cfg.epochs`` epochs and score every epoch.
 
     Args:
@@ -313,6 +314,8 @@ def fit(model: nn.Module, train_set: ImageSet, cfg: TrainConfig, *, device: torc
         checkpoint: file to save model/optimiser/scheduler/RNG state to after every epoch; with
             ``resume`` an existing one is continued from, so a killed run ends as an unkilled one.
         eval_before: add a row for the untrained model (epoch -1) first.
+        eval_every: score ``eval_suite`` only every N epochs and after the last (the other rows keep
+            their training columns); scoring the test sets can cost as much as a small model's epoch.
 
     Returns:
         FitResult with one row per epoch (BackdoorBench's columns), wall time and epochs run.
@@ -386,7 +389,7 @@ def fit(model: nn.Module, train_set: ImageSet, cfg: TrainConfig, *, device: torc
                "train_acc": correct.acc()}
         if attack_columns:
             row.update(correct.attack_columns())
-        if eval_suite is not None:
+        if eval_suite is not None and ((epoch + 1) % eval_every == 0 or epoch + 1 == cfg.epochs):
             row.update(evaluate(model, eval_suite, device, amp=use_amp).row())
         epoch_times.append(time.perf_counter() - epoch_start)
         if epoch_end is not None:

@@ -142,3 +142,21 @@ def test_killed_attack_resumes_to_the_same_record(tmp_path, monkeypatch):
     assert prov["wall_time_s_all_sessions"] > prov["wall_time_s"]
     assert "wall_time_s_all_sessions" not in json.loads((straight / "provenance.json").read_text())
     assert not (resumed / "checkpoint").exists()
+
+
+def test_test_every_scores_only_every_nth_and_the_last_epoch(tmp_path):
+    """--test_every 2 over 3 epochs scores epochs 2 and 3; the skipped row keeps its training columns,
+    and the record's final metrics are the last epoch's."""
+    import json
+
+    import pandas as pd
+
+    from conftest import make_record
+
+    record = make_record(tmp_path, "badnet", "r", ["--epochs", "3", "--cos_t_max", "3", "--test_every", "2"])
+    csv = pd.read_csv(record / "attack_df.csv")
+    assert csv["epoch"].tolist() == [0, 1, 2]
+    assert csv["test_acc"].isna().tolist() == [True, False, False]
+    assert csv["train_acc"].notna().all()
+    with pytest.raises(Exception, match="test_every must be >= 1"):
+        BadNet.parse(["--test_every", "0"])[0].validate()

@@ -51,13 +51,9 @@ CROSS_TEST_FOLDER = "cross_test_dataset"
 class DynamicConfig(AttackConfig):
     random_rotation: float = option(10.0, "training batch transform: max rotation in degrees (applied with p 0.5)")
     random_crop: int = option(5, "training batch transform: random-crop padding in pixels (applied with p 0.8)")
-    test_every: int = option(1, "score the test sets every N epochs and after the last (burnkit extra; N > 1 "
-                                "saves CPU time, 1 is BackdoorBench's behaviour)")
 
     def validate(self):
         super().validate()
-        if self.test_every < 1:
-            raise BurnError(f"test_every must be >= 1, got {self.test_every}")
         if self.attack_label_trans == "all2all" and self.attack_label_shift_amount != 1:
             raise BurnError("this attack uses BackdoorBench's fixed +1 label shift for all2all; "
                             "drop --attack_label_shift_amount")
