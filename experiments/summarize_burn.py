@@ -33,7 +33,7 @@ def summarize(result_file: str, dataset_path: str = "./data") -> dict:
         if det.get("auroc_l2_relabelled") is None and (out / "burn_samples.csv").exists():
             row.update(relabelled_aurocs(pd.read_csv(out / "burn_samples.csv")))  # reports of older versions
         row.update({f"{k}_s": v for k, v in cost["burn"]["timings_s"].items()})
-        row["total_s"] = cost["wall_time_s"]
+        row["total_s"] = cost.get("wall_time_s_all_sessions", cost["wall_time_s"])  # resumed runs: every session
         row["device"] = cost["device"]
     else:  # still running: distances from the scan checkpoint, flags from the record
         scan = torch.load(out / "checkpoint" / "burn_scan.pt", weights_only=False)

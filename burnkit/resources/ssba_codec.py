@@ -48,7 +48,7 @@ class SsbaConfig(ResourceConfig):
     width: int = option(16, "conv width of encoder and decoder")
     epochs: int = option(10, "codec training epochs")
     lr: float = option(3e-3, "Adam learning rate")
-    l2_weight: float = option(0.1, "weight of the residual-energy penalty")
+    l2_weight: float = option(0.01, "weight of the residual-energy penalty (0.01: PSNR about 26 dB on CIFAR-10, SSBA's ~27 dB)")
     train_subset: int = option(10000, "train the codec on a class-balanced subset of this size (0 = all)")
     batch_size: int = option(128, "batch size")
 
