@@ -12,6 +12,7 @@ Needs the benchmark-only extras (never runtime dependencies):
 Example:
     PYTHONPATH=. .venv-bench/bin/python benchmarks/bench_boundary.py \
         --result_file record/badnet_smallcnn_c10 --dataset_path ./data --n 256
+    ... --device cuda    # on a GPU: the headline ratios are then per wall-second
 """
 from __future__ import annotations
 
@@ -101,9 +102,13 @@ def run_torchattacks(clf, x01, labels, args):
 
 def timed(fn, *a):
     """Result, wall seconds and CPU seconds of this process (the fair measure on a shared machine
-    when every run uses the same single thread)."""
+    when every run uses the same single thread). On CUDA the device is synchronised around the call,
+    so the wall time includes the queued kernels."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    sync()
     wall, cpu = time.perf_counter(), time.process_time()
     out = fn(*a)
+    sync()
     return out, time.perf_counter() - wall, time.process_time() - cpu
 
 
@@ -124,13 +129,18 @@ def main(argv=None) -> None:
     p.add_argument("--overshoot", type=float, default=0.02)
     p.add_argument("--candidates", type=int, default=10)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]; compare samples per wall-second there")
     p.add_argument("--fast_candidates", type=int, default=0, help="also run ours with this many candidates")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="benchmarks/results/boundary.md")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("bench_boundary.py: --device cuda but torch sees no CUDA device; use --device cpu")
     clf, x01, poison, what = load_model_and_samples(args)
+    clf, x01 = clf.to(device), x01.to(device)
     with torch.no_grad():
         labels = clf(x01).argmax(1)
     n_ta = min(args.n_torchattacks or args.n, args.n)
@@ -161,7 +171,7 @@ def main(argv=None) -> None:
         f"Command: `PYTHONPATH=. python benchmarks/bench_boundary.py "
         + " ".join(argv if argv is not None else sys.argv[1:]) + "`",
         "",
-        f"Hardware: {device_description(torch.device('cpu'))}, {platform.processor() or platform.machine()}; "
+        f"Hardware: {device_description(device)}, {platform.processor() or platform.machine()}; "
         f"torch {torch.__version__}, foolbox {foolbox.__version__}, torchattacks {torchattacks.__version__}, "
         f"python {platform.python_version()}. The machine is shared: wall times depend on the other "
         "load, CPU seconds of this single-threaded process do not (ratios use both).",
@@ -179,24 +189,33 @@ def main(argv=None) -> None:
                      f"{median(l2s[oks]):.4f} | {float(oks.float().mean()):.3f} |")
     both = ok & ok_fb
     paired = float((l2[both] / l2_fb[both].clamp_min(1e-12)).median()) if both.any() else float("nan")
+    # the headline ratio: CPU seconds on a CPU (robust to other load), wall seconds on a GPU (host CPU time
+    # there only measures kernel launches)
+    on_gpu = device.type == "cuda"
+    head, other = ("wall", "CPU-s") if on_gpu else ("CPU-s", "wall")
+
+    def ratio(count, wall_s, cpu_s, ref_count, ref_wall, ref_cpu, fmt):
+        main_r = speedup(count, wall_s, ref_count, ref_wall) if on_gpu else speedup(count, cpu_s, ref_count, ref_cpu)
+        side_r = speedup(count, cpu_s, ref_count, ref_cpu) if on_gpu else speedup(count, wall_s, ref_count, ref_wall)
+        return f"**{main_r:{fmt}}x** samples/{head} ({side_r:{fmt}}x per {other})"
+
     lines += [
         "",
         "Same settings (burnkit per_class backward):",
-        f"* vs torchattacks: **{speedup(len(x01), c, n_ta, c_ta):.1f}x** samples/CPU-s "
-        f"({speedup(len(x01), t, n_ta, t_ta):.1f}x wall) - target >= 20x",
-        f"* vs foolbox: **{speedup(len(x01), c, len(x01), c_fb):.2f}x** samples/CPU-s "
-        f"({speedup(len(x01), t, len(x01), t_fb):.2f}x wall) - target >= 3x",
+        f"* vs torchattacks: {ratio(len(x01), t, c, n_ta, t_ta, c_ta, '.1f')} - target >= 20x",
+        f"* vs foolbox: {ratio(len(x01), t, c, len(x01), t_fb, c_fb, '.2f')} - target >= 3x",
         f"* median L2 ours / foolbox: **{median(l2[ok]) / median(l2_fb[ok_fb]):.4f}** (target <= 1.05); "
         f"paired per-sample median {paired:.4f}",
         f"* median L2 ours / torchattacks (its {n_ta} samples): "
         f"{median(l2[:n_ta][ok[:n_ta]]) / median(l2_ta[ok_ta]):.4f}",
-        f"* per_class vs batched (is_grads_batched) backward: {c_b / c:.2f}x less CPU time",
+        f"* per_class vs batched (is_grads_batched) backward: {(t_b / t) if on_gpu else (c_b / c):.2f}x less "
+        f"{'wall' if on_gpu else 'CPU'} time",
     ]
     if args.fast_candidates:
         lines += [
             f"Top-{args.fast_candidates} candidates (BURN's `candidates` key):",
-            f"* vs torchattacks: **{speedup(len(x01), c_f, n_ta, c_ta):.1f}x** samples/CPU-s; "
-            f"vs foolbox (10 candidates): **{speedup(len(x01), c_f, len(x01), c_fb):.2f}x**",
+            f"* vs torchattacks: {ratio(len(x01), t_f, c_f, n_ta, t_ta, c_ta, '.1f')}; "
+            f"vs foolbox ({args.candidates} candidates): {ratio(len(x01), t_f, c_f, len(x01), t_fb, c_fb, '.2f')}",
             f"* median L2 / foolbox: **{median(l2_f[ok_f]) / median(l2_fb[ok_fb]):.4f}**",
         ]
     lines.append("")
