@@ -43,7 +43,7 @@ from .registry import Registry
 from .models import Classifier, build_classifier
 from .options import TrainingOptions
 from .records import PoisonedSplit, atomic_torch_save, write_attack_record
-from .results import MetricLog, plot_metrics, run_environment, write_json
+from .results import MetricLog, move_aside, plot_metrics, run_environment, write_json
 
 _REGISTRY = Registry("attack", "burnkit.attacks")
 register_attack = _REGISTRY.register  # class decorator
@@ -72,13 +72,9 @@ class AttackConfig(TrainingOptions):
     pratio: float = option(0.1, "poisoning ratio")
     train_subset: int = option(0, "train on a class-balanced subset of this many samples (0 = all)")
     resume: bool = option(True, "resume an interrupted training from its checkpoint")
-    test_every: int = option(1, "score the test sets every N epochs and after the last (burnkit extra; N > 1 "
-                                "saves CPU time, 1 is BackdoorBench's behaviour)")
 
     def validate(self) -> None:
         super().validate()
-        if self.test_every < 1:
-            raise BurnError(f"--test_every must be >= 1, got {self.test_every}")
         if self.attack_label_trans not in ("all2one", "all2all"):
             raise BurnError(f"attack_label_trans must be all2one or all2all, got {self.attack_label_trans!r}")
         if not 0.0 <= self.pratio <= 1.0:
@@ -212,9 +208,10 @@ class Attack:
         cfg.attack = cls.name
         name = cfg.save_folder_name or f"{time.strftime('%Y%m%d_%H%M%S')}_{cls.name}_{cfg.dataset}_{cfg.model}"
         record_dir = Path("record") / name
-        if (record_dir / "attack_result.pt").exists():
-            raise BurnError(f"{record_dir} already holds an attack record; choose another --save_folder_name "
-                            "or delete that folder")
+        replace_old = (record_dir / "attack_result.pt").exists()
+        if replace_old and not cfg.overwrite:
+            raise BurnError(f"{record_dir} already holds an attack record; choose another --save_folder_name, or pass "
+                            "--overwrite true to replace it (the old folder, defenses included, is kept, renamed)")
         device = resolve_device(cfg.device)
         root = resolve_data_root(cfg.dataset_path, cfg.dataset)
         train_x, train_y = load_split(cfg.dataset, root, train=True, download=cfg.download)
@@ -225,8 +222,11 @@ class Attack:
         model = build_classifier(cfg.model, info)
 
         # -- inputs are valid: from here on we write --------------------------------------------
+        replaced = move_aside(record_dir) if replace_old else None
         record_dir.mkdir(parents=True, exist_ok=True)
         logger = _make_logger(cls.name, record_dir)
+        if replaced is not None:
+            logger.warning("--overwrite: the previous record was moved to %s", replaced)
         if ignored:
             logger.info("YAML keys not used by %s: %s", cls.name, ", ".join(ignored))
         logger.info("attack %s -> %s on %s, model %s, device %s", cls.name, record_dir, cfg.dataset, cfg.model, device)

@@ -40,7 +40,7 @@ from .registry import Registry
 from .models import Classifier, build_classifier, load_bb_state_dict
 from .options import TrainingOptions
 from .records import AttackRecord, read_attack_record, write_defense_result
-from .results import MetricLog, plot_metrics, run_environment, write_json
+from .results import MetricLog, move_aside, plot_metrics, run_environment, write_json
 
 _REGISTRY = Registry("defense", "burnkit.defenses")
 register_defense = _REGISTRY.register  # class decorator
@@ -143,6 +143,7 @@ class DefenseRun:
         kwargs.setdefault("seed", self.cfg.random_seed)
         kwargs.setdefault("eval_suite", self.data.eval_suite)
         kwargs.setdefault("progress", self.cfg.progress)
+        kwargs.setdefault("eval_every", self.cfg.test_every)
         kwargs.setdefault("desc", f"{self.name}:{phase}")
         if log:
             user_on_row = kwargs.pop("on_row", None)
@@ -251,12 +252,20 @@ class Defense:
 
         # -- inputs are valid: from here on we write ------------------------------------------
         out_dir = record_dir / "defense" / (cfg.output_name or self.name)
+        replaced = None
+        if (out_dir / "defense_result.pt").exists():
+            if not cfg.overwrite:
+                raise BurnError(f"{out_dir} already holds a finished {self.name} result; pass --overwrite true to "
+                                "replace it (the old folder is kept, renamed) or --output_name NEW for a second one")
+            replaced = move_aside(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         logger = _make_logger(self.name, Path(cfg.log) if cfg.log else out_dir / "log")
         run = DefenseRun(self.name, cfg, out_dir, device, data, record, logger)
         run.log_dir.mkdir(parents=True, exist_ok=True)
         run.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         np.savetxt(run.log_dir / "index.txt", subset_idx, fmt="%d")
+        if replaced is not None:
+            logger.warning("--overwrite: the previous result was moved to %s", replaced)
         if ignored_keys:
             logger.info("YAML keys not used by %s: %s", self.name, ", ".join(ignored_keys))
         if not self.needs_clean_subset and cfg.index:

@@ -41,6 +41,10 @@ class TrainingOptions:
     steplr_milestones: list[int] | None = option(None, "MultiStepLR milestones, e.g. 30,60", group=GROUP)
     random_seed: int = option(0, "seed", group=GROUP)
     progress: bool = option(True, "show progress bars", group=GROUP)
+    overwrite: bool = option(False, "replace a finished output of the same name; the old folder is kept, renamed "
+                                    "<name>.replaced-<time> (default: refuse, so nothing finished is lost)", group=GROUP)
+    test_every: int = option(1, "score the test sets every N epochs/iterations and after the last (burnkit extra; "
+                                "N > 1 saves CPU time, 1 is BackdoorBench's behaviour)", group=GROUP)
 
     def validate(self) -> None:
         if self.epochs < 0:
@@ -49,6 +53,8 @@ class TrainingOptions:
             raise BurnError(f"--batch_size must be positive, got {self.batch_size}")
         if self.lr < 0:
             raise BurnError(f"--lr must be non-negative, got {self.lr}")
+        if self.test_every < 1:
+            raise BurnError(f"--test_every must be >= 1, got {self.test_every}")
 
     def train_config(self, **overrides) -> TrainConfig:
         """The engine's TrainConfig from the same-named keys of this config."""

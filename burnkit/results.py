@@ -136,6 +136,20 @@ def atomic_write_text(path: str | Path, text: str) -> None:
             os.unlink(tmp)
 
 
+def move_aside(folder: str | Path) -> Path:
+    """Rename a finished output folder to ``<name>.replaced-<time>`` (``--overwrite true``): the new
+    run starts from an empty folder and the old results stay on disk until the user deletes them."""
+    folder = Path(folder)
+    stamp = time.strftime("%Y%m%d_%H%M%S")
+    target = folder.with_name(f"{folder.name}.replaced-{stamp}")
+    n = 1
+    while target.exists():
+        n += 1
+        target = folder.with_name(f"{folder.name}.replaced-{stamp}-{n}")
+    os.replace(folder, target)
+    return target
+
+
 def write_json(path: str | Path, payload: dict) -> None:
     atomic_write_text(path, json.dumps(payload, indent=2, default=str) + "\n")
 

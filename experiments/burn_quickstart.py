@@ -41,7 +41,9 @@ def main(argv=None) -> None:
                      "--lr", "0.05", "--pratio", "0.1", "--save_folder_name", args.name,
                      "--progress", "false", *data_flags])
     attack_s = time.perf_counter() - started
-    out = Burn.main(["--result_file", args.name, "--progress", "false", *data_flags, *args.burn_flags])
+    # a re-run replaces an earlier BURN result (kept on disk as defense/burn.replaced-<time>)
+    out = Burn.main(["--result_file", args.name, "--progress", "false", "--overwrite", "true", *data_flags,
+                     *args.burn_flags])
     cost, before, final = out["cost"], out["before"], out["final"]
     det = cost["burn"]
     summary = {

@@ -155,7 +155,7 @@ def test_algorithm_never_reads_the_poison_flags(digits_copy, monkeypatch):
         return data
 
     monkeypatch.setattr(records.AttackRecord, "load_data", scrambled)
-    other = _net_state(_run("--resume", "false"))
+    other = _net_state(_run("--resume", "false", "--overwrite", "true"))
     assert all(torch.equal(reference[k], other[k]) for k in reference)
 
 
@@ -172,7 +172,7 @@ def test_resume_after_kill_ends_with_the_same_model(digits_copy, monkeypatch):
 
     monkeypatch.setattr(burn_mod, "finetune_set", killed_at_iteration_2)
     with pytest.raises(SystemExit):
-        _run("--resume", "false")
+        _run("--resume", "false", "--overwrite", "true")  # the finished output is moved aside
     state = torch.load(digits_copy / "record/badnet_digits/defense/burn/checkpoint/burn_state.pt",
                        weights_only=False)
     assert state["completed"] == 1
@@ -189,13 +189,14 @@ def test_resume_after_kill_ends_with_the_same_model(digits_copy, monkeypatch):
     df = pd.read_csv(digits_copy / "record/badnet_digits/defense/burn/burn_df.csv")
     assert df["iteration"].tolist() == [0, 1, 2]
     counting.clear()
-    fresh = _run("--resume", "false")  # starts over: all three fine-tunings again
+    fresh = _run("--resume", "false", "--overwrite", "true")  # starts over: all three fine-tunings again
     assert len(counting) == 3
     assert "wall_time_s_all_sessions" not in fresh["cost"]
 
 
 def test_resume_refuses_a_checkpoint_of_other_settings(digits_copy, capsys):
     _run()
+    (digits_copy / "record/badnet_digits/defense/burn/defense_result.pt").unlink()  # as if killed at the end
     with pytest.raises(SystemExit) as exit_info:
         _run("--kp_end", "0.05")
     assert exit_info.value.code == 2
