@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from .config import as_dict, build_parser, check_yaml_keys, find_config_file, load_yaml, merge, option, parse_cli
-from .data import Augment, ImageSet, class_balanced_subset
+from .data import Augment, ImageSet, class_balanced_subset, imageset_digest
 from .datasets import DATASETS, DatasetInfo, dataset_info, load_split, resolve_data_root
 from .defense import _close_logger, _make_logger, _pct
 from .engine import EvalSuite, FitResult, fit, resolve_device, seed_everything
@@ -46,6 +46,10 @@ from .records import PoisonedSplit, atomic_torch_save, write_attack_record
 from .results import MetricLog, move_aside, plot_metrics, run_environment, write_json
 
 _REGISTRY = Registry("attack", "burnkit.attacks")
+# settings that do not change the trained model: a resumed run may change them
+RUN_ONLY_KEYS = frozenset({"device", "progress", "resume", "overwrite", "pin_memory", "non_blocking", "prefetch",
+                           "num_workers", "frequency_save", "yaml_path", "bd_yaml_path", "download", "dataset_path",
+                           "test_every", "save_folder_name", "attack", "resource_cache"})
 register_attack = _REGISTRY.register  # class decorator
 get_attack = _REGISTRY.get
 list_attacks = _REGISTRY.names
@@ -165,7 +169,15 @@ class Attack:
         return fit(model, train_set, cfg.train_config(), device=device, eval_suite=suite,
                    augment=Augment(self.info.crop_padding, self.info.train_flip), seed=cfg.random_seed,
                    attack_columns=True, checkpoint=checkpoint, resume=cfg.resume, on_row=on_row,
-                   desc=self.name, progress=cfg.progress, eval_every=cfg.test_every)
+                   desc=self.name, progress=cfg.progress, eval_every=cfg.test_every,
+                   fingerprint=self.fingerprint(train_set))
+
+    def fingerprint(self, train_set: ImageSet) -> dict:
+        """What a training checkpoint must agree with to be resumed: every setting that changes the
+        trained model (not the device, paths, progress or scoring cadence) and a digest of the
+        poisoned training set, so a changed --epochs/--lr/--pratio/--model is refused, not continued."""
+        settings = {k: v for k, v in as_dict(self.cfg).items() if k not in RUN_ONLY_KEYS}
+        return {"attack": self.name, **settings, "train_set": imageset_digest(train_set)}
 
     # -- lifecycle -------------------------------------------------------------------------------
 
