@@ -36,8 +36,8 @@ import torch
 from .config import as_dict, build_parser, check_yaml_keys, find_config_file, load_yaml, merge, option, parse_cli
 from .data import Augment, ImageSet, class_balanced_subset, imageset_digest
 from .datasets import DATASETS, DatasetInfo, dataset_info, load_split, resolve_data_root
-from .defense import _close_logger, _make_logger, _pct
-from .engine import EvalSuite, FitResult, fit, resolve_device, seed_everything
+from .defense import _close_logger, _make_logger, _pct, attach_log_file
+from .engine import EvalSuite, FitResult, fit, load_checkpoint, plain_fingerprint, resolve_device, seed_everything
 from .errors import BurnError, cli_errors
 from .registry import Registry
 from .models import Classifier, build_classifier
@@ -122,6 +122,7 @@ class Attack:
     name: ClassVar[str] = ""
     config_cls: ClassVar[type[AttackConfig]] = AttackConfig
     clean_label: ClassVar[bool] = False
+    resumable: ClassVar[bool] = True  # False: the attack has state the engine's checkpoint lacks
     description: ClassVar[str] = ""
     logger: logging.Logger = logging.getLogger("burnkit")  # the run's logger once ``run`` starts
 
@@ -239,12 +240,7 @@ class Attack:
         seed_everything(cfg.random_seed)
         model = build_classifier(cfg.model, info)
 
-        # -- inputs are valid: from here on we write --------------------------------------------
-        replaced = move_aside(record_dir) if replace_old else None
-        record_dir.mkdir(parents=True, exist_ok=True)
-        logger = _make_logger(cls.name, record_dir)
-        if replaced is not None:
-            logger.warning("--overwrite: the previous record was moved to %s", replaced)
+        logger = _make_logger(cls.name, None)  # the log file is opened once the inputs are valid
         if ignored:
             logger.info("BackdoorBench YAML keys accepted but not used by %s: %s", cls.name, ", ".join(ignored))
         logger.info("attack %s -> %s on %s, model %s, device %s", cls.name, record_dir, cfg.dataset, cfg.model, device)
@@ -272,9 +268,17 @@ class Attack:
         bd_test = ImageSet.from_numpy(test_bd, test_bd_labels, test_y[plan.test_poison],
                                       np.ones(len(plan.test_poison), bool), plan.test_poison)
         suite = EvalSuite(ImageSet.from_numpy(test_x, test_y), bd_test)
-
-        log = MetricLog(record_dir, "attack")
         checkpoint = record_dir / "checkpoint" / "train_state.pt"
+        if attack.resumable and cfg.resume and checkpoint.exists() and not replace_old:
+            load_checkpoint(checkpoint, plain_fingerprint(attack.fingerprint(train_set)))  # refuse before writing
+
+        # -- inputs are valid: from here on we write --------------------------------------------
+        replaced = move_aside(record_dir) if replace_old else None
+        record_dir.mkdir(parents=True, exist_ok=True)
+        attach_log_file(logger, record_dir)
+        if replaced is not None:
+            logger.warning("--overwrite: the previous record was moved to %s", replaced)
+        log = MetricLog(record_dir, "attack")
         with _Timer() as train_time:
             fit_result = attack.train(model, train_set, suite, device, log, checkpoint)
         log.save()

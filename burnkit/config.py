@@ -75,6 +75,8 @@ def coerce(value: Any, tp, key: str, source: str):
     try:
         return _coerce(value, base)
     except (TypeError, ValueError):
+        if source == "command line":
+            raise BurnError(f"command line: --{key} must be {_type_name(base)}, got {value!r}") from None
         raise BurnError(f"{source}: '{key}' must be {_type_name(base)}, got {value!r}; "
                         f"fix the YAML value or pass --{key}") from None
 
@@ -138,11 +140,16 @@ def _as_list(value) -> list:
     return [v for v in (p.strip() for p in text.split(",")) if v != ""]
 
 
+PLURALS = {bool: "true/false values", int: "integers", float: "finite numbers", str: "strings"}
+
+
 def _type_name(tp) -> str:
     origin = typing.get_origin(tp)
     if origin in (list, tuple):
-        inner = ", ".join(_type_name(a) for a in typing.get_args(tp) if a is not Ellipsis)
-        return f"a list of {inner}"
+        args = [a for a in typing.get_args(tp) if a is not Ellipsis]
+        fixed = origin is tuple and args and Ellipsis not in typing.get_args(tp)
+        inner = PLURALS.get(args[0], str(args[0])) if args else "values"
+        return f"a list of {len(args)} {inner}" if fixed and len(set(args)) == 1 else f"a list of {inner}"
     return {bool: "true or false", int: "an integer", float: "a finite number", str: "a string"}.get(tp, str(tp))
 
 

@@ -541,24 +541,34 @@ def extract_archive(archive: Path, dest: Path) -> Path:
     found = _unpacked_root(dest, identity, archive)
     if found is not None:
         return found
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    with _locked(dest.parent / f".{dest.name}.lock"):  # two processes of one compare unpack once
-        found = _unpacked_root(dest, identity, archive)
-        if found is not None:
-            return found
-        if dest.exists():
-            _adopt_existing(dest, archive, identity)
-            return _unpacked_root(dest, identity, archive)
-        for stale in dest.parent.glob(f".{dest.name}.partial-*"):  # left by a killed run
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp = dest.parent / f".{dest.name}.partial-{os.getpid()}"
-        try:
-            files = _unpack_verified(archive, tmp)
-            _write_marker(tmp, identity, files, _train_root(tmp, archive))
-            os.rename(tmp, dest)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
+    made = [p for p in (dest.parent, *dest.parent.parents) if not p.exists()]
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise BurnError(f"cannot create {dest.parent} to unpack {archive}: {err.strerror or err}") from None
+    try:
+        with _locked(dest.parent):  # the processes of one compare unpack it once
+            found = _unpacked_root(dest, identity, archive)
+            if found is not None:
+                return found
+            if dest.exists():
+                _adopt_existing(dest, archive, identity)
+                return _unpacked_root(dest, identity, archive)
+            for stale in dest.parent.glob(f".{dest.name}.partial-*"):  # left by a killed run
+                shutil.rmtree(stale, ignore_errors=True)
+            tmp = dest.parent / f".{dest.name}.partial-{os.getpid()}"
+            try:
+                files = _unpack_verified(archive, tmp)
+                _write_marker(tmp, identity, files, _train_root(tmp, archive))
+                os.rename(tmp, dest)
+            finally:
+                if tmp.exists():
+                    shutil.rmtree(tmp, ignore_errors=True)
+    except BurnError:
+        for folder in made:  # a refused archive leaves no trace (only folders this call made, if empty)
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
     return _unpacked_root(dest, identity, archive)
 
 
@@ -574,13 +584,14 @@ def _sha256(path: Path) -> str:
 
 
 @contextlib.contextmanager
-def _locked(path: Path):
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+def _locked(folder: Path):
+    """An exclusive advisory lock on ``folder`` itself (no lock file left behind)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def _read_marker(dest: Path) -> dict | None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import logging.handlers
 import random
 import sys
 import time
@@ -176,6 +177,10 @@ class Defense:
     def repair(self, model: Classifier, data: DefenseData, cfg: DefenseConfig, run: DefenseRun) -> Classifier:
         raise NotImplementedError(f"{type(self).__name__} must implement repair()")
 
+    def preflight(self, cfg: DefenseConfig, record: AttackRecord, out_dir: Path) -> None:
+        """Checks that need the record and the output folder but must fail before anything is
+        written (e.g. BURN refuses a checkpoint of other settings here, not after its first phase)."""
+
     def choose_subset(self, clean_train: ImageSet, cfg: DefenseConfig) -> np.ndarray:
         """The defender's clean-train indices: ``--index`` or a seeded ``--ratio`` sample (spec §3.5).
         A defense with its own selection rule (FT-SAM) overrides this."""
@@ -248,6 +253,8 @@ class Defense:
             check_writable_folder(cfg.log, "--log")
         if cfg.checkpoint_save:
             check_writable_folder(cfg.checkpoint_save, "--checkpoint_save")
+        if not finished:  # a finished output is moved aside with its checkpoints
+            self.preflight(cfg, record, out_dir)
         device = resolve_device(cfg.device)
         info = dataset_info(record.clean_data)
         seed_everything(cfg.random_seed)
@@ -338,21 +345,41 @@ def choose_clean_indices(n: int, ratio: float, index_file: str | None, seed: int
     return np.asarray(rng.sample(range(n), count), dtype=np.int64)
 
 
-def _make_logger(name: str, log_dir: Path) -> logging.Logger:
-    log_dir.mkdir(parents=True, exist_ok=True)
+LOG_FORMAT = "%(asctime)s [%(levelname)s] %(message)s"
+
+
+def _make_logger(name: str, log_dir: Path | None) -> logging.Logger:
+    """A run's logger: INFO to stdout, everything to ``<log_dir>/<time>.log``. With ``log_dir``
+    None the file records are buffered until :func:`attach_log_file` (nothing is written while the
+    inputs are still being checked)."""
     logger = logging.getLogger(f"burnkit.{name}.{time.time_ns()}")
     logger.setLevel(logging.DEBUG)
     logger.propagate = False
-    fmt = logging.Formatter("%(asctime)s [%(levelname)s] %(message)s")
-    fh = logging.FileHandler(log_dir / f"{time.strftime('%Y_%m_%d_%H_%M_%S')}.log")
-    fh.setFormatter(fmt)
-    fh.setLevel(logging.DEBUG)
     sh = logging.StreamHandler(sys.stdout)
     sh.setFormatter(logging.Formatter(f"[{name}] %(message)s"))
     sh.setLevel(logging.INFO)
-    logger.addHandler(fh)
     logger.addHandler(sh)
+    if log_dir is None:
+        logger.addHandler(logging.handlers.MemoryHandler(capacity=100_000, flushLevel=logging.CRITICAL + 1))
+    else:
+        attach_log_file(logger, log_dir)
     return logger
+
+
+def attach_log_file(logger: logging.Logger, log_dir: Path) -> None:
+    """Open the log file and write what was buffered so far into it."""
+    log_dir = Path(log_dir)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    fh = logging.FileHandler(log_dir / f"{time.strftime('%Y_%m_%d_%H_%M_%S')}.log")
+    fh.setFormatter(logging.Formatter(LOG_FORMAT))
+    fh.setLevel(logging.DEBUG)
+    for handler in list(logger.handlers):
+        if isinstance(handler, logging.handlers.MemoryHandler):
+            handler.setTarget(fh)
+            handler.flush()
+            logger.removeHandler(handler)
+            handler.close()
+    logger.addHandler(fh)
 
 
 def _close_logger(logger: logging.Logger) -> None:

@@ -186,7 +186,6 @@ class DynamicAttack(Attack):
     """
 
     static_trigger: ClassVar[bool] = True  # False: the trigger changes while training (InputAware)
-    resumable: ClassVar[bool] = True  # False: the attack has state the engine's checkpoint lacks
     chunk: ClassVar[int] = 1024  # images per chunk when a whole split is poisoned
 
     def __init__(self, cfg, info):
