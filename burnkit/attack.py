@@ -244,6 +244,7 @@ class Attack:
         if ignored:
             logger.info("BackdoorBench YAML keys accepted but not used by %s: %s", cls.name, ", ".join(ignored))
         logger.info("attack %s -> %s on %s, model %s, device %s", cls.name, record_dir, cfg.dataset, cfg.model, device)
+        logger.info("clean data: %d training and %d test images from %s", len(train_y), len(test_y), root)
         attack.logger = logger
         rng = np.random.default_rng(cfg.random_seed)
         plan = attack.plan(train_y, test_y, rng)

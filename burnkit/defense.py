@@ -285,6 +285,9 @@ class Defense:
         logger.info("defense %s on %s (%s, %s) device %s", self.name, record_dir, record.model_name,
                     record.clean_data, device)
         logger.info("config: %s", as_dict(cfg))
+        logger.info("clean data: %d training and %d test images (%s); the defender's clean subset: %d",
+                    len(loaded.clean_train), len(loaded.clean_test), record.data_root(cfg.dataset_path)
+                    if record.clean_data != "digits" else "scikit-learn", len(subset_idx))
         with run.timed("evaluate_attacked"):
             run.before = run.evaluate(model)
         logger.info("attacked model: acc %s asr %s ra %s", _pct(run.before.acc), _pct(run.before.asr), _pct(run.before.ra))
