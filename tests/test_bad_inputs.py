@@ -404,3 +404,4 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(case, digits_copy, cap
     assert case.message in lines[0], lines[0]
     assert snapshot(work) == before
     assert not (work / "PWNED").exists()
+    print(f"{case.id}: {lines[0]}")  # the message, for `pytest -rP` reports
