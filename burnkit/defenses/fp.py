@@ -2,14 +2,22 @@
 Attacks on Deep Neural Networks", RAID 2018), as BackdoorBench runs it (spec §7.2).
 
 1. Average the input features of the network's final ``nn.Linear`` over the clean subset (eval
-   mode, no augmentation) and sort them by mean activation, ascending.
+   mode, one pass with BackdoorBench's train transform: random crop and flip) and sort them by mean
+   activation, ascending.
 2. Prune in steps of ``ceil(n_features * once_prune_ratio)``: step k removes the input columns of
-   the final linear layer for exactly the ``k * step`` least active features. Score every step
-   on the test sets; stop at the first step whose relative clean-accuracy drop
-   ``|acc - acc0| / acc0`` reaches ``acc_ratio``. That step is rejected; the previous one is kept.
+   the final linear layer for exactly the ``k * step`` least active features. Stop at the first step
+   whose relative clean-accuracy drop ``|acc - acc0| / acc0`` reaches ``acc_ratio``. That step is
+   rejected; the previous one is kept.
 3. Fine-tune the accepted pruned network on the clean subset for ``epochs`` (pruned columns stay
    zero) and save it with the mask folded into a plain ``weight`` (no ``weight_orig``/
    ``weight_mask``), so the state dict loads strictly into a fresh model.
+
+**Which accuracy decides the stop** (``--select_on``): by default (``heldout``) the accuracy on a
+held-out share ``--heldout_ratio`` (10 %) of the defender's clean subset, which is then left out of
+the activation ranking; the held-out samples join the fine-tuning set once the decision is made, so
+fine-tuning uses the whole subset as in BackdoorBench. ``--select_on test`` reproduces BackdoorBench,
+which stops on the clean *test* accuracy. Every step's test ACC/ASR/RA is logged either way
+(``prune_log.csv``; ``heldout_acc`` is added with a held-out set).
 
 Unlike BackdoorBench (spec §9.3) exactly ``num_pruned`` features are pruned (not ``num_pruned-1``),
 the rejected step does not leak into the saved model, and the logged index set is the one used.
@@ -41,7 +49,9 @@ import torch.nn.functional as F
 
 from ..config import option
 from ..data import ImageSet
-from ..defense import Defense, DefenseConfig, DefenseData, DefenseRun, register_defense
+from ..data import Augment
+from ..defense import (Defense, DefenseData, DefenseRun, SelectionConfig, register_defense,
+                       split_heldout)
 from ..engine import eval_mode, iterate
 from ..errors import BurnError
 from ..metrics import accuracy
@@ -50,7 +60,7 @@ from ..results import MetricLog, atomic_write_text
 
 
 @dataclass
-class FinePruningConfig(DefenseConfig):
+class FinePruningConfig(SelectionConfig):
     epochs: int = option(100, "fine-tuning epochs after pruning")
     batch_size: int = option(256, "batch size")
     lr: float = option(0.01, "fine-tuning learning rate")
@@ -79,8 +89,10 @@ def final_linear(net: nn.Module) -> tuple[str, nn.Linear]:
 
 @torch.no_grad()
 def final_layer_inputs(model: Classifier, imageset: ImageSet, device: torch.device,
-                       batch_size: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inputs of the final linear layer and the model's logits for every sample (eval mode).
+                       batch_size: int = 512, augment: Augment | None = None,
+                       generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs of the final linear layer and the model's logits for every sample (eval mode), of the
+    images as they are or, with ``augment``, of one augmented draw of each (``generator``).
 
     Raises BurnError if the final linear layer's output is not the network's output, because
     pruning its inputs would then not determine the logits.
@@ -92,7 +104,7 @@ def final_layer_inputs(model: Classifier, imageset: ImageSet, device: torch.devi
     model.to(device)
     try:
         with eval_mode(model):
-            for batch in iterate(imageset, batch_size, device):
+            for batch in iterate(imageset, batch_size, device, augment=augment, generator=generator):
                 captured.clear()
                 out = model(batch.x)
                 feats.append(captured[-1].float().cpu())
@@ -155,13 +167,17 @@ class PruneStep:
     acc: float | None
     asr: float | None
     ra: float | None
+    heldout_acc: float | None = None
 
 
 def prune_sweep(features_clean: torch.Tensor, features_bd: torch.Tensor, data: DefenseData,
-                linear: nn.Linear, order: torch.Tensor, cfg: FinePruningConfig) -> tuple[list[PruneStep], int]:
-    """Score pruning steps until the clean accuracy drops by ``acc_ratio`` (relative).
+                linear: nn.Linear, order: torch.Tensor, cfg: FinePruningConfig,
+                heldout: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[list[PruneStep], int]:
+    """Score pruning steps until the deciding clean accuracy drops by ``acc_ratio`` (relative).
 
-    Returns all scored steps (the last one may be the rejected step) and the accepted count.
+    The deciding accuracy is the held-out one when ``heldout`` (features, labels) is given, else
+    the clean test accuracy (BackdoorBench). Returns all scored steps (the last one may be the
+    rejected step) and the accepted count.
     """
     n = len(order)
     step = max(1, math.ceil(n * cfg.once_prune_ratio))
@@ -172,15 +188,18 @@ def prune_sweep(features_clean: torch.Tensor, features_bd: torch.Tensor, data: D
         mask = prune_mask(order, num_pruned, n)
         preds = pruned_logits(features_clean, linear, mask).argmax(1)
         acc = accuracy(preds, data.clean_test.labels)
-        asr = ra = None
+        asr = ra = heldout_acc = None
         if len(data.bd_test):
             bd_preds = pruned_logits(features_bd, linear, mask).argmax(1)
             asr = accuracy(bd_preds, data.bd_test.labels)
             ra = accuracy(bd_preds, data.bd_test.original_labels)
-        steps.append(PruneStep(num_pruned, acc, asr, ra))
+        if heldout is not None:
+            heldout_acc = accuracy(pruned_logits(heldout[0], linear, mask).argmax(1), heldout[1])
+        steps.append(PruneStep(num_pruned, acc, asr, ra, heldout_acc))
+        deciding = acc if heldout is None else heldout_acc
         if acc0 is None:
-            acc0 = acc
-        if acc0 and abs(acc - acc0) / acc0 >= cfg.acc_ratio:
+            acc0 = deciding
+        if acc0 and abs(deciding - acc0) / acc0 >= cfg.acc_ratio:
             break
         accepted = num_pruned
     return steps, accepted
@@ -188,16 +207,25 @@ def prune_sweep(features_clean: torch.Tensor, features_bd: torch.Tensor, data: D
 
 def fine_prune(model: Classifier, data: DefenseData, cfg: FinePruningConfig, run: DefenseRun) -> Classifier:
     layer_name, linear = final_linear(model.net)
+    rank_set, heldout = data.clean_subset, None
+    if cfg.select_on == "heldout":
+        rank_set, heldout = split_heldout(data.clean_subset, cfg.heldout_ratio, cfg.random_seed)
+    run.record_decision(cfg.select_on, len(heldout) if heldout is not None else 0)
     with run.timed("activations"):
-        subset_feats, _ = final_layer_inputs(model, data.clean_subset, run.device)
+        generator = torch.Generator().manual_seed(cfg.random_seed)
+        subset_feats, _ = final_layer_inputs(model, rank_set, run.device, augment=run.augment, generator=generator)
         clean_feats, _ = final_layer_inputs(model, data.clean_test, run.device)
         bd_feats, _ = final_layer_inputs(model, data.bd_test, run.device)
+        heldout_feats = None
+        if heldout is not None:
+            heldout_feats = (final_layer_inputs(model, heldout, run.device)[0], heldout.labels.cpu())
     order = mean_activation_order(subset_feats)
     n = len(order)
     with run.timed("prune"):
-        steps, accepted = prune_sweep(clean_feats, bd_feats, data, linear, order, cfg)
-    run.logger.info("FP: %s has %d input features; %d steps scored; %d pruned (accepted)",
-                    layer_name, n, len(steps), accepted)
+        steps, accepted = prune_sweep(clean_feats, bd_feats, data, linear, order, cfg, heldout_feats)
+    run.logger.info("FP: %s has %d input features; %d steps scored; %d pruned (accepted on %s)",
+                    layer_name, n, len(steps), accepted,
+                    f"{len(heldout)} held-out clean samples" if heldout is not None else "the clean test set")
     write_prune_log(run, steps, n)
     pruned_idx = order[:accepted]
     np.savetxt(run.checkpoint_dir / "pruned_feature_index.txt", pruned_idx.numpy(), fmt="%d")
@@ -222,7 +250,7 @@ def write_prune_log(run: DefenseRun, steps: list[PruneStep], n_features: int) ->
     rows = MetricLog(run.out_dir, "prune_log")
     for i, s in enumerate(steps):
         rows.append({"epoch": i, "num_pruned": s.num_pruned, "all_filter_num": n_features,
-                     "test_acc": s.acc, "test_asr": s.asr, "test_ra": s.ra})
+                     "test_acc": s.acc, "test_asr": s.asr, "test_ra": s.ra, "heldout_acc": s.heldout_acc})
     # BackdoorBench's names: prune_log.csv / prune_log_summary.csv (no "_df")
     atomic_write_text(run.out_dir / "prune_log.csv", rows.frame().to_csv())
     atomic_write_text(run.out_dir / "prune_log_summary.csv", rows.summary().to_csv())
@@ -251,6 +279,7 @@ class FinePruning(Defense):
 
     name = "fp"
     config_cls = FinePruningConfig
+    budget_keys = ("epochs",)
 
     def repair(self, model, data, cfg, run):
         return fine_prune(model, data, cfg, run)
