@@ -154,6 +154,20 @@ def test_fp_decides_on_held_out_clean_samples_by_default(digits_copy):
         assert cost["fp_num_pruned"] == prune["num_pruned"].iloc[-1]
 
 
+def test_backdoorbench_prune_quirks_are_one_flag_away(digits_copy):
+    record_dir = digits_copy / "record" / "badnet_digits"
+    FinePruning.main(["--result_file", "badnet_digits", "--epochs", "0", "--select_on", "test", "--acc_ratio", "0.02",
+                      "--bb_prune_quirks", "true", "--progress", "false"])
+    out_dir = record_dir / "defense" / "fp"
+    cost = check_common(out_dir)
+    prune = read_csv(out_dir / "prune_log.csv")
+    last_scored = int(prune["num_pruned"].iloc[-1])
+    assert cost["fp_num_pruned"] == last_scored - 1  # the rejected step's mask, num_pruned - 1 features
+    clf, _ = load_defended(out_dir, record_dir)
+    zero_columns = int((clf.net.classifier.weight.detach().abs().sum(0) == 0).sum())
+    assert zero_columns == last_scored - 1
+
+
 def test_split_heldout_is_seeded_disjoint_and_complete():
     images = torch.zeros(50, 1, 2, 2, dtype=torch.uint8)
     labels = torch.arange(50) % 10

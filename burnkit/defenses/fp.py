@@ -20,7 +20,9 @@ which stops on the clean *test* accuracy. Every step's test ACC/ASR/RA is logged
 (``prune_log.csv``; ``heldout_acc`` is added with a held-out set).
 
 Unlike BackdoorBench (spec §9.3) exactly ``num_pruned`` features are pruned (not ``num_pruned-1``),
-the rejected step does not leak into the saved model, and the logged index set is the one used.
+the rejected step does not leak into the saved model, and the logged index set is the one used;
+``--bb_prune_quirks true`` prunes as BackdoorBench's code does (``num_pruned-1`` per step, and the
+model is fine-tuned with the pruning of the last scored step, the rejected one if the sweep stopped).
 The final linear layer is found generically (the last ``nn.Linear`` in module order whose output
 is the network's output); for PreActResNet and the small CNN its input is the pooled last-stage
 feature vector, exactly BackdoorBench's hook. For VGG, BackdoorBench hooks the 25088-wide input
@@ -67,6 +69,8 @@ class FinePruningConfig(SelectionConfig):
     amp: bool = option(True, "mixed precision on CUDA")
     acc_ratio: float = option(0.1, "stop pruning once the relative clean-accuracy drop reaches this")
     once_prune_ratio: float = option(0.01, "share of the final layer's input features pruned per step")
+    bb_prune_quirks: bool = option(False, "prune as BackdoorBench's code does: num_pruned-1 features per step, and "
+                                          "fine-tune the model with the last scored (rejected) step's pruning")
 
     def validate(self) -> None:
         super().validate()
@@ -125,10 +129,11 @@ def mean_activation_order(features: torch.Tensor) -> torch.Tensor:
     return torch.argsort(features.mean(0), stable=True)
 
 
-def prune_mask(order: torch.Tensor, num_pruned: int, n_features: int) -> torch.Tensor:
-    """A float mask over the final layer's inputs: 0 for the first ``num_pruned`` of ``order``."""
+def prune_mask(order: torch.Tensor, num_pruned: int, n_features: int, quirks: bool = False) -> torch.Tensor:
+    """A float mask over the final layer's inputs: 0 for the first ``num_pruned`` of ``order``
+    (``num_pruned - 1`` with BackdoorBench's ``quirks``)."""
     mask = torch.ones(n_features)
-    mask[order[:num_pruned]] = 0.0
+    mask[order[:max(0, num_pruned - 1) if quirks else num_pruned]] = 0.0
     return mask
 
 
@@ -185,7 +190,7 @@ def prune_sweep(features_clean: torch.Tensor, features_bd: torch.Tensor, data: D
     acc0 = None
     accepted = 0
     for num_pruned in range(0, n, step):
-        mask = prune_mask(order, num_pruned, n)
+        mask = prune_mask(order, num_pruned, n, cfg.bb_prune_quirks)
         preds = pruned_logits(features_clean, linear, mask).argmax(1)
         acc = accuracy(preds, data.clean_test.labels)
         asr = ra = heldout_acc = None
@@ -227,11 +232,13 @@ def fine_prune(model: Classifier, data: DefenseData, cfg: FinePruningConfig, run
                     layer_name, n, len(steps), accepted,
                     f"{len(heldout)} held-out clean samples" if heldout is not None else "the clean test set")
     write_prune_log(run, steps, n)
-    pruned_idx = order[:accepted]
+    # BackdoorBench prunes in place, so its model keeps the last scored step's mask, rejected or not
+    kept = max(0, steps[-1].num_pruned - 1) if cfg.bb_prune_quirks else accepted
+    pruned_idx = order[:kept]
     np.savetxt(run.checkpoint_dir / "pruned_feature_index.txt", pruned_idx.numpy(), fmt="%d")
-    run.extra_results.update({"fp_layer": layer_name, "fp_features": n, "fp_num_pruned": int(accepted)})
+    run.extra_results.update({"fp_layer": layer_name, "fp_features": n, "fp_num_pruned": int(kept)})
 
-    mask = prune_mask(order, accepted, n)
+    mask = prune_mask(order, kept, n)
     if cfg.epochs > 0:
         with frozen_columns(linear, mask):
             result = run.fit(model, data.clean_subset, cfg.train_config(), phase="finetune",
