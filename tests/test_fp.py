@@ -14,7 +14,7 @@ from burnkit.data import ImageSet
 from burnkit.datasets import dataset_info
 from burnkit.defense import split_heldout
 from burnkit.defenses.fp import (FinePruning, final_layer_inputs, final_linear, fold_mask, frozen_columns,
-                                 mean_activation_order, prune_mask, pruned_logits)
+                                 mean_activation_order, prune_mask, pruned_logits, relative_drop)
 from burnkit.errors import BurnError
 from burnkit.models import build_classifier
 
@@ -147,7 +147,7 @@ def test_fp_decides_on_held_out_clean_samples_by_default(digits_copy):
     counts = prune["heldout_acc"] * cost["heldout_size"]  # shares of the 29 held-out samples
     assert np.allclose(counts, counts.round(), atol=1e-6)
     acc0 = prune["heldout_acc"].iloc[0]
-    drops = (prune["heldout_acc"] - acc0).abs() / acc0  # the held-out accuracy decides, not test_acc
+    drops = (acc0 - prune["heldout_acc"]) / acc0  # the held-out accuracy decides, not test_acc; a fall only
     if drops.iloc[-1] >= 0.05:
         assert (drops.iloc[:-1] < 0.05).all() and cost["fp_num_pruned"] == prune["num_pruned"].iloc[-2]
     else:
@@ -166,6 +166,12 @@ def test_backdoorbench_prune_quirks_are_one_flag_away(digits_copy):
     clf, _ = load_defended(out_dir, record_dir)
     zero_columns = int((clf.net.classifier.weight.detach().abs().sum(0) == 0).sum())
     assert zero_columns == last_scored - 1
+
+
+def test_relative_drop_is_two_sided_only_for_backdoorbenchs_test_rule():
+    assert relative_drop(0.45, 0.5, two_sided=True) == pytest.approx(0.1)
+    assert relative_drop(0.55, 0.5, two_sided=True) == pytest.approx(0.1)  # a rise stops BackdoorBench's sweep
+    assert relative_drop(0.55, 0.5, two_sided=False) == pytest.approx(-0.1)  # not the held-out one
 
 
 def test_split_heldout_is_seeded_disjoint_and_complete():

@@ -17,8 +17,8 @@ Backdoored Deep Neural Networks", NeurIPS 2021), as BackdoorBench runs it (spec 
    lowest-mask channels instead (``number_df.csv``).
 5. Choose the model (``--select_on``). By default (``heldout``) a share ``--heldout_ratio`` (10 %)
    of the defender's clean subset is kept out of the mask optimisation, and the most-pruned step
-   whose relative *held-out* accuracy drop is below ``acc_ratio`` is kept (the unpruned model if
-   none): no test sample is read for the decision, and the test sets are scored only every
+   whose *held-out* accuracy has fallen by less than ``acc_ratio`` (relative; a rise does not count)
+   is kept (the unpruned model if none): no test sample is read for the decision, and the test sets are scored only every
    ``--test_every`` sweep steps and for the kept model. ``--select_on test`` reproduces
    BackdoorBench: every step is scored, and the lowest-ASR step whose relative clean-*test*
    accuracy drop is below ``acc_ratio`` is kept (the unpruned model if none beats its ASR). The kept
@@ -303,12 +303,12 @@ def select_row(rows: list[dict], before: Metrics, acc_ratio: float) -> dict | No
 
 
 def select_row_heldout(rows: list[dict], heldout_acc0: float, acc_ratio: float) -> dict | None:
-    """The choice without test data: the most-pruned row whose relative held-out accuracy drop is
-    below ``acc_ratio`` (pruning more removes more of what the noise exposed); None if only the
-    unpruned model qualifies."""
+    """The choice without test data: the most-pruned row whose held-out accuracy has fallen by less
+    than ``acc_ratio`` (relative; a rise is no fall - one held-out sample moves it by several percent)
+    - pruning more removes more of what the noise exposed; None if only the unpruned model qualifies."""
     best = None
     for row in rows:
-        drop = abs(row["heldout_acc"] - heldout_acc0) / heldout_acc0 if heldout_acc0 else 0.0
+        drop = (heldout_acc0 - row["heldout_acc"]) / heldout_acc0 if heldout_acc0 else 0.0  # a fall only
         if drop < acc_ratio and row["num_pruned"] > 0 and (best is None or row["num_pruned"] > best["num_pruned"]):
             best = row
     return best

@@ -14,8 +14,10 @@ Attacks on Deep Neural Networks", RAID 2018), as BackdoorBench runs it (spec §7
 
 **Which accuracy decides the stop** (``--select_on``): by default (``heldout``) the accuracy on a
 held-out share ``--heldout_ratio`` (10 %) of the defender's clean subset, which is then left out of
-the activation ranking; the held-out samples join the fine-tuning set once the decision is made, so
-fine-tuning uses the whole subset as in BackdoorBench. ``--select_on test`` reproduces BackdoorBench,
+the activation ranking, and only a *fall* of the held-out accuracy counts (BackdoorBench's rule takes
+the absolute change, so on its 10,000 test images a rise ends the sweep too; on a few dozen held-out
+images one sample moves the accuracy by several percent). The held-out samples join the fine-tuning
+set once the decision is made, so fine-tuning uses the whole subset as in BackdoorBench. ``--select_on test`` reproduces BackdoorBench,
 which stops on the clean *test* accuracy. Every step's test ACC/ASR/RA is logged either way
 (``prune_log.csv``; ``heldout_acc`` is added with a held-out set).
 
@@ -166,6 +168,14 @@ def frozen_columns(linear: nn.Linear, mask: torch.Tensor):
 # --------------------------------------------------------------------------- the algorithm
 
 
+def relative_drop(acc: float, acc0: float, two_sided: bool) -> float:
+    """``(acc0 - acc) / acc0``; BackdoorBench's rule (``two_sided``) takes its absolute value, so a
+    *rise* of the clean test accuracy also ends its sweep. On a small held-out set one or two
+    samples move the accuracy by several percent either way, so there only a fall counts."""
+    change = (acc0 - acc) / acc0
+    return abs(change) if two_sided else change
+
+
 @dataclass
 class PruneStep:
     num_pruned: int
@@ -204,7 +214,7 @@ def prune_sweep(features_clean: torch.Tensor, features_bd: torch.Tensor, data: D
         deciding = acc if heldout is None else heldout_acc
         if acc0 is None:
             acc0 = deciding
-        if acc0 and abs(deciding - acc0) / acc0 >= cfg.acc_ratio:
+        if acc0 and relative_drop(deciding, acc0, two_sided=heldout is None) >= cfg.acc_ratio:
             break
         accepted = num_pruned
     return steps, accepted
