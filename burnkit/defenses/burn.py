@@ -50,6 +50,7 @@ from ..metrics import auroc
 from ..models import Classifier
 from ..records import atomic_torch_save
 from ..results import atomic_write_text, write_json
+from ..safe_load import safe_torch_load
 
 PD_OUTPUTS = ("logits", "probs")
 STATE_VERSION = 1
@@ -198,12 +199,12 @@ def selection_quality(train: ImageSet, poison_pos: torch.Tensor, clean_pos: torc
 # --------------------------------------------------------------------------- state on disk
 
 
-def _fingerprint(cfg: BurnConfig, train: ImageSet, record_dir: str) -> dict:
+def _fingerprint(cfg: BurnConfig, n_train: int, record_dir: str) -> dict:
     """What a checkpoint must agree with to be resumed."""
     keys = ("iterations", "epochs", "batch_size", "lr", "client_optimizer", "adam_betas", "wd", "amsgrad",
             "lr_scheduler", "augment", "bn_eval", "kp_start", "kp_end", "kc_start", "kc_end", "omega_start", "omega_end",
             "pd_output", "attack_space", "clip", "overshoot", "max_iter", "candidates", "random_seed")
-    return {"record": str(record_dir), "n_train": len(train), **{k: _plain(getattr(cfg, k)) for k in keys}}
+    return {"record": str(record_dir), "n_train": int(n_train), **{k: _plain(getattr(cfg, k)) for k in keys}}
 
 
 def _scan_fingerprint(full: dict) -> dict:
@@ -215,10 +216,11 @@ def _plain(v):
 
 
 def _load(path: Path, expected: dict, what: str):
+    """A checkpoint of this run, read weights-only (a record folder can carry any file), or None."""
     if not path.exists():
         return None
-    state = torch.load(path, map_location="cpu", weights_only=False)  # our own checkpoint file
-    if state.get("version") != STATE_VERSION or state.get("fingerprint") != expected:
+    state = safe_torch_load(path, what=f"the {what} checkpoint", fix="pass --resume false to start over")
+    if not isinstance(state, dict) or state.get("version") != STATE_VERSION or state.get("fingerprint") != expected:
         raise BurnError(f"the {what} checkpoint {path} was made with other settings or another record; "
                         "pass --resume false to start over")
     return state
@@ -233,7 +235,7 @@ def burn(model: Classifier, data: DefenseData, cfg: BurnConfig, run: DefenseRun)
     if train is None or len(train) == 0:
         raise BurnError("BURN needs the record's poisoned training set (bd_train), but the record has none")
     device = run.device
-    fingerprint = _fingerprint(cfg, train, str(run.out_dir.parent.parent))
+    fingerprint = _fingerprint(cfg, len(train), str(run.out_dir.parent.parent))
     scan_path, state_path = run.checkpoint_dir / "burn_scan.pt", run.checkpoint_dir / "burn_state.pt"
     if not cfg.resume:
         scan_path.unlink(missing_ok=True)
@@ -436,3 +438,12 @@ class Burn(Defense):
 
     def repair(self, model, data, cfg, run):
         return burn(model, data, cfg, run)
+
+    def preflight(self, cfg, record, out_dir):
+        """Refuse a broken checkpoint or one of other settings before anything is written."""
+        if not cfg.resume or record.bd_train is None:
+            return
+        folder = Path(cfg.checkpoint_save) if cfg.checkpoint_save else out_dir / "checkpoint"
+        fingerprint = _fingerprint(cfg, len(record.bd_train.original_index), str(out_dir.parent.parent))
+        _load(folder / "burn_scan.pt", _scan_fingerprint(fingerprint), "scan")
+        _load(folder / "burn_state.pt", fingerprint, "BURN")

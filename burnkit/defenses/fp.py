@@ -45,6 +45,7 @@ import contextlib
 import math
 import shutil
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -52,8 +53,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import option
-from ..data import ImageSet
-from ..data import Augment
+from ..data import Augment, ImageSet
 from ..defense import (Defense, DefenseData, DefenseRun, SelectionConfig, register_defense,
                        split_heldout)
 from ..engine import eval_mode, iterate
@@ -65,6 +65,8 @@ from ..results import MetricLog, atomic_write_text
 
 @dataclass
 class FinePruningConfig(SelectionConfig):
+    # BackdoorBench's FP YAMLs carry these keys without reading them (spec §7.2): accepted, unused
+    YAML_COMPAT_KEYS: ClassVar[tuple[str, ...]] = ("poison_rate", "target_type", "target_label", "trigger_type")
     epochs: int = option(100, "fine-tuning epochs after pruning")
     batch_size: int = option(256, "batch size")
     lr: float = option(0.01, "fine-tuning learning rate")
