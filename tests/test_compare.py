@@ -125,7 +125,7 @@ def find_browser() -> str:
 
 def run_browser(browser: str, profile: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-                           f"--user-data-dir={profile}", *args], capture_output=True, text=True, timeout=120)
+                           f"--user-data-dir={profile}", *args], capture_output=True, text=True, timeout=300)
 
 
 class _Tables(html.parser.HTMLParser):
