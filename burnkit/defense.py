@@ -19,8 +19,11 @@ was.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
 import logging
 import logging.handlers
+import math
 import random
 import sys
 import time
@@ -35,7 +38,7 @@ from .config import as_dict, find_config_file, option, parse_config
 from .data import Augment, ImageSet
 from .datasets import DATASETS, DatasetInfo, dataset_info
 from .engine import (EvalSuite, FitResult, Metrics, TrainConfig, evaluate, fit, resolve_device,
-                     seed_everything)
+                     seed_everything, test_due)
 from .errors import BurnError, cli_errors
 from .registry import Registry
 from .models import Classifier, build_classifier, load_bb_state_dict
@@ -77,6 +80,40 @@ class DefenseConfig(TrainingOptions):
         super().validate()
         if not 0.0 < self.ratio <= 1.0:
             raise BurnError(f"--ratio must be in (0, 1], got {self.ratio}")
+
+
+SELECT_ON = ("heldout", "test")
+
+
+@dataclass
+class SelectionConfig(DefenseConfig):
+    """Flags of a defense that chooses its final model among candidates (FP's pruning point, ANP's
+    threshold). BackdoorBench decides on the test sets; by default here the decision reads only a
+    held-out part of the defender's own clean subset, so no test sample influences the model."""
+
+    select_on: str = option("heldout", "what decides the final model: heldout (a held-out share of the clean "
+                                       "subset; no test data) or test (BackdoorBench: the clean and backdoor "
+                                       "test sets)", choices=SELECT_ON)
+    heldout_ratio: float = option(0.1, "share of the clean subset held out for that decision (select_on heldout)")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.select_on not in SELECT_ON:
+            raise BurnError(f"--select_on must be heldout or test, got {self.select_on!r}")
+        if not 0.0 < self.heldout_ratio < 1.0:
+            raise BurnError(f"--heldout_ratio must be in (0, 1), got {self.heldout_ratio}")
+
+
+def split_heldout(clean: ImageSet, ratio: float, seed: int) -> tuple[ImageSet, ImageSet]:
+    """``(rest, heldout)``: ``ceil(n * ratio)`` samples of ``clean`` drawn with a seeded permutation
+    (at least one on each side)."""
+    n = len(clean)
+    if n < 2:
+        raise BurnError(f"--select_on heldout needs at least 2 clean samples, the subset has {n}; "
+                        "raise --ratio or use --select_on test")
+    count = min(n - 1, max(1, math.ceil(n * ratio)))
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return clean.subset(order[count:].sort().values), clean.subset(order[:count].sort().values)
 
 
 # --------------------------------------------------------------------------- run context
@@ -136,6 +173,19 @@ class DefenseRun:
     def evaluate(self, model: Classifier) -> Metrics:
         return evaluate(model, self.data.eval_suite, self.device, amp=self.cfg.amp)
 
+    def test_row(self, model: Classifier, index: int, total: int, ra_loss: bool = False) -> dict:
+        """The test columns of row ``index`` (0-based) of ``total``: scored every ``--test_every``
+        rows and on the last, marked not scored in between (for loops that do not use :meth:`fit`)."""
+        if not test_due(index, total, self.cfg.test_every):
+            return Metrics.skipped_row(ra_loss)
+        with self.timed("evaluate"):
+            return self.evaluate(model).row(ra_loss)
+
+    def record_decision(self, select_on: str, heldout: int = 0) -> None:
+        """Say in ``cost.json`` what chose the final model: the test sets or ``heldout`` clean samples."""
+        self.extra_results.update({"select_on": select_on, "heldout_size": int(heldout),
+                                   "test_data_for_decisions": select_on == "test"})
+
     def fit(self, model: Classifier, train_set: ImageSet, train_cfg: TrainConfig | None = None,
             log: bool = True, phase: str = "train", **kwargs) -> FitResult:
         """``engine.fit`` with this run's device, seed, augmentation and scoring; rows go to the
@@ -173,6 +223,15 @@ class Defense:
     config_cls: ClassVar[type[DefenseConfig]] = DefenseConfig
     needs_clean_subset: ClassVar[bool] = True
     description: ClassVar[str] = ""
+    # config keys that measure the defense's compute budget (cost.json "budget"); the default list
+    # covers defenses that do not set their own (e.g. BURN: iterations and epochs per iteration)
+    budget_keys: ClassVar[tuple[str, ...]] = ("iterations", "n_rounds", "nb_iter", "te_epochs", "epochs")
+
+    def budget(self, cfg: DefenseConfig) -> dict:
+        """``{key: (value, default)}`` for the budget keys this config has (default: the config's own,
+        which is BackdoorBench's cifar10 value for the baselines)."""
+        fields = {f.name: f for f in dataclasses.fields(cfg)}
+        return {k: [getattr(cfg, k), fields[k].default] for k in self.budget_keys if k in fields}
 
     def repair(self, model: Classifier, data: DefenseData, cfg: DefenseConfig, run: DefenseRun) -> Classifier:
         raise NotImplementedError(f"{type(self).__name__} must implement repair()")
@@ -305,7 +364,8 @@ class Defense:
                 **({"wall_time_s_all_sessions": time.perf_counter() - started + run.previous_sessions_s}
                    if run.previous_sessions_s else {}),
                 "attacked": run.before.row(), "final": {k: final.get(k) for k in ("test_acc", "test_asr", "test_ra")},
-                "clean_subset_size": int(len(subset_idx)), **run.extra_results}
+                "clean_subset_size": int(len(subset_idx)), "train_set_size": _train_set_size(record),
+                "budget": self.budget(cfg), "test_data_for_decisions": False, **run.extra_results}
         write_json(out_dir / "cost.json", cost)
         # the result file marks the output as finished (compare, --overwrite), so it is written last
         write_defense_result(out_dir, record.model_name, record.num_classes, model.bb_state_dict())
@@ -313,6 +373,18 @@ class Defense:
                     _pct(final.get("test_asr")), _pct(final.get("test_ra")), cost["wall_time_s"], out_dir)
         _close_logger(logger)
         return {"model": model, "out_dir": out_dir, "final": final, "before": run.before, "cost": cost}
+
+
+def _train_set_size(record: AttackRecord) -> int | None:
+    """How many training samples the attacked model learnt from: the attack's ``train_subset_size``
+    (our records' provenance.json), else the length of the record's training split."""
+    try:
+        facts = json.loads((record.record_dir / "provenance.json").read_text())
+        if facts.get("train_subset_size"):
+            return int(facts["train_subset_size"])
+    except (OSError, ValueError, AttributeError):
+        pass
+    return None if record.bd_train is None else int(len(record.bd_train.original_index))
 
 
 def resolve_record_dir(result_file: str) -> Path:

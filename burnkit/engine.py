@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from .data import Augment, Batch, ImageSet, batches, num_batches
 from .errors import BurnError
 from .metrics import accuracy
+from .results import NOT_SCORED
 
 # --------------------------------------------------------------------------- seeding, devices
 
@@ -230,6 +231,16 @@ class Metrics:
             losses["ra_test_loss_avg_over_batch"] = self.ra_loss
         return {**losses, "test_acc": self.acc, "test_asr": self.asr, "test_ra": self.ra}
 
+    @staticmethod
+    def skipped_row(ra_loss: bool = False) -> dict:
+        """The same columns, marked as not scored (a ``--test_every`` row between two scorings)."""
+        return dict.fromkeys(Metrics(None, None, None, None, None).row(ra_loss), NOT_SCORED)
+
+
+def test_due(index: int, total: int, every: int) -> bool:
+    """Whether epoch/round/step ``index`` (0-based) of ``total`` is scored: every ``every``-th and the last."""
+    return (index + 1) % max(1, every) == 0 or index + 1 == total
+
 
 def iterate(imageset: ImageSet, batch_size: int, device: torch.device, *, shuffle: bool = False,
             generator: torch.Generator | None = None, augment: Augment | None = None,
@@ -315,7 +326,8 @@ def fit(model: nn.Module, train_set: ImageSet, cfg: TrainConfig, *, device: torc
             ``resume`` an existing one is continued from, so a killed run ends as an unkilled one.
         eval_before: add a row for the untrained model (epoch -1) first.
         eval_every: score ``eval_suite`` only every N epochs and after the last (the other rows keep
-            their training columns); scoring the test sets can cost as much as a small model's epoch.
+            their training columns, the test columns marked ``NOT_SCORED``); scoring the test sets can
+            cost as much as a small model's epoch.
         fingerprint: what the run depends on (settings, data digest); saved in the checkpoint, and a
             checkpoint with another fingerprint is refused instead of silently continued.
 
@@ -396,8 +408,9 @@ def fit(model: nn.Module, train_set: ImageSet, cfg: TrainConfig, *, device: torc
                "train_acc": correct.acc()}
         if attack_columns:
             row.update(correct.attack_columns())
-        if eval_suite is not None and ((epoch + 1) % eval_every == 0 or epoch + 1 == cfg.epochs):
-            row.update(evaluate(model, eval_suite, device, amp=use_amp).row())
+        if eval_suite is not None:
+            row.update(evaluate(model, eval_suite, device, amp=use_amp).row()
+                       if test_due(epoch, cfg.epochs, eval_every) else Metrics.skipped_row())
         epoch_times.append(time.perf_counter() - epoch_start)
         if epoch_end is not None:
             epoch_end(epoch, model, row)

@@ -5,6 +5,10 @@ index column first, NaN written as ``nan_value``) and ``<name>_df_summary.csv`` 
 ``last`` (last non-NaN value), ``valid_max`` and ``exist_nan_value`` - what BackdoorBench's
 ``Metric_Aggregator`` produces. Files are replaced atomically, so a killed run never leaves a
 half-written CSV.
+
+A value that was deliberately not measured (the test sets are scored only every ``--test_every``
+epochs) is :data:`NOT_SCORED`: its cell stays empty, the column stays in place, and a ``tested``
+column (False on such rows) is added, so skipped rows are told apart from measured ones.
 """
 from __future__ import annotations
 
@@ -25,6 +29,10 @@ NAN = "nan_value"
 ACC_LIKE = ("train_acc", "train_acc_clean_only", "train_asr_bd_only", "train_ra_bd_only",
             "test_acc", "test_asr", "test_ra")
 LOSS_LIKE = ("train_epoch_loss_avg_over_batch", "clean_test_loss_avg_over_batch", "bd_test_loss_avg_over_batch")
+
+
+NOT_SCORED = "not scored"  # a plain string, so rows stay plain data in checkpoints
+TESTED = "tested"
 
 
 def _clean(value):
@@ -49,7 +57,11 @@ class MetricLog:
             self.append(row)
 
     def frame(self) -> pd.DataFrame:
-        return pd.DataFrame(self.rows, dtype=object)
+        rows = self.rows
+        if any(_skipped(v) for row in rows for v in row.values()):
+            rows = [{**{k: (None if _skipped(v) else v) for k, v in row.items()},
+                     TESTED: not any(_skipped(v) for v in row.values())} for row in rows]
+        return pd.DataFrame(rows, dtype=object)
 
     def summary(self) -> pd.DataFrame:
         return summarize(self.frame())
@@ -71,12 +83,16 @@ def summarize(frame: pd.DataFrame) -> pd.DataFrame:
     out = {}
     for col in frame.columns:
         values = list(frame[col])
-        valid = [v for v in values if not (isinstance(v, str) and v == NAN) and not _is_missing(v)]
+        valid = [v for v in values if not (isinstance(v, str) and v in (NAN, NOT_SCORED)) and not _is_missing(v)]
         numeric = [v for v in valid if isinstance(v, (int, float)) and not isinstance(v, bool)]
         out[col] = {"last": valid[-1] if valid else None,
                     "valid_max": max(numeric) if numeric else None,
                     "exist_nan_value": any(isinstance(v, str) and v == NAN for v in values)}
     return pd.DataFrame(out, index=["last", "valid_max", "exist_nan_value"])
+
+
+def _skipped(v) -> bool:
+    return isinstance(v, str) and v == NOT_SCORED
 
 
 def _is_missing(v) -> bool:

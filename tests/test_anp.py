@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ import torch.nn as nn
 
 from baseline_checks import check_common, load_defended, random_net, read_csv, score
 from burnkit.defenses.anp import (AdversarialNeuronPruning, ANPConfig, NoisyBatchNorm2d, batchnorm_layers,
-                                  make_noisy, prune_sweep, select_row, sweep_points)
+                                  make_noisy, prune_sweep, select_row, select_row_heldout, sweep_points)
 from burnkit.engine import Metrics
 from burnkit.errors import BurnError
 
@@ -132,11 +133,18 @@ def test_number_sweep_and_model_selection():
         ANPConfig(pruning_by="number").validate()
 
 
-def test_anp_end_to_end_on_digits(digits_copy):
+def test_heldout_selection_keeps_the_most_pruned_step_within_the_accuracy_allowance():
+    rows = [{"num_pruned": 0, "heldout_acc": 0.80}, {"num_pruned": 4, "heldout_acc": 0.92},  # a rise is no drop
+            {"num_pruned": 9, "heldout_acc": 0.73}, {"num_pruned": 15, "heldout_acc": 0.70}]  # 12.5% drop
+    assert select_row_heldout(rows, 0.80, 0.1)["num_pruned"] == 9
+    assert select_row_heldout(rows[:1] + [{"num_pruned": 3, "heldout_acc": 0.5}], 0.80, 0.1) is None
+
+
+def test_anp_end_to_end_on_digits_with_backdoorbench_test_selection(digits_copy):
     record_dir = digits_copy / "record" / "badnet_digits"
     out = AdversarialNeuronPruning.main(["--result_file", "badnet_digits", "--nb_iter", "30", "--print_every", "15",
                                          "--batch_size", "32", "--lr", "0.2", "--pruning_step", "0.15",
-                                         "--progress", "false"])
+                                         "--select_on", "test", "--test_every", "4", "--progress", "false"])
     out_dir = record_dir / "defense" / "anp"
     cost = check_common(out_dir)
     lines = (out_dir / "checkpoint" / "mask_values.txt").read_text().splitlines()
@@ -165,3 +173,31 @@ def test_anp_end_to_end_on_digits(digits_copy):
     if cost["anp_num_pruned"]:
         chosen = sweep[sweep["num_pruned"] == cost["anp_num_pruned"]].iloc[0]
         assert chosen["test_asr"] == pytest.approx(metrics.asr)
+    assert cost["test_data_for_decisions"] is True and cost["budget"] == {"nb_iter": [30, 2000]}
+
+
+def test_anp_decides_on_held_out_samples_and_scores_tests_every_n_steps(digits_copy):
+    record_dir = digits_copy / "record" / "badnet_digits"
+    AdversarialNeuronPruning.main(["--result_file", "badnet_digits", "--nb_iter", "30", "--print_every", "15",
+                                   "--batch_size", "32", "--lr", "0.2", "--pruning_step", "0.15", "--ratio", "0.2",
+                                   "--test_every", "3", "--progress", "false"])
+    out_dir = record_dir / "defense" / "anp"
+    cost = check_common(out_dir)
+    assert cost["select_on"] == "heldout" and cost["test_data_for_decisions"] is False
+    assert cost["heldout_size"] == math.ceil(int(1438 * 0.2) * 0.1)
+    sweep = read_csv(out_dir / "threshold_df.csv")
+    assert list(sweep.columns) == ["epoch", "threshold", "value", "num_pruned", "clean_test_loss_avg_over_batch",
+                                   "bd_test_loss_avg_over_batch", "test_acc", "test_asr", "test_ra", "heldout_acc",
+                                   "tested"]
+    # 7 steps, test sets scored at steps 3, 6 and the last (index 2, 5, 6); the rest are marked
+    assert sweep["tested"].tolist() == [False, False, True, False, False, True, True]
+    assert sweep.loc[~sweep["tested"], "test_acc"].isna().all() and sweep.loc[sweep["tested"], "test_acc"].notna().all()
+    assert sweep["heldout_acc"].notna().all()
+    acc0 = sweep["heldout_acc"].iloc[0]
+    allowed = sweep[((acc0 - sweep["heldout_acc"]) / acc0 < 0.1) & (sweep["num_pruned"] > 0)]
+    expected = int(allowed["num_pruned"].max()) if len(allowed) else 0
+    assert cost["anp_num_pruned"] == expected
+    clf, record = load_defended(out_dir, record_dir)
+    kept = read_csv(out_dir / "anp_df.csv").iloc[-1]
+    metrics = score(clf, record)  # the kept model is scored on the test sets even between scorings
+    assert metrics.acc == pytest.approx(kept["test_acc"]) and metrics.asr == pytest.approx(kept["test_asr"])

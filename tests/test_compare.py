@@ -7,6 +7,7 @@ epochs, 1 defense epoch), so the numbers are real; the checks compare them with 
 """
 from __future__ import annotations
 
+import html.parser
 import json
 import math
 import os
@@ -18,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -101,6 +103,107 @@ def test_matrix_resumes_after_a_kill_and_its_tables_equal_the_per_run_csvs(matri
     """The one test that uses the matrix (with ``pytest -n``, a second user could build it twice)."""
     check_resumed(matrix)
     check_tables(matrix)
+    check_leaderboard_columns(matrix)
+    check_html_in_chromium(matrix["out"])
+
+
+# where the browser check leaves its screenshot (CI keeps the clone's test-artifacts/ folder)
+SCREENSHOT = Path(os.environ.get("BURN_ARTIFACTS", REPO / "test-artifacts")) / "leaderboard_screenshot.png"
+
+
+def find_browser() -> str:
+    """Headless Chromium (Debian's ``chromium``; .ci/run installs it). Missing, the test fails
+    unless BURN_SKIP_BROWSER=1 says to skip it knowingly."""
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        if shutil.which(name):
+            return shutil.which(name)
+    if os.environ.get("BURN_SKIP_BROWSER") == "1":
+        pytest.skip("BURN_SKIP_BROWSER=1: the leaderboard is not rendered in a browser")
+    pytest.fail("the leaderboard test renders index.html in headless Chromium: apt-get install chromium "
+                "(or set BURN_SKIP_BROWSER=1 to skip this check knowingly)")
+
+
+def run_browser(browser: str, profile: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                           f"--user-data-dir={profile}", *args], capture_output=True, text=True, timeout=300)
+
+
+class _Tables(html.parser.HTMLParser):
+    """Every table of a page as rows of cell texts."""
+
+    def __init__(self):
+        super().__init__()
+        self.tables, self._cell = [], None
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "table":
+            self.tables.append([])
+        elif tag == "tr" and self.tables:
+            self.tables[-1].append([])
+        elif tag in ("td", "th"):
+            self._cell = []
+
+    def handle_endtag(self, tag):
+        if tag in ("td", "th") and self._cell is not None and self.tables and self.tables[-1]:
+            self.tables[-1][-1].append("".join(self._cell).strip())
+            self._cell = None
+
+    def handle_data(self, data):
+        if self._cell is not None:
+            self._cell.append(data)
+
+
+def check_html_in_chromium(out: Path):
+    """index.html opened from disk (file://, no server) in headless Chromium: the screenshot is not
+    blank, and the rendered ACC / ASR / RA table holds the means and stds of cells.csv."""
+    import matplotlib.image
+
+    browser = find_browser()
+    page = (out / "index.html").resolve()
+    profile = out / "browser-profile"
+    SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+    SCREENSHOT.unlink(missing_ok=True)
+    shot = run_browser(browser, profile, "--window-size=1400,2400", f"--screenshot={SCREENSHOT}", page.as_uri())
+    assert SCREENSHOT.is_file(), shot.stderr[-2000:]
+    pixels = matplotlib.image.imread(SCREENSHOT)[..., :3]
+    ink = (pixels.min(axis=2) < 0.9).mean()  # share of pixels that are not (near) white
+    assert 0.01 < ink < 0.9, f"the screenshot looks blank or broken ({ink:.4f} of the pixels drawn)"
+    assert len(np.unique((pixels * 255).astype(np.uint8).reshape(-1, 3), axis=0)) > 20  # text, lines, plots
+
+    dom = run_browser(browser, profile, "--dump-dom", page.as_uri())
+    parser = _Tables()
+    parser.feed(dom.stdout)
+    matrix = next(t for t in parser.tables if t and t[0][:2] == ["Attack", "No defense"])
+    header = matrix[0]
+    cells = pd.read_csv(out / "cells.csv")
+    for (attack, defense), group in cells.groupby(["attack", "defense"]):
+        row = next(r for r in matrix[1:] if r[0] == attack)
+        expected = " / ".join(f"{100 * group[m].mean():.2f} ± {100 * group[m].std(ddof=1):.2f}"
+                              for m in ("acc", "asr", "ra"))
+        assert row[header.index(defense)].startswith(expected), (attack, defense, row)
+    boards = [t for t in parser.tables if t and "Test data for decisions" in t[0]]
+    assert len(boards) == len(ATTACKS)
+
+
+def check_leaderboard_columns(matrix):
+    """The leaderboard rows say what each defense used, read back from the runs' own files."""
+    out, work = matrix["out"], matrix["work"]
+    cells = pd.read_csv(out / "cells.csv")
+    markdown = (out / "leaderboard.md").read_text()
+    assert "| # | Defense | ACC (%) | ASR (%) | RA (%) | DER (%) | Clean data | Test data for decisions | Budget | " \
+           "Compute (s) | Device | Seeds |" in markdown
+    for row in cells[cells.defense != "No defense"].itertuples():
+        cost = json.loads((work / "record" / row.record / "cost.json").read_text())
+        assert row.clean_samples == cost["clean_subset_size"] and row.train_set_size == 1437
+        assert row.test_data_for_decisions is False or row.test_data_for_decisions == False  # noqa: E712
+    ft = cells[cells.defense == "ft"].iloc[0]
+    assert ft.clean_samples == int(1437 * 0.05) and ft.budget == "epochs 1 (default 100)" and ft.budget_reduced
+    assert ft.clean_share == pytest.approx(int(1437 * 0.05) / 1437)
+    burn = cells[cells.defense == "burn"].iloc[0]
+    assert burn.clean_samples == 0 and burn.budget == "iterations 1 (default 20), epochs 1 (default 5)"
+    board = markdown.split("**Leaderboard: badnet**")[1].split("**")[0]
+    assert "| burn | " in board and "| none | no | iterations 1 (default 20), epochs 1 (default 5) |" in board
+    assert f"| 71 ({100 * 71 / 1437:.1f} % of 1,437) | no | epochs 1 (default 100) |" in board
 
 
 def check_resumed(matrix):

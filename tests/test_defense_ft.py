@@ -1,6 +1,7 @@
 """FT on the defense base: BackdoorBench outputs, clean subset semantics, CLI errors (spec §3, §7.1)."""
 from __future__ import annotations
 
+import json
 import random
 import subprocess
 import sys
@@ -35,6 +36,22 @@ def test_ft_writes_backdoorbench_outputs(digits_copy):
     assert len(idx) == int(1437 * 0.05) and len(set(idx.tolist())) == len(idx)
     assert list((folder / "log").glob("*.log"))
     assert (folder / "cost.json").is_file() and out["final"]["test_acc"] == df["test_acc"].iloc[-1]
+
+
+def test_ft_test_every_keeps_backdoorbench_columns_and_marks_skipped_rows(digits_copy):
+    out = FineTune.main(["--result_file", "badnet_digits", "--epochs", "3", "--test_every", "2", "--progress", "false"])
+    folder = digits_copy / "record" / "badnet_digits" / "defense" / "ft"
+    df = pd.read_csv(folder / "ft_df.csv", index_col=0)
+    assert list(df.columns) == [*FT_COLUMNS, "tested"]
+    assert df["tested"].tolist() == [False, True, True]  # epochs 2 and 3 (the last) are scored
+    assert df.loc[0, FT_COLUMNS[4:]].isna().all() and df.loc[1:, FT_COLUMNS[4:]].notna().all().all()
+    assert df["train_acc"].notna().all()
+    summary = pd.read_csv(folder / "ft_df_summary.csv", index_col=0)
+    assert float(summary.loc["last", "test_acc"]) == pytest.approx(df["test_acc"].iloc[-1])
+    assert out["final"]["test_acc"] == pytest.approx(df["test_acc"].iloc[-1])
+    cost = json.loads((folder / "cost.json").read_text())
+    assert cost["budget"] == {"epochs": [3, 100]} and cost["test_data_for_decisions"] is False
+    assert cost["train_set_size"] == 1437 and cost["clean_subset_size"] == int(1437 * 0.05)
 
 
 def test_clean_subset_matches_backdoorbench_and_index_file_wins(tmp_path):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import numpy as np
 import pytest
@@ -11,8 +12,9 @@ import torch.nn as nn
 from baseline_checks import check_common, load_defended, random_net, read_csv, score
 from burnkit.data import ImageSet
 from burnkit.datasets import dataset_info
+from burnkit.defense import split_heldout
 from burnkit.defenses.fp import (FinePruning, final_layer_inputs, final_linear, fold_mask, frozen_columns,
-                                 mean_activation_order, prune_mask, pruned_logits)
+                                 mean_activation_order, prune_mask, pruned_logits, relative_drop)
 from burnkit.errors import BurnError
 from burnkit.models import build_classifier
 
@@ -88,14 +90,15 @@ def test_final_layer_found_and_pruning_matches_full_forward(model_name, input_hw
     assert not torch.allclose(full, logits, atol=1e-5)  # pruning a third of the features changed them
 
 
-def test_fp_end_to_end_on_digits(digits_copy):
+def test_fp_end_to_end_on_digits_with_backdoorbench_test_selection(digits_copy):
     record_dir = digits_copy / "record" / "badnet_digits"
     index = np.arange(0, 1400, 7)  # a defender-chosen subset: --index must be honoured
     np.savetxt(digits_copy / "idx.txt", index, fmt="%d")
     out = FinePruning.main(["--result_file", "badnet_digits", "--epochs", "2", "--index", "idx.txt",
-                            "--progress", "false"])
+                            "--select_on", "test", "--progress", "false"])
     out_dir = record_dir / "defense" / "fp"
     cost = check_common(out_dir, index)
+    assert cost["select_on"] == "test" and cost["test_data_for_decisions"] is True and cost["heldout_size"] == 0
     assert np.array_equal(np.loadtxt(out_dir / "index.txt", dtype=int), index)  # BB's FP copy = the set used
 
     prune = read_csv(out_dir / "prune_log.csv")
@@ -127,6 +130,63 @@ def test_fp_end_to_end_on_digits(digits_copy):
     last = read_csv(out_dir / "fp_df.csv").iloc[-1]
     assert metrics.acc == pytest.approx(last["test_acc"]) and metrics.asr == pytest.approx(last["test_asr"])
     assert out["final"]["test_acc"] == pytest.approx(metrics.acc)
+
+
+def test_fp_decides_on_held_out_clean_samples_by_default(digits_copy):
+    record_dir = digits_copy / "record" / "badnet_digits"
+    FinePruning.main(["--result_file", "badnet_digits", "--epochs", "1", "--ratio", "0.2", "--acc_ratio", "0.05",
+                      "--progress", "false"])
+    out_dir = record_dir / "defense" / "fp"
+    cost = check_common(out_dir)
+    subset = int(1438 * 0.2)
+    assert cost["select_on"] == "heldout" and cost["test_data_for_decisions"] is False
+    assert cost["heldout_size"] == math.ceil(subset * 0.1) and cost["clean_subset_size"] == subset
+    prune = read_csv(out_dir / "prune_log.csv")
+    assert list(prune.columns) == ["epoch", "num_pruned", "all_filter_num", "test_acc", "test_asr", "test_ra",
+                                   "heldout_acc"]
+    counts = prune["heldout_acc"] * cost["heldout_size"]  # shares of the 29 held-out samples
+    assert np.allclose(counts, counts.round(), atol=1e-6)
+    acc0 = prune["heldout_acc"].iloc[0]
+    drops = (acc0 - prune["heldout_acc"]) / acc0  # the held-out accuracy decides, not test_acc; a fall only
+    if drops.iloc[-1] >= 0.05:
+        assert (drops.iloc[:-1] < 0.05).all() and cost["fp_num_pruned"] == prune["num_pruned"].iloc[-2]
+    else:
+        assert cost["fp_num_pruned"] == prune["num_pruned"].iloc[-1]
+
+
+def test_backdoorbench_prune_quirks_are_one_flag_away(digits_copy):
+    record_dir = digits_copy / "record" / "badnet_digits"
+    FinePruning.main(["--result_file", "badnet_digits", "--epochs", "0", "--select_on", "test", "--acc_ratio", "0.02",
+                      "--bb_prune_quirks", "true", "--progress", "false"])
+    out_dir = record_dir / "defense" / "fp"
+    cost = check_common(out_dir)
+    prune = read_csv(out_dir / "prune_log.csv")
+    last_scored = int(prune["num_pruned"].iloc[-1])
+    assert cost["fp_num_pruned"] == last_scored - 1  # the rejected step's mask, num_pruned - 1 features
+    clf, _ = load_defended(out_dir, record_dir)
+    zero_columns = int((clf.net.classifier.weight.detach().abs().sum(0) == 0).sum())
+    assert zero_columns == last_scored - 1
+
+
+def test_relative_drop_is_two_sided_only_for_backdoorbenchs_test_rule():
+    assert relative_drop(0.45, 0.5, two_sided=True) == pytest.approx(0.1)
+    assert relative_drop(0.55, 0.5, two_sided=True) == pytest.approx(0.1)  # a rise stops BackdoorBench's sweep
+    assert relative_drop(0.55, 0.5, two_sided=False) == pytest.approx(-0.1)  # not the held-out one
+
+
+def test_split_heldout_is_seeded_disjoint_and_complete():
+    images = torch.zeros(50, 1, 2, 2, dtype=torch.uint8)
+    labels = torch.arange(50) % 10
+    clean = ImageSet(images, labels, labels, torch.zeros(50, dtype=torch.bool), torch.arange(100, 150))
+    rest, held = split_heldout(clean, 0.1, seed=3)
+    assert len(held) == 5 and len(rest) == 45
+    assert sorted(rest.index.tolist() + held.index.tolist()) == list(range(100, 150))
+    assert split_heldout(clean, 0.1, seed=3)[1].index.tolist() == held.index.tolist()
+    assert split_heldout(clean, 0.1, seed=4)[1].index.tolist() != held.index.tolist()
+    with pytest.raises(BurnError, match="heldout_ratio"):
+        FinePruning.parse(["--result_file", "x", "--heldout_ratio", "1"])
+    with pytest.raises(BurnError, match="select_on"):
+        FinePruning.parse(["--result_file", "x", "--select_on", "train"])
 
 
 def test_fp_rejects_bad_prune_ratio():

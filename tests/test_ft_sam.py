@@ -16,7 +16,7 @@ from burnkit.data import Batch
 from burnkit.engine import StepContext
 from burnkit.errors import BurnError
 from burnkit.records import read_attack_record
-from burnkit.defenses.ft_sam import (FtSam, frozen_bn_stats, make_sam_step, proportional_rho,
+from burnkit.defenses.ft_sam import (FtSam, choose_by_class, frozen_bn_stats, make_sam_step, proportional_rho,
                                      remove_orthogonal_component, sam_perturbation, smooth_crossentropy)
 
 from defense_checks import check_defense_result, check_index_file
@@ -148,3 +148,13 @@ def test_bare_adaptive_flag_turns_adaptive_off_as_in_backdoorbench():
     assert FtSam.parse([])[0].adaptive is True  # default on
     assert FtSam.parse(["--adaptive"])[0].adaptive is False  # store_false there
     assert FtSam.parse(["--adaptive", "true"])[0].adaptive is True
+
+
+def test_class_balanced_draw_is_backdoorbenchs_legacy_numpy_choice():
+    labels = np.repeat(np.arange(10), 60)[np.random.default_rng(1).permutation(600)]
+    got = choose_by_class(labels, 0.05, seed=7, num_classes=10)
+    np.random.seed(7)  # BackdoorBench: fix_random(seed), then np.random.choice class by class
+    expected = np.concatenate([np.random.choice(np.flatnonzero(labels == c), 3, replace=False) for c in range(10)])
+    assert got.tolist() == expected.tolist()
+    with pytest.raises(BurnError, match="class 3"):
+        choose_by_class(np.where(labels == 3, 4, labels), 0.05, seed=7, num_classes=10)

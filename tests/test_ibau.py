@@ -91,6 +91,35 @@ def test_ibau_end_to_end_on_digits(digits_copy):
     assert result["final"]["test_acc"] > 0.5
 
 
+def test_perturbation_is_unbounded_by_default_as_in_backdoorbench(digits_workdir):
+    from burnkit.models import build_classifier, load_bb_state_dict
+
+    record = read_attack_record(digits_workdir / "record" / "badnet_digits")
+    model = build_classifier(record.model_name, record.info, record.num_classes).eval()
+    load_bb_state_dict(model, record.state_dict)
+    clean = record.load_data().clean_train.subset(np.arange(64))
+    assert IBAUConfig().pert_norm_bound == 0.0
+    free = universal_perturbation(model, clean, IBAUConfig(batch_size=16), torch.device("cpu"),
+                                  torch.Generator().manual_seed(0), None)
+    bounded = universal_perturbation(model, clean, IBAUConfig(batch_size=16, pert_norm_bound=1.0),
+                                     torch.device("cpu"), torch.Generator().manual_seed(0), None)
+    assert float(free.norm()) > 1.5  # lr 10 for 4 steps: far outside a unit ball, and kept so
+    torch.testing.assert_close(bounded, free / free.norm())
+
+
+def test_ibau_scores_the_test_sets_every_n_rounds(digits_copy):
+    IBAU.main(["--result_file", "badnet_digits", "--n_rounds", "3", "--ratio", "0.1", "--test_every", "2",
+               "--progress", "false"])
+    out = digits_copy / "record" / "badnet_digits" / "defense" / "i-bau"
+    frame = pd.read_csv(out / "i-bau_df.csv", index_col=0)
+    assert list(frame.columns) == [*BB_COLUMNS, "tested"]  # BackdoorBench's columns, then the marker
+    assert frame["tested"].tolist() == [False, True, True]
+    assert frame["test_acc"].isna().tolist() == [True, False, False]
+    summary = pd.read_csv(out / "i-bau_df_summary.csv", index_col=0)
+    assert float(summary.loc["last", "test_acc"]) == pytest.approx(frame["test_acc"].iloc[-1])
+    assert summary.loc["exist_nan_value", "test_acc"] in (False, "False")  # skipped is not NaN
+
+
 def test_ibau_rejects_a_bad_portion():
     with pytest.raises(BurnError, match="portion"):
         IBAU.parse(["--portion", "1.5"])

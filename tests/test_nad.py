@@ -85,3 +85,27 @@ def test_nad_with_given_teacher_skips_teacher_training(digits_copy):
     assert not (out_dir / "nad_te_df.csv").exists()
     assert read_csv(out_dir / "nad_df.csv")["epoch"].tolist() == [0]
     load_defended(out_dir, record_dir)
+
+
+def test_student_step_runs_in_float32_even_with_amp():
+    # BackdoorBench's student loop has no autocast: the step must not enter the AMP context
+    from burnkit.data import Batch
+    from burnkit.datasets import dataset_info
+    from burnkit.defenses.nad import distillation_step, tapped
+    from burnkit.engine import StepContext
+    from burnkit.models import build_classifier
+
+    class _NoAutocast(StepContext):
+        def autocast(self):
+            raise AssertionError("the NAD student must not use autocast")
+
+    student = build_classifier("smallcnn", dataset_info("digits"), 10)
+    teacher = build_classifier("smallcnn", dataset_info("digits"), 10).eval()
+    points = ["features.6", "features.10", "pool"]
+    with tapped(student.net, points) as s_tap, tapped(teacher.net, points) as t_tap:
+        step = distillation_step(teacher, s_tap, t_tap, (500.0, 1000.0, 1000.0), 2.0)
+        batch = Batch(torch.rand(4, 1, 8, 8), torch.tensor([0, 1, 2, 3]), torch.tensor([0, 1, 2, 3]),
+                      torch.zeros(4, dtype=torch.bool), torch.arange(4), torch.arange(4))
+        opt = torch.optim.SGD(student.parameters(), lr=0.01)
+        out = step(student, batch, opt, _NoAutocast(torch.device("cpu"), True, None))
+    assert out.loss.dtype == torch.float32 and torch.isfinite(out.loss)

@@ -15,11 +15,16 @@ import pandas as pd
 
 from ..metrics import defense_effectiveness_rate
 from .experiment import Experiment
-from .outputs import find_defense_summary, read_metrics, read_wall_time
+from .outputs import find_defense_summary, read_cell_facts, read_metrics, read_wall_time
 
 NO_DEFENSE = "No defense"
 VALUES = ("acc", "asr", "ra", "der", "wall_time_s")
 KEYS = ("dataset", "model", "attack", "defense")
+# per-cell facts reported next to the numbers (the same for every seed of a cell, or "mixed")
+FACTS = ("clean_samples", "train_set_size", "clean_share", "test_data_for_decisions", "budget", "budget_reduced",
+         "device")
+COLUMNS = ["dataset", "model", "attack", "defense", "seed", "record", "status", "acc", "asr", "ra", "der",
+           "wall_time_s", *FACTS, "reused", "summary_csv"]
 
 
 def collect(exp: Experiment) -> pd.DataFrame:
@@ -33,8 +38,10 @@ def collect(exp: Experiment) -> pd.DataFrame:
         metrics = read_metrics(summary) if summary.is_file() and (folder / "attack_result.pt").is_file() else _empty()
         baseline[rec.record] = metrics
         wall = read_wall_time(folder, "provenance.json")
-        rows.append(_row(rec, NO_DEFENSE, rec.record, metrics, math.nan, _wall(wall, state, rec.cell_id),
-                         summary if not math.isnan(metrics["acc"]) else None, state, rec.cell_id))
+        row = _row(rec, NO_DEFENSE, rec.record, metrics, math.nan, _wall(wall, state, rec.cell_id),
+                   summary if not math.isnan(metrics["acc"]) else None, state, rec.cell_id)
+        row.update(dict.fromkeys(FACTS, None), device=_device(folder / "provenance.json"))
+        rows.append(row)
     for cell in exp.defense_cells:
         folder = exp.workdir / "record" / cell.record / "defense" / cell.folder
         summary = find_defense_summary(folder, cell.script) if (folder / "defense_result.pt").is_file() else None
@@ -44,10 +51,14 @@ def collect(exp: Experiment) -> pd.DataFrame:
         if not any(math.isnan(v) for v in (base["acc"], base["asr"], metrics["acc"], metrics["asr"])):
             der = defense_effectiveness_rate(base["acc"], base["asr"], metrics["acc"], metrics["asr"])
         wall = read_wall_time(folder, "cost.json")
-        rows.append(_row(cell.source, cell.defense, f"{cell.record}/defense/{cell.folder}", metrics, der,
-                         _wall(wall, state, cell.cell_id), summary, state, cell.cell_id))
-    return pd.DataFrame(rows, columns=["dataset", "model", "attack", "defense", "seed", "record", "status",
-                                       "acc", "asr", "ra", "der", "wall_time_s", "reused", "summary_csv"])
+        row = _row(cell.source, cell.defense, f"{cell.record}/defense/{cell.folder}", metrics, der,
+                   _wall(wall, state, cell.cell_id), summary, state, cell.cell_id)
+        facts = read_cell_facts(folder, cell.script) if summary else dict.fromkeys(FACTS, None)
+        clean, train = facts.get("clean_samples"), facts.get("train_set_size")
+        facts["clean_share"] = clean / train if clean is not None and train and not math.isnan(train) else math.nan
+        row.update(facts)
+        rows.append(row)
+    return pd.DataFrame(rows, columns=COLUMNS)
 
 
 def aggregate(cells: pd.DataFrame, exp: Experiment) -> pd.DataFrame:
@@ -62,6 +73,8 @@ def aggregate(cells: pd.DataFrame, exp: Experiment) -> pd.DataFrame:
             series = have[value].astype(float)
             row[f"{value}_mean"] = series.mean() if len(series) else math.nan
             row[f"{value}_std"] = series.std(ddof=1) if len(series) > 1 else math.nan
+        for fact in FACTS:
+            row[fact] = _common(have[fact]) if fact in have else None
         rows.append(row)
     out = pd.DataFrame(rows)
     order = {name: i for i, name in enumerate([NO_DEFENSE, *exp.defenses])}
@@ -81,6 +94,21 @@ def _row(rec, defense, path, metrics, der, wall, summary, state, cell_id) -> dic
     return {"dataset": rec.dataset, "model": rec.model, "attack": rec.attack, "defense": defense, "seed": rec.seed,
             "record": path, "status": status, **metrics, "der": der, "wall_time_s": wall, "reused": reused,
             "summary_csv": str(summary) if summary else ""}
+
+
+def _common(series: pd.Series):
+    """The one value every seed shares (None if none has it), else "mixed"."""
+    values = {v for v in series.tolist() if v is not None and not (isinstance(v, float) and math.isnan(v))}
+    if not values:
+        return None
+    return values.pop() if len(values) == 1 else "mixed"
+
+
+def _device(path: Path) -> str:
+    try:
+        return str(json.loads(path.read_text()).get("device") or "") if path.is_file() else ""
+    except (ValueError, AttributeError):
+        return ""
 
 
 def _wall(from_files: float, state: dict, cell_id: str) -> float:

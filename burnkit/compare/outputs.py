@@ -62,6 +62,40 @@ def read_wall_time(folder: Path, *names: str) -> float:
     return math.nan
 
 
+# BackdoorBench's own FP and ANP choose their model on the test sets (spec §7.2, §7.4)
+BACKDOORBENCH_TEST_DECISIONS = {"fp", "anp"}
+
+
+def read_cell_facts(folder: Path, script: str) -> dict:
+    """What a defense cell used, from our ``cost.json``: clean samples and the training-set size they
+    are a share of, whether test data decided anything, the budget, the device. Folders without
+    ``cost.json`` (BackdoorBench's) get what is known of the script: FP and ANP decide on test data."""
+    facts = {"clean_samples": math.nan, "train_set_size": math.nan, "test_data_for_decisions": None,
+             "budget": "", "budget_reduced": None, "device": ""}
+    path = folder / "cost.json"
+    cost = {}
+    if path.is_file():
+        try:
+            cost = json.loads(path.read_text())
+        except ValueError:
+            cost = {}
+    if not isinstance(cost, dict) or not cost:
+        facts["test_data_for_decisions"] = True if script in BACKDOORBENCH_TEST_DECISIONS else None
+        return facts
+    facts.update(clean_samples=_number(cost.get("clean_subset_size")), train_set_size=_number(cost.get("train_set_size")),
+                 test_data_for_decisions=cost.get("test_data_for_decisions"), device=str(cost.get("device") or ""))
+    budget = cost.get("budget") or {}
+    if isinstance(budget, dict) and budget:
+        facts["budget"] = ", ".join(f"{k} {_plain(v[0])}" + ("" if v[0] == v[1] else f" (default {_plain(v[1])})")
+                                    for k, v in budget.items())
+        facts["budget_reduced"] = any(v[0] != v[1] for v in budget.values())
+    return facts
+
+
+def _plain(value) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
 def _number(value) -> float:
     try:
         out = float(value)

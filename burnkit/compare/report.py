@@ -2,7 +2,11 @@
 
 CSV files keep fractions at full precision (machine-readable); the Markdown and HTML tables show
 percentages with two decimals, ``mean ± std`` when more than one seed has numbers, and ``–`` for a
-cell without outputs. Plots: per attack a radar like the BURN paper's Fig. 4 (axes = defenses; ACC and
+cell without outputs. Next to the numbers, per attack, a leaderboard (rows ranked by DER) says what
+each defense used: clean data (samples and share of the attacked model's training set), whether test
+data decided anything (``†``, also marked in the ACC/ASR/RA matrix), its budget (and BackdoorBench's
+default where it ran with less), compute seconds and device. ``index.html`` is one static file (plots
+are relative ``plots/*.png``), so it opens from disk without a server. Plots: per attack a radar like the BURN paper's Fig. 4 (axes = defenses; ACC and
 ASR; solid = defended, dashed = the undefended model) and per (dataset, model) a DER bar chart.
 """
 from __future__ import annotations
@@ -50,9 +54,61 @@ def fmt(mean: float, std: float, scale: float = 100.0, digits: int = 2) -> str:
     return text
 
 
+TEST_MARK = "†"
+
+
+def _truthy(value) -> bool:
+    return value is True or value == "mixed"
+
+
+def _text(value) -> str:
+    """A fact as text; "" for a missing one (None or NaN after pandas)."""
+    return "" if value is None or (isinstance(value, float) and math.isnan(value)) else str(value)
+
+
+def clean_data_text(row) -> str:
+    samples, train, share = row.clean_samples, row.train_set_size, row.clean_share
+    if samples is None or (isinstance(samples, float) and math.isnan(samples)):
+        return "–" if row.defense == NO_DEFENSE else "?"
+    if samples == "mixed":
+        return "mixed"
+    if samples == 0:
+        return "none"
+    if share is None or share == "mixed" or (isinstance(share, float) and math.isnan(share)):
+        return f"{int(samples):,}"
+    return f"{int(samples):,} ({100 * share:.1f} % of {int(train):,})"
+
+
+def leaderboard(block: pd.DataFrame, attack: str, defenses: list[str]) -> pd.DataFrame:
+    """Rows = No defense, then the defenses ranked by mean DER; what each used next to its numbers."""
+    rows = block[block["attack"] == attack]
+    base = rows[rows["defense"] == NO_DEFENSE]
+    ranked = rows[rows["defense"].isin(defenses)].sort_values("der_mean", ascending=False, kind="stable",
+                                                               na_position="last")
+    out = []
+    for rank, r in enumerate([*base.itertuples(), *ranked.itertuples()]):
+        test = r.test_data_for_decisions
+        out.append({
+            "#": "" if r.defense == NO_DEFENSE else str(rank if len(base) else rank + 1),
+            "Defense": r.defense + (f" {TEST_MARK}" if _truthy(test) else ""),
+            "ACC (%)": fmt(r.acc_mean, r.acc_std), "ASR (%)": fmt(r.asr_mean, r.asr_std),
+            "RA (%)": fmt(r.ra_mean, r.ra_std),
+            "DER (%)": "–" if r.defense == NO_DEFENSE else fmt(r.der_mean, r.der_std),
+            "Clean data": clean_data_text(r),
+            "Test data for decisions": "–" if r.defense == NO_DEFENSE else
+            {True: f"yes {TEST_MARK}", False: "no", "mixed": "mixed"}.get(test, "?"),
+            "Budget": _text(r.budget) or ("–" if r.defense == NO_DEFENSE else "?"),
+            "Compute (s)": fmt(r.wall_time_s_mean, r.wall_time_s_std, scale=1.0, digits=0),
+            "Device": _text(r.device) or "?",
+            "Seeds": f"{r.n}/{r.seeds}",
+        })
+    return pd.DataFrame(out).set_index("#") if out else pd.DataFrame()
+
+
 def tables(summary: pd.DataFrame, exp: Experiment) -> list[tuple[str, dict[str, pd.DataFrame]]]:
     """Per (dataset, model): ``ACC / ASR / RA (%)``, ``DER (%)`` and ``wall time (s)`` tables,
-    rows = attacks, columns = No defense + the defense entries."""
+    rows = attacks, columns = No defense + the defense entries (``†``: test data chose the model);
+    then one leaderboard per attack."""
     out = []
     columns = [NO_DEFENSE, *exp.defenses]
     for (dataset, model), block in summary.groupby(["dataset", "model"], sort=False):
@@ -66,15 +122,19 @@ def tables(summary: pd.DataFrame, exp: Experiment) -> list[tuple[str, dict[str, 
                     continue
                 main[attack][defense] = " / ".join(fmt(getattr(r, f"{m}_mean"), getattr(r, f"{m}_std"))
                                                    for m in ("acc", "asr", "ra"))
+                if _truthy(getattr(r, "test_data_for_decisions", None)):
+                    main[attack][defense] += f" {TEST_MARK}"
                 wall[attack][defense] = fmt(r.wall_time_s_mean, r.wall_time_s_std, scale=1.0, digits=1)
                 if defense != NO_DEFENSE:
                     der[attack][defense] = fmt(r.der_mean, r.der_std)
         frames = {"ACC / ASR / RA (%)": pd.DataFrame.from_dict(main, orient="index", columns=columns),
                   "DER (%)": pd.DataFrame.from_dict(der, orient="index", columns=columns[1:]),
                   "Wall time per run (s)": pd.DataFrame.from_dict(wall, orient="index", columns=columns)}
+        frames = {k: v.fillna("–").rename_axis("Attack") for k, v in frames.items()}
+        for attack in attacks:
+            frames[f"Leaderboard: {attack}"] = leaderboard(block, attack, list(exp.defenses))
         n = block["n"].max()
-        out.append((f"{dataset} · {model} ({n} seed{'s' if n != 1 else ''})",
-                    {k: v.fillna("–").rename_axis("Attack") for k, v in frames.items()}))
+        out.append((f"{dataset} · {model} ({n} seed{'s' if n != 1 else ''})", frames))
     return out
 
 
@@ -136,6 +196,11 @@ def _footer(exp: Experiment, cells: pd.DataFrame, command: str, wall_time_s: flo
                      ", ".join(reused["record"]) + ".")
     compute = cells.loc[cells["status"] == "done", "wall_time_s"].sum()
     lines.append(f"Compute in these results: {compute:.0f} s (sum of the runs' wall times).")
+    lines.append(f"{TEST_MARK}: the final model was chosen on test data (BackdoorBench's rule for FP and ANP, "
+                 "--select_on test); every other cell decided without test data. Clean data: samples given to the "
+                 "defense and their share of the attacked model's training set. Budget: the flags that set the "
+                 "defense's compute, with the default (BackdoorBench's cifar10 value for the baselines) where it "
+                 "ran with another. Compute: wall seconds per run (mean ± std over seeds).")
     run = f" in {wall_time_s:.0f} s" if wall_time_s is not None else ""
     lines.append(f"Generated {time.strftime('%Y-%m-%d %H:%M')}{run}" + (f" by `{command}`" if command else "") +
                  f"; work dir {exp.workdir}. Std is over seeds (ddof=1); DER is BackdoorBench's simplified form.")

@@ -15,8 +15,14 @@ Backdoored Deep Neural Networks", NeurIPS 2021), as BackdoorBench runs it (spec 
    BN weight gamma (not beta) of every channel whose mask is <= the threshold, and score the model
    (``threshold_df.csv``). ``pruning_by number`` sweeps counts ``0 .. pruning_number`` of the
    lowest-mask channels instead (``number_df.csv``).
-5. Keep the lowest-ASR model whose relative clean-accuracy drop is below ``acc_ratio`` (the
-   unpruned model if none is better) and save it; its metrics are ``anp_df.csv``.
+5. Choose the model (``--select_on``). By default (``heldout``) a share ``--heldout_ratio`` (10 %)
+   of the defender's clean subset is kept out of the mask optimisation, and the most-pruned step
+   whose *held-out* accuracy has fallen by less than ``acc_ratio`` (relative; a rise does not count)
+   is kept (the unpruned model if none): no test sample is read for the decision, and the test sets are scored only every
+   ``--test_every`` sweep steps and for the kept model. ``--select_on test`` reproduces
+   BackdoorBench: every step is scored, and the lowest-ASR step whose relative clean-*test*
+   accuracy drop is below ``acc_ratio`` is kept (the unpruned model if none beats its ASR). The kept
+   model is saved; its metrics are ``anp_df.csv``.
 
 BatchNorms are found generically (every ``nn.BatchNorm2d``), so every zoo model with BN works;
 models without BN (``vgg19``) are refused with a clear error. The sweep CSV carries an ``epoch``
@@ -38,15 +44,16 @@ import torch.nn.functional as F
 
 from ..config import option
 from ..data import ImageSet
-from ..defense import Defense, DefenseConfig, DefenseData, DefenseRun, register_defense
-from ..engine import Metrics, eval_mode
+from ..defense import Defense, DefenseData, DefenseRun, SelectionConfig, register_defense, split_heldout
+from ..engine import Metrics, eval_mode, predict, test_due
 from ..errors import BurnError
 from ..models import Classifier
-from ..results import MetricLog, atomic_write_text, plot_metrics
+from ..metrics import accuracy
+from ..results import NOT_SCORED, MetricLog, atomic_write_text, plot_metrics
 
 
 @dataclass
-class ANPConfig(DefenseConfig):
+class ANPConfig(SelectionConfig):
     lr: float = option(0.01, "learning rate of the mask optimiser (SGD, momentum 0.9)")
     batch_size: int = option(256, "batch size of the mask optimisation")
     amp: bool = option(False, "mixed precision on CUDA for scoring (BackdoorBench's ANP forces False)")
@@ -249,30 +256,44 @@ def sweep_points(cfg: ANPConfig, ranked: list[tuple[str, int, float]]) -> list[t
 
 
 def prune_sweep(model: Classifier, ranked: list[tuple[str, int, float]], cfg: ANPConfig,
-                evaluate, on_row=None) -> tuple[list[dict], int]:
+                evaluate, on_row=None, heldout_accuracy=None, test_every: int = 1) -> tuple[list[dict], int]:
     """Score the pruning sweep on a copy of ``model``; returns the rows and the last count.
-    ``on_row`` receives every row as it is scored (so a killed sweep leaves its CSV)."""
+
+    ``evaluate(model) -> Metrics`` scores the test sets; with ``heldout_accuracy(model) -> float``
+    every step also gets a ``heldout_acc`` column and the test sets are scored only every
+    ``test_every`` steps and on the last (they decide nothing then). ``on_row`` receives every row as
+    it is scored (so a killed sweep leaves its CSV).
+    """
     work = copy.deepcopy(model)
     key = cfg.pruning_by
+    points = sweep_points(cfg, ranked)
     rows: list[dict] = []
     pruned = 0
     last: Metrics | None = None
-    for step, (value_key, count) in enumerate(sweep_points(cfg, ranked)):
-        if count > pruned or last is None:
+    last_count = None  # channels pruned when ``last`` was scored
+    held = None
+    for step, (value_key, count) in enumerate(points):
+        if count > pruned or held is None and heldout_accuracy is not None:
             prune_channels(work.net, [(n, i) for n, i, _ in ranked[pruned:count]])
             pruned = count
-            last = evaluate(work)
-        rows.append({"epoch": step, key: value_key,
-                     "value": ranked[count - 1][2] if count else float("nan"),
-                     "num_pruned": count, **last.row()})
+            if heldout_accuracy is not None:
+                held = heldout_accuracy(work)
+        due = heldout_accuracy is None or test_due(step, len(points), test_every)
+        if due and last_count != count:
+            last, last_count = evaluate(work), count
+        row = {"epoch": step, key: value_key, "value": ranked[count - 1][2] if count else float("nan"),
+               "num_pruned": count, **(last.row() if due else Metrics.skipped_row())}
+        if heldout_accuracy is not None:
+            row["heldout_acc"] = held
+        rows.append(row)
         if on_row is not None:
             on_row(rows[-1])
     return rows, pruned
 
 
 def select_row(rows: list[dict], before: Metrics, acc_ratio: float) -> dict | None:
-    """The lowest-ASR row whose relative accuracy drop is below ``acc_ratio``; None if no row
-    beats the unpruned model's ASR."""
+    """BackdoorBench's choice (test data): the lowest-ASR row whose relative clean-test accuracy drop
+    is below ``acc_ratio``; None if no row beats the unpruned model's ASR."""
     best, best_asr = None, before.asr if before.asr is not None else float("inf")
     for row in rows:
         drop = abs(row["test_acc"] - before.acc) / before.acc if before.acc else 0.0
@@ -281,9 +302,25 @@ def select_row(rows: list[dict], before: Metrics, acc_ratio: float) -> dict | No
     return best
 
 
+def select_row_heldout(rows: list[dict], heldout_acc0: float, acc_ratio: float) -> dict | None:
+    """The choice without test data: the most-pruned row whose held-out accuracy has fallen by less
+    than ``acc_ratio`` (relative; a rise is no fall - one held-out sample moves it by several percent)
+    - pruning more removes more of what the noise exposed; None if only the unpruned model qualifies."""
+    best = None
+    for row in rows:
+        drop = (heldout_acc0 - row["heldout_acc"]) / heldout_acc0 if heldout_acc0 else 0.0  # a fall only
+        if drop < acc_ratio and row["num_pruned"] > 0 and (best is None or row["num_pruned"] > best["num_pruned"]):
+            best = row
+    return best
+
+
 def adversarial_neuron_pruning(model: Classifier, data: DefenseData, cfg: ANPConfig, run: DefenseRun) -> Classifier:
+    mask_set, heldout = data.clean_subset, None
+    if cfg.select_on == "heldout":
+        mask_set, heldout = split_heldout(data.clean_subset, cfg.heldout_ratio, cfg.random_seed)
+    run.record_decision(cfg.select_on, len(heldout) if heldout is not None else 0)
     with run.timed("mask_optimization"):
-        mask_rows = optimize_masks(model, data.clean_subset, cfg, run)
+        mask_rows = optimize_masks(model, mask_set, cfg, run)
     write_mask_values(run.checkpoint_dir / "mask_values.txt", mask_rows)
     ranked = sorted(mask_rows, key=lambda r: r[2])  # stable: ties keep layer order
     sweep = MetricLog(run.out_dir, cfg.pruning_by)
@@ -292,19 +329,37 @@ def adversarial_neuron_pruning(model: Classifier, data: DefenseData, cfg: ANPCon
         sweep.append(row)
         sweep.save()
 
+    def scored(work):
+        with run.timed("evaluate"):
+            return run.evaluate(work)
+
+    held_acc = None
+    if heldout is not None:
+        def held_acc(work):
+            return accuracy(predict(work, heldout, run.device).argmax(1), heldout.labels)
+
     with run.timed("prune"):
-        rows, _ = prune_sweep(model, ranked, cfg, run.evaluate, on_row)
+        rows, _ = prune_sweep(model, ranked, cfg, scored, on_row, held_acc, cfg.test_every)
     plot_metrics(sweep.rows, run.out_dir, prefix=f"{cfg.pruning_by}_", x_key=cfg.pruning_by)
 
-    chosen = select_row(rows, run.before, cfg.acc_ratio)
+    if heldout is None:
+        chosen = select_row(rows, run.before, cfg.acc_ratio)
+    else:
+        chosen = select_row_heldout(rows, rows[0]["heldout_acc"], cfg.acc_ratio)
     count = chosen["num_pruned"] if chosen else 0
     prune_channels(model.net, [(n, i) for n, i, _ in ranked[:count]])
-    metrics = {k: chosen[k] for k in run.before.row() if k in chosen} if chosen else run.before.row()
+    if chosen is None:
+        metrics = run.before.row()
+    elif chosen.get("test_acc") == NOT_SCORED:  # the chosen step was between two test scorings
+        metrics = scored(model).row()
+    else:
+        metrics = {k: chosen[k] for k in run.before.row() if k in chosen}
     run.metrics.append({"epoch": 0, **metrics})
     run.extra_results.update({"anp_num_pruned": int(count), "anp_channels": len(ranked),
                               f"anp_{cfg.pruning_by}": chosen[cfg.pruning_by] if chosen else None})
-    run.logger.info("ANP: pruned %d of %d BN channels (%s %s)", count, len(ranked), cfg.pruning_by,
-                    chosen[cfg.pruning_by] if chosen else "none: unpruned model kept")
+    run.logger.info("ANP: pruned %d of %d BN channels (%s %s, chosen on %s)", count, len(ranked), cfg.pruning_by,
+                    chosen[cfg.pruning_by] if chosen else "none: unpruned model kept",
+                    f"{len(heldout)} held-out clean samples" if heldout is not None else "the test sets")
     return model
 
 
@@ -314,6 +369,7 @@ class AdversarialNeuronPruning(Defense):
 
     name = "anp"
     config_cls = ANPConfig
+    budget_keys = ("nb_iter",)
 
     def repair(self, model, data, cfg, run):
         return adversarial_neuron_pruning(model, data, cfg, run)

@@ -21,7 +21,8 @@ follows a cosine with period ``2 * T_max`` batches; ReduceLROnPlateau is stepped
 
 Differences from BackdoorBench (its defects, spec §9): the YAML's ``rho_max``/``rho_min``/
 ``label_smoothing``/``alpha`` take effect (BackdoorBench's argparse defaults override them);
-``--index`` is honoured (otherwise the class-balanced subset, seeded); the CSV ``ft-sam_df.csv`` has an
+``--index`` is honoured (otherwise BackdoorBench's class-balanced draw, the same indices for the same
+seed); the CSV ``ft-sam_df.csv`` has an
 ``epoch`` column and sits in the defense folder (BackdoorBench: ``log/d-sam_df.csv``, no epoch);
 ReduceLROnPlateau is stepped with a metric (BackdoorBench's call raises).
 
@@ -41,7 +42,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import option
-from ..data import ImageSet, class_balanced_subset
+from ..data import ImageSet
+from ..datasets import dataset_info
 from ..defense import Defense, DefenseConfig, DefenseData, DefenseRun, register_defense
 from ..engine import StepContext, StepOutput, TrainConfig
 from ..errors import BurnError
@@ -168,14 +170,22 @@ def make_sam_step(base_lr: float, rho_max: float, rho_min: float, adaptive: bool
 # --------------------------------------------------------------------------- the defense
 
 
-def choose_by_class(labels: np.ndarray, ratio: float, seed: int) -> np.ndarray:
-    """BackdoorBench's ``choose_by_class``: ``int(N * ratio / num_classes)`` indices of every class,
-    drawn without replacement (seeded)."""
-    num_classes = len(np.unique(labels))
+def choose_by_class(labels: np.ndarray, ratio: float, seed: int, num_classes: int) -> np.ndarray:
+    """BackdoorBench's ``choose_by_class``: for class 0, 1, ... in turn, ``int(N * ratio / num_classes)``
+    of its indices drawn without replacement by NumPy's legacy generator seeded with ``seed`` (what
+    ``np.random.choice`` does after BackdoorBench's ``fix_random``), concatenated in that order."""
     per_class = int(len(labels) * ratio / num_classes)
     if per_class == 0:
         raise BurnError(f"--ratio {ratio} gives 0 samples per class of {len(labels)}; raise --ratio")
-    return class_balanced_subset(labels, per_class * num_classes, np.random.default_rng(seed))
+    rng = np.random.RandomState(seed % 2**32)
+    picks = []
+    for cls in range(num_classes):
+        members = np.flatnonzero(labels == cls)
+        if len(members) < per_class:
+            raise BurnError(f"class {cls} has {len(members)} training samples, fewer than the {per_class} "
+                            f"that --ratio {ratio} asks of every class; lower --ratio")
+        picks.append(rng.choice(members, per_class, replace=False))
+    return np.concatenate(picks).astype(np.int64)
 
 
 def fine_tune_sam(model: Classifier, data: DefenseData, cfg: FtSamConfig, run: DefenseRun) -> Classifier:
@@ -204,11 +214,13 @@ class FtSam(Defense):
 
     name = "ft-sam"
     config_cls = FtSamConfig
+    budget_keys = ("epochs",)
 
     def choose_subset(self, clean_train: ImageSet, cfg: FtSamConfig) -> np.ndarray:
         if cfg.index:
             return super().choose_subset(clean_train, cfg)
-        return choose_by_class(clean_train.labels.cpu().numpy(), cfg.ratio, cfg.random_seed)
+        return choose_by_class(clean_train.labels.cpu().numpy(), cfg.ratio, cfg.random_seed,
+                               dataset_info(cfg.dataset).num_classes)
 
     def repair(self, model, data, cfg, run):
         return fine_tune_sam(model, data, cfg, run)

@@ -8,8 +8,9 @@ The defense solves the minimax problem ``min_θ max_δ L(θ, δ)``: for ``n_roun
 1. **inner maximisation** - one universal perturbation ``δ`` (shape ``1 x C x H x W``, added in the
    network's *normalised* input space, as BackdoorBench does) is trained by SGD (lr ``pert_lr``) for
    one pass over the clean subset to maximise the cross-entropy against the model's own predictions,
-   minus ``pert_reg * ||δ||²``; then it is projected onto the L2 ball of radius ``pert_norm_bound``
-   (the paper's constraint ``||δ|| <= C_δ``);
+   minus ``pert_reg * ||δ||²``. It is left unbounded, as BackdoorBench (whose projection onto an L2
+   ball of radius 10 is commented out); ``--pert_norm_bound C`` projects it onto ``||δ|| <= C``
+   after the pass (the paper's constraint and the authors' radius 10);
 2. **outer minimisation** - for every cached clean batch, Adam steps the model along the implicit
    hypergradient of the unlearning loss (CE with true labels on the batch where ``δ`` is added to a
    random ``portion`` of its samples). ``δ*(θ)`` is the fixed point of one gradient-descent step
@@ -19,8 +20,9 @@ The defense solves the minimax problem ``min_θ max_δ L(θ, δ)``: for ``n_roun
 
 The model stays in eval mode throughout (BatchNorm uses running statistics), images are not clamped
 to the valid range, and no lr scheduler is stepped - all as BackdoorBench. The constants that
-BackdoorBench hard-codes are config keys here with the same defaults. Every round is scored; the CSV
-is ``i-bau_df.csv`` with BackdoorBench's columns.
+BackdoorBench hard-codes are config keys here with the same defaults. The test sets are scored every
+``--test_every`` rounds and after the last (BackdoorBench: every round); the CSV is ``i-bau_df.csv``
+with BackdoorBench's columns.
 
 Example:
     python defense/i-bau.py --result_file badnet_cifar10 --yaml_path config/defense/i-bau/cifar10.yaml
@@ -56,7 +58,8 @@ class IBAUConfig(DefenseConfig):
     lr_scheduler: str | None = option("CosineAnnealingLR", "accepted for BackdoorBench compatibility (never stepped, as there)")
     pert_lr: float = option(10.0, "SGD lr of the universal perturbation (BackdoorBench hard-codes 10)")
     pert_reg: float = option(0.001, "L2 regulariser weight on the perturbation (hard-coded 0.001)")
-    pert_norm_bound: float = option(10.0, "L2 radius the perturbation is projected onto after its pass (0 = none)")
+    pert_norm_bound: float = option(0.0, "L2 radius the perturbation is projected onto after its pass (0: "
+                                         "unbounded, as BackdoorBench; the I-BAU authors' code uses 10)")
     inner_lr: float = option(0.1, "step of the inner gradient-descent fixed-point map (hard-coded 0.1)")
     portion: float = option(0.01, "share of each batch that receives the perturbation (hard-coded 0.01)")
     fp_tol: float = option(1e-10, "stop the fixed-point iterations once ||v_k - v_k-1|| is below this")
@@ -132,7 +135,8 @@ def universal_perturbation(model: Classifier, clean: ImageSet, cfg: IBAUConfig, 
                            generator: torch.Generator, augment: Augment | None) -> torch.Tensor:
     """One SGD pass that maximises CE against the model's own predictions (inner maximisation).
 
-    Returns ``δ`` (``1 x C x H x W``, normalised-input space), projected onto the L2 ball.
+    Returns ``δ`` (``1 x C x H x W``, normalised-input space), projected onto the L2 ball of radius
+    ``pert_norm_bound`` when that is positive.
     """
     delta = torch.zeros(1, *clean.shape, device=device, requires_grad=True)
     opt = torch.optim.SGD([delta], lr=cfg.pert_lr)
@@ -199,13 +203,12 @@ def unlearn_ibau(model: Classifier, data: DefenseData, cfg: IBAUConfig, run: Def
             with run.timed("unlearning"):
                 losses = [unlearning_step(model, delta, batch, cached[0], optimizer, cfg, picker)
                           for batch in cached]
-            with run.timed("evaluate"):
-                metrics = run.evaluate(model)
-            run.metrics.append({"epoch": round_, **metrics.row(ra_loss=True)})
+            row = {"epoch": round_, **run.test_row(model, round_, cfg.n_rounds, ra_loss=True)}
+            run.metrics.append(row)
             run.metrics.save()
             run.logger.info("round %d/%d: |δ|=%.3f unlearning loss %.4f acc %s asr %s ra %s", round_ + 1,
-                            cfg.n_rounds, float(delta.norm()), sum(losses) / len(losses), metrics.acc, metrics.asr,
-                            metrics.ra)
+                            cfg.n_rounds, float(delta.norm()), sum(losses) / len(losses), row["test_acc"],
+                            row["test_asr"], row["test_ra"])
     return model
 
 
@@ -215,6 +218,7 @@ class IBAU(Defense):
 
     name = "i-bau"
     config_cls = IBAUConfig
+    budget_keys = ("n_rounds", "K")
 
     def repair(self, model, data, cfg, run):
         return unlearn_ibau(model, data, cfg, run)

@@ -22,7 +22,8 @@ and ``avgpool``, BackdoorBench's points; for the small CNN the last two conv sta
 pool; for VGG the last conv stage, the last max-pool and ``avgpool``. As in BackdoorBench, a
 1x1 point (the pooled features) has a constant normalised attention map, so its AT term is 0.
 
-Unlike BackdoorBench (spec §9.3), both CSVs carry real epoch numbers.
+Unlike BackdoorBench (spec §9.3), both CSVs carry real epoch numbers. As there, ``--amp`` applies to
+the teacher's fine-tuning only; the student is trained in float32.
 
 Example:
     python defense/nad.py --result_file badnet_cifar10 --yaml_path config/defense/nad/cifar10.yaml --dataset cifar10
@@ -184,16 +185,16 @@ def student_lr(epoch: int, base_lr: float) -> float:
 
 def distillation_step(teacher: Classifier, student_tap: FeatureTap, teacher_tap: FeatureTap,
                       betas: tuple[float, float, float], p: float):
-    """A step function: CE on the batch plus the weighted AT losses against the frozen teacher."""
+    """A step function: CE on the batch plus the weighted AT losses against the frozen teacher, in
+    float32 (BackdoorBench's student loop has no AMP; ``--amp`` applies to the teacher only)."""
 
     def step(model: nn.Module, batch: Batch, optimizer: torch.optim.Optimizer, ctx: StepContext) -> StepOutput:
-        with ctx.autocast():
-            logits = model(batch.x)
-            with torch.no_grad():
-                teacher(batch.x)
-            loss = F.cross_entropy(logits, batch.y)
-            for beta, fs, ft in zip(betas, student_tap.features(), teacher_tap.features()):
-                loss = loss + beta * attention_loss(fs.float(), ft.float(), p)
+        logits = model(batch.x)
+        with torch.no_grad():
+            teacher(batch.x)
+        loss = F.cross_entropy(logits, batch.y)
+        for beta, fs, ft in zip(betas, student_tap.features(), teacher_tap.features()):
+            loss = loss + beta * attention_loss(fs.float(), ft.float(), p)
         ctx.backward_step(loss, optimizer)
         return StepOutput(loss.detach(), logits.detach())
 
@@ -239,7 +240,7 @@ def neural_attention_distillation(model: Classifier, data: DefenseData, cfg: NAD
     for param in teacher.parameters():
         param.requires_grad_(False)
 
-    student_cfg = replace(train_cfg, lr=student_lr(0, cfg.lr), lr_scheduler=None)
+    student_cfg = replace(train_cfg, lr=student_lr(0, cfg.lr), lr_scheduler=None, amp=False)
     optimizer = make_optimizer(model.parameters(), student_cfg)
 
     def set_next_lr(epoch, _model, _row):
@@ -261,6 +262,7 @@ class NeuralAttentionDistillation(Defense):
 
     name = "nad"
     config_cls = NADConfig
+    budget_keys = ("te_epochs",)
 
     def repair(self, model, data, cfg, run):
         return neural_attention_distillation(model, data, cfg, run)
