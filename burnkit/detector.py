@@ -293,6 +293,20 @@ class Detector:
         return {"out_dir": out_dir, "result": result, "summary": summary}
 
 
+class FeatureDetector(Detector):
+    """A detector reading the representation at ``--target_layer`` (checked before anything is written)."""
+
+    config_cls: ClassVar[type[DetectorConfig]] = FeatureConfig
+
+    def feature_point(self, model: Classifier, record: AttackRecord, cfg: FeatureConfig) -> str:
+        from .detection.features import resolve_feature_point
+
+        return resolve_feature_point(model.net, cfg.target_layer, input_shape(record))
+
+    def preflight(self, cfg, record, model):
+        self.feature_point(model, record, cfg)
+
+
 # --------------------------------------------------------------------------- clean reserve
 
 

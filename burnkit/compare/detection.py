@@ -29,7 +29,7 @@ from ..records import read_attack_record
 from ..results import atomic_write_text
 from .experiment import Experiment
 from .outputs import detection_folder
-from .report import markdown_table
+from .report import fmt, markdown_table
 
 VALUES = ("auroc", "tpr_at_1fpr", "tpr_at_5fpr", "precision_at_poison_rate", "compute_s", "clean_samples_used")
 COLUMNS = {"auroc": "AUROC", "tpr_at_1fpr": "TPR@1%FPR", "tpr_at_5fpr": "TPR@5%FPR",
@@ -114,15 +114,6 @@ def _number(value) -> float:
         return math.nan
 
 
-def _fmt(mean, std, scale=1.0, digits=3) -> str:
-    if mean is None or math.isnan(mean):
-        return "–"
-    text = f"{mean * scale:.{digits}f}"
-    if std is not None and not math.isnan(std):
-        text += f" ± {std * scale:.{digits}f}"
-    return text
-
-
 def detection_tables(summary: pd.DataFrame, exp: Experiment) -> list[tuple[str, pd.DataFrame, list[str]]]:
     """Per (dataset, model, attack): rows = detectors; plus notes comparing BURN's rows with the best."""
     out = []
@@ -133,11 +124,12 @@ def detection_tables(summary: pd.DataFrame, exp: Experiment) -> list[tuple[str, 
         rows = {}
         for r in block.itertuples():
             rows[r.detector] = {
-                **{label: _fmt(getattr(r, f"{k}_mean"), getattr(r, f"{k}_std")) for k, label in COLUMNS.items()},
+                **{label: fmt(getattr(r, f"{k}_mean"), getattr(r, f"{k}_std"), scale=1.0, digits=3)
+                   for k, label in COLUMNS.items()},
                 "Flagged (TP)": "–" if math.isnan(r.flagged_mean) else
                 f"{r.flagged_mean:.0f} ({r.TP_mean:.0f})",
-                "Compute (s)": _fmt(r.compute_s_mean, r.compute_s_std, digits=1),
-                "Clean samples": _fmt(r.clean_samples_used_mean, None, digits=0),
+                "Compute (s)": fmt(r.compute_s_mean, r.compute_s_std, scale=1.0, digits=1),
+                "Clean samples": fmt(r.clean_samples_used_mean, None, scale=1.0, digits=0),
                 "Seeds": f"{r.n}/{r.seeds}"}
         table = pd.DataFrame.from_dict(rows, orient="index").rename_axis("Detector")
         n = int(block["n"].max())

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 from ..config import option
 from ..detection.ac import REDUCERS, activation_clustering
-from ..detection.features import INPUT_SUFFIX, extract, final_layer, resolve_feature_point
-from ..detector import DetectionResult, Detector, FeatureConfig, input_shape, register_detector
+from ..detection.features import INPUT_SUFFIX, extract, final_layer
+from ..detector import DetectionResult, FeatureConfig, FeatureDetector, input_shape, register_detector
 
 
 @dataclass
@@ -17,29 +17,27 @@ class ACConfig(FeatureConfig):
     nb_dims: int = option(10, "dimensions after the reduction", low=1)
     nb_clusters: int = option(2, "k-means clusters per class", low=2)
     reducer: str = option("ica", "reduction: ica (the paper, BackdoorBench's detector) or pca", choices=REDUCERS)
+    cluster_analysis: str = option("smaller", "which cluster is poison: smaller (relative size, BackdoorBench's "
+                                              "detector; the only analysis implemented)", choices=("smaller",))
     size_threshold: float = option(0.35, "flag a class's smallest cluster when it holds less than this share",
                                    above=0, high=1)
 
 
-def default_point(model, shape, target_layer):
-    if target_layer in (None, "", "None", "none"):
-        return final_layer(model.net, shape) + INPUT_SUFFIX
-    return resolve_feature_point(model.net, target_layer, shape)
-
-
 @register_detector
-class ActivationClustering(Detector):
+class ActivationClustering(FeatureDetector):
     """Activation Clustering: per-class 2-means of the reduced last hidden activations."""
 
     name = "ac"
     config_cls = ACConfig
     header = ("weight_F_score", "target")
 
-    def preflight(self, cfg, record, model):
-        default_point(model, input_shape(record), cfg.target_layer)
+    def feature_point(self, model, record, cfg):
+        if cfg.target_layer in (None, "", "None", "none"):  # the last hidden activations
+            return final_layer(model.net, input_shape(record)) + INPUT_SUFFIX
+        return super().feature_point(model, record, cfg)
 
     def detect(self, model, data, cfg, run):
-        point = default_point(model, data.input_shape, cfg.target_layer)
+        point = self.feature_point(model, data.record, cfg)
         labels = data.inspected.labels.numpy()
         with run.timed("features"):
             feats, _ = extract(model, data.inspected, point, run.device, cfg.batch_size, amp=cfg.amp)

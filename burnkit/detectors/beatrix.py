@@ -10,8 +10,8 @@ from tqdm.auto import tqdm
 
 from ..config import option
 from ..detection.beatrix import POWERS, BeatrixModel, gram_features
-from ..detection.features import extract, resolve_feature_point
-from ..detector import DetectionResult, Detector, FeatureConfig, input_shape, register_detector
+from ..detection.features import extract
+from ..detector import DetectionResult, FeatureConfig, FeatureDetector, register_detector
 
 GRAM_BYTES = 256 * 2**20  # Gram features held at once while scoring
 
@@ -25,7 +25,7 @@ class BeatrixConfig(FeatureConfig):
 
 
 @register_detector
-class Beatrix(Detector):
+class Beatrix(FeatureDetector):
     """Beatrix: Gram-matrix deviations from clean statistics, per predicted class."""
 
     name = "beatrix"
@@ -33,11 +33,8 @@ class Beatrix(Detector):
     header = ("target",)
     needs_clean = True
 
-    def preflight(self, cfg, record, model):
-        resolve_feature_point(model.net, cfg.target_layer, input_shape(record))
-
     def detect(self, model, data, cfg, run):
-        point = resolve_feature_point(model.net, cfg.target_layer, data.input_shape)
+        point = self.feature_point(model, data.record, cfg)
         powers = tuple(cfg.powers)
 
         def grams(maps):

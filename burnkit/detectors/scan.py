@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..config import option
-from ..detection.features import extract, resolve_feature_point, spatial_sum
+from ..detection.features import extract, spatial_sum
 from ..detection.scan import THRESHOLD, scan
-from ..detector import DetectionResult, Detector, FeatureConfig, input_shape, register_detector
+from ..detector import DetectionResult, FeatureConfig, FeatureDetector, register_detector
 
 
 @dataclass
@@ -16,7 +16,7 @@ class ScanConfig(FeatureConfig):
 
 
 @register_detector
-class Scan(Detector):
+class Scan(FeatureDetector):
     """SCAn: two-subgroup decomposition per class against a clean global model."""
 
     name = "scan"
@@ -24,11 +24,8 @@ class Scan(Detector):
     header = ("target",)
     needs_clean = True
 
-    def preflight(self, cfg, record, model):
-        resolve_feature_point(model.net, cfg.target_layer, input_shape(record))
-
     def detect(self, model, data, cfg, run):
-        point = resolve_feature_point(model.net, cfg.target_layer, data.input_shape)
+        point = self.feature_point(model, data.record, cfg)
         with run.timed("features"):
             feats, _ = extract(model, data.inspected, point, run.device, cfg.batch_size, spatial_sum, cfg.amp)
             clean, _ = extract(model, data.clean, point, run.device, cfg.batch_size, spatial_sum, cfg.amp)

@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..config import option
-from ..detection.features import extract, resolve_feature_point
+from ..detection.features import extract
 from ..detection.spectral import percentile_flags, spectral_scores
-from ..detector import DetectionResult, Detector, FeatureConfig, input_shape, register_detector
+from ..detector import DetectionResult, FeatureConfig, FeatureDetector, register_detector
 from ..errors import BurnError
 
 
@@ -20,7 +20,7 @@ class SpectralConfig(FeatureConfig):
 
 
 @register_detector
-class Spectral(Detector):
+class Spectral(FeatureDetector):
     """Spectral Signatures: per-class top singular direction of the features."""
 
     name = "spectral"
@@ -28,12 +28,12 @@ class Spectral(Detector):
     header = ("target",)
 
     def preflight(self, cfg, record, model):
-        resolve_feature_point(model.net, cfg.target_layer, input_shape(record))
+        super().preflight(cfg, record, model)
         if cfg.target_label is not None and cfg.target_label >= record.num_classes:
             raise BurnError(f"--target_label {cfg.target_label} is not a class (0..{record.num_classes - 1})")
 
     def detect(self, model, data, cfg, run):
-        point = resolve_feature_point(model.net, cfg.target_layer, data.input_shape)
+        point = self.feature_point(model, data.record, cfg)
         labels = data.inspected.labels.numpy()
         classes = None if cfg.target_label is None else [cfg.target_label]
         with run.timed("features"):

@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..config import option
-from ..detection.features import extract, resolve_feature_point
+from ..detection.features import extract
 from ..detection.spectre import DEFAULT_KS, spectre
-from ..detector import DetectionResult, Detector, FeatureConfig, input_shape, register_detector
+from ..detector import DetectionResult, FeatureConfig, FeatureDetector, register_detector
 
 
 @dataclass
@@ -20,18 +20,15 @@ class SpectreConfig(FeatureConfig):
 
 
 @register_detector
-class Spectre(Detector):
+class Spectre(FeatureDetector):
     """SPECTRE: robust whitening and QUantum Entropy scores per class."""
 
     name = "spectre"
     config_cls = SpectreConfig
     header = ("target",)
 
-    def preflight(self, cfg, record, model):
-        resolve_feature_point(model.net, cfg.target_layer, input_shape(record))
-
     def detect(self, model, data, cfg, run):
-        point = resolve_feature_point(model.net, cfg.target_layer, data.input_shape)
+        point = self.feature_point(model, data.record, cfg)
         with run.timed("features"):
             feats, _ = extract(model, data.inspected, point, run.device, cfg.batch_size, amp=cfg.amp)
         with run.timed("scores"):
