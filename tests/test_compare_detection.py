@@ -56,6 +56,10 @@ def test_compare_runs_detectors_and_tabulates_them(digits_workdir, tmp_path):
 
     record = read_attack_record(record_dir)
     truth = record.bd_train.poison_indicator[record.bd_train.original_index] == 1
+    changed = np.array([bool(t) and record.bd_train.entries[int(i)].bd_label != record.bd_train.entries[int(i)].original_label
+                        for i, t in zip(record.bd_train.original_index, truth)])
+    keep = changed | ~truth
+    assert 0 < changed.sum() < truth.sum()  # target-class poison keeps its label
     cells = pd.read_csv(out / "detection_cells.csv").set_index("detector")
     for name, entry in DETECTORS.items():
         scores = np.load(record_dir / "detection" / f"{name}_pretrain" / "detection_scores.npy")
@@ -63,6 +67,7 @@ def test_compare_runs_detectors_and_tabulates_them(digits_workdir, tmp_path):
         assert row["auroc"] == pytest.approx(auroc(scores, truth))
         assert row["tpr_at_5fpr"] == pytest.approx(tpr_at_fpr(scores, truth, 0.05))
         assert row["precision_at_poison_rate"] == pytest.approx(precision_at_poison_rate(scores, truth))
+        assert row["auroc_relabelled"] == pytest.approx(auroc(scores[keep], changed[keep]))
     assert cells.loc["strip", "clean_samples_used"] == 30 and cells.loc["burn_s", "clean_samples_used"] == 0
     burn_cost = json.loads((record_dir / "defense" / "burn" / "cost.json").read_text())
     assert cells.loc["burn_s", "compute_s"] >= burn_cost["wall_time_s"]  # BURN's run counts for its score

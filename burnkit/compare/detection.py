@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..detection.metrics import ranking_metrics
+from ..detection.metrics import auroc, ranking_metrics
 from ..detector import SCORES_JSON, SCORES_NPY, plot_roc
 from ..errors import BurnError
 from ..records import read_attack_record
@@ -31,9 +31,10 @@ from .experiment import Experiment
 from .outputs import detection_folder
 from .report import fmt, markdown_table
 
-VALUES = ("auroc", "tpr_at_1fpr", "tpr_at_5fpr", "precision_at_poison_rate", "compute_s", "clean_samples_used")
+VALUES = ("auroc", "tpr_at_1fpr", "tpr_at_5fpr", "precision_at_poison_rate", "auroc_relabelled", "compute_s",
+          "clean_samples_used")
 COLUMNS = {"auroc": "AUROC", "tpr_at_1fpr": "TPR@1%FPR", "tpr_at_5fpr": "TPR@5%FPR",
-           "precision_at_poison_rate": "Precision@poison rate"}
+           "precision_at_poison_rate": "Precision@poison rate", "auroc_relabelled": "AUROC (relabelled)"}
 BURN_ROWS = ("burn", "burn_s")  # scripts whose rows are BURN's
 
 
@@ -46,12 +47,18 @@ class DetectionReport:
     html: str = ""
 
 
-def record_truth(record_dir: Path) -> np.ndarray:
-    """``bd_train``'s poison flags in sample order, from the record (no images read)."""
+def record_truth(record_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+    """``bd_train``'s poison flags in sample order, from the record (no images read), and which of
+    them carry a label other than their original one (the relabelled poison: cross/negative samples of
+    the on-the-fly attacks and poison drawn from the target class keep their label)."""
     record = read_attack_record(record_dir)
-    if record.bd_train is None:
+    state = record.bd_train
+    if state is None:
         raise BurnError(f"record {record_dir} has no bd_train")
-    return record.bd_train.poison_indicator[record.bd_train.original_index] == 1
+    truth = state.poison_indicator[state.original_index] == 1
+    relabelled = np.array([bool(flag) and state.entries[int(i)].bd_label != state.entries[int(i)].original_label
+                           for i, flag in zip(state.original_index, truth)], dtype=bool)
+    return truth, relabelled
 
 
 def collect_detection(exp: Experiment) -> tuple[pd.DataFrame, dict[str, dict[str, np.ndarray]]]:
@@ -67,9 +74,9 @@ def collect_detection(exp: Experiment) -> tuple[pd.DataFrame, dict[str, dict[str
                "n_samples": math.nan, "n_poison": math.nan}
         if cell.is_done(exp.workdir):
             try:
-                truth = truths.get(rec.record)
-                if truth is None:
-                    truth = truths[rec.record] = record_truth(record_dir)
+                if rec.record not in truths:
+                    truths[rec.record] = record_truth(record_dir)
+                truth, relabelled = truths[rec.record]
                 scores = np.load(folder / SCORES_NPY, allow_pickle=False)
                 facts = json.loads((folder / SCORES_JSON).read_text())
                 if scores.shape != truth.shape:
@@ -77,7 +84,9 @@ def collect_detection(exp: Experiment) -> tuple[pd.DataFrame, dict[str, dict[str
             except (BurnError, OSError, ValueError) as err:
                 row["status"] = f"unreadable: {str(err).splitlines()[0][:120]}"
             else:
+                keep = relabelled | ~truth
                 row.update(ranking_metrics(scores, truth), status="done", n_samples=len(truth),
+                           auroc_relabelled=auroc(scores[keep], relabelled[keep]),
                            n_poison=int(truth.sum()), compute_s=_number(facts.get("compute_s")),
                            clean_samples_used=_number(facts.get("clean_samples_used")),
                            flagged=_number(facts.get("flagged")), TP=_number(facts.get("TP")))
@@ -171,7 +180,9 @@ def write_detection(exp: Experiment, out: Path) -> DetectionReport:
     tables = detection_tables(summary, exp)
     intro = ("Every detector scores each sample of the record's poisoned training set (higher = more suspicious); "
              "AUROC, TPR at 1 %/5 % FPR and precision at the poison rate (the top #poisoned scores flagged) are "
-             "computed here from those scores and the record's poison flags, the same way for all. Flagged (TP): "
+             "computed here from those scores and the record's poison flags (BackdoorBench's poison indicator), the "
+             "same way for all; AUROC (relabelled): only the poison whose label the attack changed counts as positive "
+             "(cross/negative samples and target-class poison left out). Flagged (TP): "
              "the method's own decisions. Compute: the detection's own seconds (BURN's final score: its whole run). "
              "Clean samples: clean training images the method used.")
     md = ["## Poison detection", "", intro, ""]
