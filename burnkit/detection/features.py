@@ -164,5 +164,8 @@ def extract(model, images: ImageSet, point: str, device: torch.device, batch_siz
     return torch.cat(feats), torch.cat(logits)
 
 
-def as_numpy(features) -> np.ndarray:
-    return features.double().numpy() if isinstance(features, torch.Tensor) else np.asarray(features, dtype=np.float64)
+def as_numpy(features, dtype=np.float64) -> np.ndarray:
+    """A NumPy array of ``features`` (float64 by default; ``dtype=None`` keeps float32 features as they are,
+    for large feature sets that are upcast class by class)."""
+    out = features.numpy() if isinstance(features, torch.Tensor) else np.asarray(features)
+    return out if dtype is None and out.dtype in (np.float32, np.float64) else out.astype(dtype or np.float64)

@@ -39,16 +39,17 @@ def spectral_scores(features, labels, centered: bool = True, classes=None) -> np
         centered: project ``x - mean`` (Tran et al.); False projects ``x`` (BackdoorBench's code).
         classes: classes to analyse (default: all present).
     """
-    x = as_numpy(features)
+    x = as_numpy(features, dtype=None)  # upcast per class: N x d can be large
     y = np.asarray(labels)
     scores = np.zeros(len(x))
     for c in (np.unique(y) if classes is None else classes):
         idx = np.flatnonzero(y == c)
         if len(idx) < 2:
             continue
-        mean = x[idx].mean(0)
-        v = top_direction(x[idx] - mean)
-        proj = (x[idx] - mean) @ v if centered else x[idx] @ v
+        xc = x[idx].astype(np.float64)
+        mean = xc.mean(0)
+        v = top_direction(xc - mean)
+        proj = (xc - mean) @ v if centered else xc @ v
         scores[idx] = proj ** 2
     return scores
 

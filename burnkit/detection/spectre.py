@@ -107,7 +107,7 @@ def spectre_class(x: np.ndarray, eps: int, alpha: float = 4.0, pca_dims: int = 6
 def spectre(features, labels, percentile: float = 0.01, alpha: float = 4.0, pca_dims: int = 64,
             ks=DEFAULT_KS, seed: int = 0) -> SpectreResult:
     """SPECTRE over every class; ε_c = min(percentile * N, n_c / 3) (at least 1)."""
-    x = as_numpy(features)
+    x = as_numpy(features, dtype=None)  # upcast per class: N x d can be large
     y = np.asarray(labels)
     out = SpectreResult(np.zeros(len(x)), np.zeros(len(x), dtype=bool))
     for c in np.unique(y):
@@ -115,7 +115,7 @@ def spectre(features, labels, percentile: float = 0.01, alpha: float = 4.0, pca_
         if len(idx) < 3:
             continue
         eps = max(1, int(min(percentile * len(x), len(idx) / 3)))
-        scores, flags, facts = spectre_class(x[idx], eps, alpha, pca_dims, ks, seed)
+        scores, flags, facts = spectre_class(x[idx].astype(np.float64), eps, alpha, pca_dims, ks, seed)
         out.scores[idx] = scores
         out.flagged[idx] = flags
         out.per_class[int(c)] = facts
