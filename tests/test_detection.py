@@ -275,19 +275,31 @@ def test_abl_loss_guards_and_isolation_share():
 # ----------------------------------------------------------------------------- feature points
 
 
-def test_default_feature_points_of_the_zoo():
+ZOO_POINTS = {"preactresnet18": "layer4", "preactresnet34": "layer4", "smallcnn": "features.14",
+              "vgg19": "features.35", "vgg19_bn": "features.51", "resnet18": "layer4", "resnet50": "layer4",
+              "densenet121": "features", "mobilenet_v2": "features", "convnext_tiny": "features",
+              "googlenet": "inception5b", "squeezenet1_0": "features", "vit_b_16": "1.heads.head:input"}
+
+
+def _zoo():
     import attack_models
 
-    expected = {"preactresnet18": "layer4", "preactresnet34": "layer4", "smallcnn": "features.14",
-                "vgg19": "features.35", "vgg19_bn": "features.51"}
-    for name in attack_models.list_models():
-        net = attack_models.create_model(name)
-        point = default_feature_point(net, (3, 32, 32))
-        assert point == expected.get(name, point), name
-        assert resolve_feature_point(net, None, (3, 32, 32)) == point
-        # the point is a 4-D feature map that the classifier comes after
-        feats, logits = extract(_wrap(net), _images(4), point, torch.device("cpu"), reduce=lambda t: t)
-        assert feats.dim() == 4 and logits.shape == (4, 10), name
+    return attack_models.list_models()
+
+
+@pytest.mark.parametrize("name", _zoo())
+def test_every_zoo_model_has_a_default_feature_point(name):
+    import attack_models
+
+    size = max(32, getattr(attack_models, "min_input_size", lambda n: 1)(name))
+    net = attack_models.create_model(name, num_classes=10, image_size=size)
+    point = default_feature_point(net, (3, size, size))
+    assert point == ZOO_POINTS.get(name, point)
+    assert resolve_feature_point(net, None, (3, size, size)) == point
+    feats, logits = extract(_wrap(net), _images(2, size), point, torch.device("cpu"), reduce=lambda t: t)
+    assert logits.shape == (2, 10)
+    # a 4-D map the classifier comes after, or (no such map: ViTs) the final layer's 2-D input
+    assert feats.dim() == 4 or (point.endswith(":input") and feats.dim() == 2), point
 
 
 class HeadConvNet(nn.Module):

@@ -11,7 +11,8 @@ network's own forward pass, so every model of the zoo has a default:
 * :func:`default_feature_point`: the output of the last *stage* before the final layer, i.e. the
   last 4-D (N x C x H x W) output among the network's top-level children (a child that is a flat
   ``nn.Sequential`` of leaf layers - VGG's ``features`` - is looked into), pooling, dropout and
-  identity layers excluded.
+  identity layers and anything before the first layer with weights (a ``Resize`` in front of a ViT)
+  excluded.
   PreAct-ResNet18 and ResNets give ``layer4`` (BackdoorBench's choice), VGG and the small CNN the
   last ReLU of ``features``, DenseNet/MobileNet/EfficientNet ``features``. A network with no such
   output (ViT) gets the input of its final layer, the penultimate representation.
@@ -32,6 +33,7 @@ from ..engine import eval_mode, iterate
 from ..errors import BurnError
 
 POOLING = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.AvgPool2d, nn.MaxPool2d, nn.LPPool2d)
+GLOBAL_POOLING = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
 PASS_THROUGH = (nn.modules.dropout._DropoutNd, nn.Identity, nn.Flatten)  # no stage of their own
 INPUT_SUFFIX = ":input"
 
@@ -85,10 +87,12 @@ def default_feature_point(net: nn.Module, input_shape: tuple[int, ...]) -> str:
     head = final_layer(net, input_shape)
     stages = _stages(net)
     last = None
+    learnt = False  # a stage counts once a module with weights has run (not a Resize in front of a ViT)
     for name, module, shape in calls:
-        if name == head or name.startswith(head + "."):
-            break
-        if name in stages and len(shape) == 4 and not isinstance(module, POOLING + PASS_THROUGH):
+        if name == head or name.startswith(head + ".") or (name in stages and isinstance(module, GLOBAL_POOLING)):
+            break  # the classifier, or the global pooling in front of it (ConvNeXt normalises after it)
+        learnt = learnt or next(module.parameters(), None) is not None
+        if learnt and name in stages and len(shape) == 4 and not isinstance(module, POOLING + PASS_THROUGH):
             last = name
     return last if last is not None else head + INPUT_SUFFIX
 
