@@ -18,7 +18,8 @@ from burnkit.records import read_attack_record
 from test_compare import BURN_FAST, copy_record
 
 DETECTORS = {"spectral": {}, "spectral-bb": {"detector": "spectral", "overrides": {"centered": False}},
-             "strip": {"overrides": {"num_overlays": 10, "clean_sample_num": 30}}, "burn_s": {}}
+             "strip": {"overrides": {"num_overlays": 10, "clean_sample_num": 30}}, "burn_s": {},
+             "burn-read": {"detector": "burn", "overrides": {"burn_output": "defense/burn"}}}
 
 
 def spec(name: str) -> dict:
@@ -37,7 +38,8 @@ def test_detection_cells_expand_with_overrides_and_dependencies(tmp_path):
     assert list(cells["spectral-bb"].args) == ["--result_file", "badnet_digits", "--dataset", "digits", "--random_seed",
                                                "0", "--output_name", "spectral-bb", "--progress", "false",
                                                "--centered", "false"]
-    assert cells["burn_s"].after == ("defense/badnet_digits/burn",) and cells["spectral"].after == ()
+    assert cells["burn_s"].after == cells["burn-read"].after == ("defense/badnet_digits/burn",)
+    assert cells["spectral"].after == ()
     assert exp.command(cells["strip"])[1].endswith("detection_pretrain/strip.py")
 
 
@@ -71,6 +73,7 @@ def test_compare_runs_detectors_and_tabulates_them(digits_workdir, tmp_path):
     assert cells.loc["strip", "clean_samples_used"] == 30 and cells.loc["burn_s", "clean_samples_used"] == 0
     burn_cost = json.loads((record_dir / "defense" / "burn" / "cost.json").read_text())
     assert cells.loc["burn_s", "compute_s"] >= burn_cost["wall_time_s"]  # BURN's run counts for its score
+    assert cells.loc["burn-read", "compute_s"] >= burn_cost["burn"]["timings_s"]["scan"]  # its scan for the distance
 
     table = (out / "detection_cells.csv").read_text()
     board = (out / "leaderboard.md").read_text()

@@ -37,7 +37,8 @@ ATTACK_RESERVED = {"save_folder_name", "dataset", "model", "random_seed"}
 DEFENSE_RESERVED = {"result_file", "dataset", "random_seed", "output_name", "model"}
 DEFAULT_RECORD_NAME = "{attack}_{dataset}_{model}_s{seed}"
 EXECUTORS = ("local", "submitit", "ray")
-READS_BURN = {"burn_s"}  # detectors that read a BURN defense run (--burn_output, default defense/burn)
+# detectors that read a BURN defense run, with their --burn_output default (burn reads one only when given)
+READS_BURN = {"burn_s": "defense/burn", "burn": None}
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 
 
@@ -278,7 +279,7 @@ def load_experiment(path: str | Path, workdir: str | None = None) -> Experiment:
             if detector != d["script"]:
                 args += ["--output_name", detector]
             args += _flags(overrides, {**fields, "detector": detector, "script": d["script"]}, where)
-            reads = overrides.get("burn_output", "defense/burn") if d["script"] in READS_BURN else None
+            reads = overrides.get("burn_output", READS_BURN.get(d["script"]))
             after = tuple(c.cell_id for c in own_defenses if reads and f"defense/{c.folder}" == str(reads).rstrip("/"))
             exp.detection_cells.append(DetectionCell(source, detector, d["script"], tuple(args), after))
     return exp
