@@ -445,18 +445,53 @@ def test_finished_detection_is_refused_then_overwritten_with_history(digits_copy
     assert len(list(folder.parent.glob("spectral_pretrain.replaced-*"))) == 1
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--target_layer", "layer9"], "not a module"),
-    (["--target_label", "12"], "not a class"),
-    (["--percentile", "120"], "<= 100"),
-])
-def test_bad_detector_flags_are_one_line_and_write_nothing(argv, message, digits_copy, capsys):
+def _foreign_burn_run(work: Path):
+    """A 'finished' BURN output whose samples are another record's."""
+    folder = work / "record" / RECORD / "defense" / "burn"
+    folder.mkdir(parents=True)
+    torch.save({"model_name": "smallcnn", "num_classes": 10, "model": {}}, folder / "defense_result.pt")
+    (folder / "burn_samples.csv").write_text("index,boundary_l2,S\n0,1.0,0.5\n1,2.0,0.7\n")
+
+
+BAD = [  # (id, detector, argv, setup, message)
+    ("no-record-flag", "spectral", [], None, "--result_file is required"),
+    ("unknown-record", "spectral", ["--result_file", "nope"], None, "nope"),
+    ("unknown-flag", "spectral", ["--result_file", RECORD, "--percentil", "50"], None, "did you mean '--percentile'"),
+    ("bad-layer", "spectral", ["--result_file", RECORD, "--target_layer", "layer9"], None, "not a module"),
+    ("bad-ac-layer", "ac", ["--result_file", RECORD, "--target_layer", "fc:input"], None, "not a module"),
+    ("bad-class", "spectral", ["--result_file", RECORD, "--target_label", "12"], None, "not a class"),
+    ("percentile-range", "spectral", ["--result_file", RECORD, "--percentile", "120"], None, "<= 100"),
+    ("bad-reducer", "ac", ["--result_file", RECORD, "--reducer", "tsne"], None, "must be one of ica, pca"),
+    ("bad-guard", "abl", ["--result_file", RECORD, "--gradient_ascent_type", "ascent"], None, "LGA"),
+    ("too-many-clean", "scan", ["--result_file", RECORD, "--clean_sample_num", "5000"], None, "per class"),
+    ("missing-index", "strip", ["--result_file", RECORD, "--index", "no_such_file.txt"], None, "not found"),
+    ("bad-output-name", "spectral", ["--result_file", RECORD, "--output_name", "../x"], None, "plain folder name"),
+    ("yaml-unknown-key", "spectre", ["--result_file", RECORD, "--yaml_path", "bad.yaml"],
+     lambda work: (work / "bad.yaml").write_text("percentile: 0.1\nalpah: 4\n"), "unknown key 'alpah'"),
+    ("no-burn-run", "burn_s", ["--result_file", RECORD], None, "defense/burn.py"),
+    ("foreign-burn-run", "burn", ["--result_file", RECORD, "--burn_output", "defense/burn"], _foreign_burn_run,
+     "other samples"),
+    ("no-bd-train", "spectral", ["--result_file", RECORD], "no_bd_train", "no poisoned training set"),
+]
+
+
+@pytest.mark.parametrize("case", BAD, ids=[c[0] for c in BAD])
+def test_bad_detector_input_is_one_line_exit_2_and_changes_nothing(case, digits_copy, capsys):
+    from test_bad_inputs import set_key, snapshot
+
+    _, detector, argv, setup, message = case
+    work = digits_copy
+    if setup == "no_bd_train":
+        set_key("bd_train", None)(work)
+    elif setup is not None:
+        setup(work)
+    before = snapshot(work)
     with pytest.raises(SystemExit) as exc:
-        get_detector("spectral").main(["--result_file", RECORD, "--progress", "false", *argv])
-    assert exc.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and message in err[0]
-    assert not (digits_copy / "record" / RECORD / "detection").exists()
+        get_detector(detector).main([*argv, "--progress", "false"])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert exc.value.code == 2 and len(err) == 1 and "Traceback" not in err[0]
+    assert message in err[0], err[0]
+    assert snapshot(work) == before
 
 
 def test_burn_detectors_agree_with_a_burn_run(digits_copy, capsys):
