@@ -5,6 +5,8 @@ A *record cell* runs ``attack/<attack>.py`` once per (dataset, model, attack ent
 ``record/<record_name>/defense/<entry>/`` (spec §3.7). Entries are named, so one script can appear
 several times with different overrides (``ft-short: {defense: ft, overrides: {epochs: 1}}``); an entry
 whose name differs from its script gets ``--output_name <entry>`` so the variants do not share a folder.
+A *detection cell* runs ``detection_pretrain/<detector>.py`` on one record and writes BackdoorBench's
+detection folder (``record/<record_name>/detection/<entry>_pretrain/`` or ``detection_pretrain/<entry>/``).
 
 A cell is *done* when its outputs exist (summary CSV + ``attack_result.pt`` / ``defense_result.pt``),
 whoever wrote them: that is what makes runs resumable and lets an experiment reuse existing records.
@@ -21,19 +23,22 @@ from pathlib import Path
 
 from ..config import load_yaml, repo_root
 from ..errors import BurnError
-from .outputs import defense_done, record_done
+from .outputs import defense_done, detection_done, record_done
 
 TOP_KEYS = {"name", "workdir", "output", "scripts_root", "python", "executor", "jobs", "gpus", "env",
             "submitit", "ray", "allow_unavailable", "seeds", "record_name", "datasets", "models",
-            "attack_overrides", "defense_overrides", "attacks", "defenses"}
-AXIS_KEYS = {"attack_overrides", "defense_overrides"}
+            "attack_overrides", "defense_overrides", "attacks", "defenses", "detector_overrides", "detectors"}
+AXIS_KEYS = {"attack_overrides", "defense_overrides", "detector_overrides"}
 ATTACK_KEYS = {"attack", "overrides", "record_name"}
 DEFENSE_KEYS = {"defense", "overrides"}
+DETECTOR_KEYS = {"detector", "overrides"}
 # flags compare sets itself: a user override would break the cell's identity
 ATTACK_RESERVED = {"save_folder_name", "dataset", "model", "random_seed"}
 DEFENSE_RESERVED = {"result_file", "dataset", "random_seed", "output_name", "model"}
 DEFAULT_RECORD_NAME = "{attack}_{dataset}_{model}_s{seed}"
 EXECUTORS = ("local", "submitit", "ray")
+# detectors that read a BURN defense run, with their --burn_output default (burn reads one only when given)
+READS_BURN = {"burn_s": "defense/burn", "burn": None}
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 
 
@@ -86,6 +91,32 @@ class DefenseCell:
         return defense_done(workdir / "record" / self.record / "defense" / self.folder, self.script)
 
 
+@dataclass(frozen=True)
+class DetectionCell:
+    """One detector run on one record (BackdoorBench's ``detection_pretrain/<script>.py``); ``after``
+    names cells whose outputs it reads (BURN's final score reads a BURN defense run)."""
+
+    source: RecordCell
+    detector: str  # entry name = method folder name
+    script: str  # detection_pretrain/<script>.py
+    args: tuple[str, ...]
+    after: tuple[str, ...] = ()
+
+    kind = "detection"
+    script_dir = "detection_pretrain"
+
+    @property
+    def record(self) -> str:
+        return self.source.record
+
+    @property
+    def cell_id(self) -> str:
+        return f"detection/{self.record}/{self.detector}"
+
+    def is_done(self, workdir: Path) -> bool:
+        return detection_done(workdir / "record" / self.record, self.script, self.detector)
+
+
 @dataclass
 class Experiment:
     """A validated experiment: settings plus the record and defense cells it expands to."""
@@ -110,31 +141,36 @@ class Experiment:
     defenses: dict[str, str]
     records: list[RecordCell] = field(default_factory=list)
     defense_cells: list[DefenseCell] = field(default_factory=list)
+    detectors: dict[str, str] = field(default_factory=dict)
+    detection_cells: list[DetectionCell] = field(default_factory=list)
 
     @property
     def cells(self) -> list:
-        """Record cells first: a defense cell depends on its record."""
-        return [*self.records, *self.defense_cells]
+        """Record cells first: defense and detection cells depend on their record."""
+        return [*self.records, *self.defense_cells, *self.detection_cells]
 
     def script_path(self, cell) -> Path:
-        return self.scripts_root / cell.kind / f"{cell.script}.py"
+        return self.scripts_root / getattr(cell, "script_dir", cell.kind) / f"{cell.script}.py"
 
     def command(self, cell) -> list[str]:
         return [self.python, str(self.script_path(cell)), *cell.args]
 
     def unavailable(self) -> dict[str, list[str]]:
         """Entries whose script is missing (or, for this checkout's scripts, not registered)."""
-        registered = {"attack": None, "defense": None}
+        registered = {"attack": None, "defense": None, "detector": None}
         if self.scripts_root == repo_root():
             from ..attack import list_attacks
             from ..defense import list_defenses
+            from ..detector import list_detectors
 
-            registered = {"attack": set(list_attacks()), "defense": set(list_defenses())}
-        missing: dict[str, list[str]] = {"attack": [], "defense": []}
-        for kind, entries in (("attack", self.attacks), ("defense", self.defenses)):
+            registered = {"attack": set(list_attacks()), "defense": set(list_defenses()),
+                          "detector": set(list_detectors())}
+        missing: dict[str, list[str]] = {"attack": [], "defense": [], "detector": []}
+        folders = {"attack": "attack", "defense": "defense", "detector": DetectionCell.script_dir}
+        for kind, entries in (("attack", self.attacks), ("defense", self.defenses), ("detector", self.detectors)):
             for entry, script in entries.items():
                 known = registered[kind]
-                has_script = (self.scripts_root / kind / f"{script}.py").is_file()
+                has_script = (self.scripts_root / folders[kind] / f"{script}.py").is_file()
                 if not has_script or (known is not None and script not in known):
                     missing[kind].append(entry)
         return missing
@@ -142,7 +178,7 @@ class Experiment:
     def check_available(self) -> list[str]:
         """Drop unavailable entries (``allow_unavailable``) or raise; returns warnings."""
         missing = self.unavailable()
-        if not missing["attack"] and not missing["defense"]:
+        if not any(missing.values()):
             return []
         described = "; ".join(f"{kind} {', '.join(names)}" for kind, names in missing.items() if names)
         if not self.allow_unavailable:
@@ -150,13 +186,18 @@ class Experiment:
                             "or set allow_unavailable: true to skip them")
         dropped_attacks = set(missing["attack"])
         dropped_defenses = set(missing["defense"])
+        dropped_detectors = set(missing["detector"])
         self.records = [r for r in self.records if r.attack not in dropped_attacks]
         self.defense_cells = [c for c in self.defense_cells
                               if c.defense not in dropped_defenses and c.source.attack not in dropped_attacks]
+        self.detection_cells = [c for c in self.detection_cells
+                                if c.detector not in dropped_detectors and c.source.attack not in dropped_attacks]
         for name in dropped_attacks:
             self.attacks.pop(name)
         for name in dropped_defenses:
             self.defenses.pop(name)
+        for name in dropped_detectors:
+            self.detectors.pop(name)
         return [f"skipping {described}: not available under {self.scripts_root}"]
 
 
@@ -191,6 +232,7 @@ def load_experiment(path: str | Path, workdir: str | None = None) -> Experiment:
     models = _axis(raw.get("models"), "models", where)
     attacks = _entries(raw.get("attacks"), "attacks", "attack", ATTACK_KEYS, where, required=True)
     defenses = _entries(raw.get("defenses"), "defenses", "defense", DEFENSE_KEYS, where, required=False)
+    detectors = _entries(raw.get("detectors"), "detectors", "detector", DETECTOR_KEYS, where, required=False)
     gpus = raw.get("gpus")
     exp = Experiment(
         name=name, path=path, workdir=work, output=output, scripts_root=scripts_root,
@@ -201,9 +243,10 @@ def load_experiment(path: str | Path, workdir: str | None = None) -> Experiment:
         submitit=_mapping(raw.get("submitit"), "submitit", where), ray=_mapping(raw.get("ray"), "ray", where),
         allow_unavailable=bool(raw.get("allow_unavailable", False)), seeds=seeds, datasets=list(datasets),
         models=list(models), attacks={k: v["script"] for k, v in attacks.items()},
-        defenses={k: v["script"] for k, v in defenses.items()})
+        defenses={k: v["script"] for k, v in defenses.items()}, detectors={k: v["script"] for k, v in detectors.items()})
     layers = {"attack": _overrides(raw.get("attack_overrides"), "attack_overrides", ATTACK_RESERVED, where),
-              "defense": _overrides(raw.get("defense_overrides"), "defense_overrides", DEFENSE_RESERVED, where)}
+              "defense": _overrides(raw.get("defense_overrides"), "defense_overrides", DEFENSE_RESERVED, where),
+              "detector": _overrides(raw.get("detector_overrides"), "detector_overrides", DEFENSE_RESERVED, where)}
     template = str(raw.get("record_name") or DEFAULT_RECORD_NAME)
     seen: dict[str, tuple] = {}
     for (dataset, d_opts), (model, m_opts), (attack, a), seed in itertools.product(
@@ -229,6 +272,16 @@ def load_experiment(path: str | Path, workdir: str | None = None) -> Experiment:
                 args += ["--output_name", defense]
             args += _flags(overrides, {**fields, "defense": defense, "script": d["script"]}, where)
             exp.defense_cells.append(DefenseCell(source, defense, d["script"], tuple(args)))
+        own_defenses = [c for c in exp.defense_cells if c.source is source]
+        for detector, d in detectors.items():
+            overrides = {**layers["detector"], **d_opts["detector"], **m_opts["detector"], **d["overrides"]}
+            args = ["--result_file", record, "--dataset", dataset, "--random_seed", str(seed)]
+            if detector != d["script"]:
+                args += ["--output_name", detector]
+            args += _flags(overrides, {**fields, "detector": detector, "script": d["script"]}, where)
+            reads = overrides.get("burn_output", READS_BURN.get(d["script"]))
+            after = tuple(c.cell_id for c in own_defenses if reads and f"defense/{c.folder}" == str(reads).rstrip("/"))
+            exp.detection_cells.append(DetectionCell(source, detector, d["script"], tuple(args), after))
     return exp
 
 
@@ -248,7 +301,8 @@ def _axis(value, key: str, where: str) -> dict[str, dict]:
             raise BurnError(f"{where}: {key}.{name} may only hold {', '.join(sorted(AXIS_KEYS))}")
         out[str(name)] = {
             kind: _overrides(opts.get(f"{kind}_overrides"), f"{key}.{name}.{kind}_overrides", reserved, where)
-            for kind, reserved in (("attack", ATTACK_RESERVED), ("defense", DEFENSE_RESERVED))}
+            for kind, reserved in (("attack", ATTACK_RESERVED), ("defense", DEFENSE_RESERVED),
+                                   ("detector", DEFENSE_RESERVED))}
     return out
 
 
@@ -271,7 +325,7 @@ def _entries(value, key: str, script_key: str, allowed: set, where: str, require
         if extra:
             raise BurnError(f"{where}: {key}.{entry} has unknown key(s) {', '.join(extra)}; allowed: "
                             f"{', '.join(sorted(allowed))} (script flags go under overrides)")
-        reserved = ATTACK_RESERVED if script_key == "attack" else DEFENSE_RESERVED
+        reserved = ATTACK_RESERVED if script_key == "attack" else DEFENSE_RESERVED  # detectors: as defenses
         script = str(opts.get(script_key) or entry)
         _check_name(script, f"{key}.{entry}.{script_key}", where)
         out[entry] = {"script": script, "record_name": opts.get("record_name"),

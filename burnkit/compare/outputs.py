@@ -102,3 +102,25 @@ def _number(value) -> float:
     except (TypeError, ValueError):
         return math.nan
     return out
+
+
+DETECTION_PATTERNS = ("detection/{}_pretrain", "detection_pretrain/{}")  # BackdoorBench's two (spec §13.4)
+
+
+def detection_folder(record_dir: Path, script: str, name: str) -> Path:
+    """A detector's output folder: its own pattern when it is one of ours, else whichever of
+    BackdoorBench's two patterns exists (the first when neither does)."""
+    from ..detector import get_detector
+    from ..errors import BurnError
+
+    try:
+        return get_detector(script).output_dir(record_dir, name)
+    except BurnError:  # not one of ours (e.g. BackdoorBench's asset or cd)
+        found = [record_dir / p.format(name) for p in DETECTION_PATTERNS if (record_dir / p.format(name)).is_dir()]
+        return found[0] if found else record_dir / DETECTION_PATTERNS[0].format(name)
+
+
+def detection_done(record_dir: Path, script: str, name: str) -> bool:
+    """Finished when the per-sample scores and their sidecar exist (written last by our detectors)."""
+    folder = detection_folder(record_dir, script, name)
+    return (folder / "detection_scores.json").is_file() and (folder / "detection_scores.npy").is_file()

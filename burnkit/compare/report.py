@@ -36,9 +36,15 @@ def write_report(exp: Experiment, command: str = "", wall_time_s: float | None =
     atomic_write_text(paths["summary"], summary.to_csv(index=False))
     plots = write_plots(summary, exp, out / "plots")
     footer = _footer(exp, cells, command, wall_time_s)
-    atomic_write_text(paths["markdown"], markdown(summary, exp, plots, footer))
-    atomic_write_text(paths["html"], html_page(summary, exp, plots, footer))
+    from .detection import write_detection  # imported here: it uses this module's table writer
+
+    detection = write_detection(exp, out)
+    atomic_write_text(paths["markdown"], markdown(summary, exp, plots, footer, detection.markdown))
+    atomic_write_text(paths["html"], html_page(summary, exp, plots, footer, detection.html))
     paths.update({f"plot:{p.stem}": p for group in plots.values() for p in group})
+    paths.update({f"plot:{p.stem}": p for p in detection.plots})
+    if not detection.cells.empty:
+        paths.update({"detection_cells": out / "detection_cells.csv", "detection_summary": out / "detection_summary.csv"})
     return paths
 
 
@@ -146,7 +152,7 @@ def markdown_table(frame: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def markdown(summary: pd.DataFrame, exp: Experiment, plots: dict, footer: list[str]) -> str:
+def markdown(summary: pd.DataFrame, exp: Experiment, plots: dict, footer: list[str], extra: str = "") -> str:
     parts = [f"# {exp.name}", ""]
     for title, frames in tables(summary, exp):
         parts += [f"## {title}", ""]
@@ -157,11 +163,13 @@ def markdown(summary: pd.DataFrame, exp: Experiment, plots: dict, footer: list[s
         parts += ["## Plots", ""]
         for title, paths in plots.items():
             parts += [f"![{p.stem}](plots/{p.name})" for p in paths] + [""]
+    if extra:  # e.g. the detection table
+        parts += [extra]
     parts += [f"{line}  " for line in footer]
     return "\n".join(parts).rstrip() + "\n"
 
 
-def html_page(summary: pd.DataFrame, exp: Experiment, plots: dict, footer: list[str]) -> str:
+def html_page(summary: pd.DataFrame, exp: Experiment, plots: dict, footer: list[str], extra: str = "") -> str:
     esc = html.escape
     body = [f"<h1>{esc(exp.name)}</h1>"]
     for title, frames in tables(summary, exp):
@@ -174,6 +182,8 @@ def html_page(summary: pd.DataFrame, exp: Experiment, plots: dict, footer: list[
         body.append(f"<h2>{esc(title)}</h2><div class='plots'>")
         body += [f"<img src='plots/{esc(p.name)}' alt='{esc(p.stem)}'>" for p in paths]
         body.append("</div>")
+    if extra:
+        body.append(extra)
     body.append("<footer>" + "<br>".join(esc(line) for line in footer) + "</footer>")
     style = ("body{font-family:sans-serif;margin:2em;max-width:80em}"
              "table.grid{border-collapse:collapse;margin-bottom:1em}"

@@ -1,4 +1,5 @@
-"""Run an experiment's missing cells: records first, each defense as soon as its record exists.
+"""Run an experiment's missing cells: records first, each defense and detector as soon as its record
+exists (a detector that reads a defense's output, BURN's final score, after that defense).
 
 Resumability comes from the outputs themselves (a cell whose files exist is skipped, whoever wrote
 them); ``state.json`` in the output folder only remembers what compare did: attempts per cell, exit
@@ -117,15 +118,21 @@ def run_experiment(exp: Experiment, executor: str, jobs: int, echo=print) -> Run
             for cell in list(pending):
                 if len(running) >= jobs:
                     break
-                if cell.kind == "defense":
-                    if cell.record in failed_records:
+                if cell.kind != "attack":  # defenses and detectors
+                    after = getattr(cell, "after", ())
+                    lost = next((c for c in after if c in report.failed or c in report.blocked), None)
+                    if cell.record in failed_records or lost:
                         pending.remove(cell)
-                        _mark(state, cell, status="blocked", tail=f"attack cell attack/{cell.record} failed")
-                        echo(f"[{_count(report)}/{total}] blocked {cell.cell_id}: its record failed")
+                        why = f"attack cell attack/{cell.record} failed" if not lost else f"{lost} did not finish"
+                        _mark(state, cell, status="blocked", tail=why)
+                        echo(f"[{_count(report)}/{total}] blocked {cell.cell_id}: {why}")
                         report.blocked.append(cell.cell_id)
                         continue
                     if not cell.source.is_done(exp.workdir) and cell.record not in finished_records:
                         continue  # its record is still being made
+                    waiting = {c.cell_id for c in pending} | {c.cell_id for c in running.values()}
+                    if any(c in waiting for c in after):
+                        continue  # a cell whose output it reads (BURN's run for burn_s) is not done yet
                 pending.remove(cell)
                 entry = state.cell(cell.cell_id)
                 entry["attempts"] += 1
@@ -142,7 +149,7 @@ def run_experiment(exp: Experiment, executor: str, jobs: int, echo=print) -> Run
                 (report.done if ok else report.failed).append(cell.cell_id)
                 if cell.kind == "attack":
                     (finished_records if ok else failed_records).add(cell.record)
-        for cell in pending:  # defenses whose record cannot be made in this run
+        for cell in pending:  # defenses and detectors whose record cannot be made in this run
             _mark(state, cell, status="blocked", tail=f"record {cell.record} is missing")
             report.blocked.append(cell.cell_id)
         interrupted = False

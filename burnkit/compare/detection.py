@@ -1,0 +1,208 @@
+"""The detection table of an experiment: every detector's per-sample scores on every record, measured with
+one metric code (:mod:`burnkit.detection.metrics`), and one ROC overlay per record.
+
+The scores come from each detection folder's ``detection_scores.npy`` (ours; BackdoorBench's detectors
+write none, so their rows stay empty); the truth comes from the record itself (``bd_train``'s poison
+indicator, read without the images), never from the detector's own files. Compute is the detector's own
+time (``compute_s`` of its sidecar: the detection without loading the record, plus the run it reads,
+for BURN's final score), clean samples the number it says it used.
+
+Files: ``detection_cells.csv`` (one row per detection cell), ``detection_summary.csv`` (mean and
+sample std over seeds), ``plots/roc_<record>.png``; the Markdown/HTML sections are returned to the
+report writer.
+"""
+from __future__ import annotations
+
+import html
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ..detection.metrics import auroc, ranking_metrics
+from ..detector import SCORES_JSON, SCORES_NPY, plot_roc
+from ..errors import BurnError
+from ..records import read_attack_record
+from ..results import atomic_write_text
+from .experiment import Experiment
+from .outputs import detection_folder
+from .report import fmt, markdown_table
+
+VALUES = ("auroc", "tpr_at_1fpr", "tpr_at_5fpr", "precision_at_poison_rate", "auroc_relabelled", "compute_s",
+          "clean_samples_used")
+COLUMNS = {"auroc": "AUROC", "tpr_at_1fpr": "TPR@1%FPR", "tpr_at_5fpr": "TPR@5%FPR",
+           "precision_at_poison_rate": "Precision@poison rate", "auroc_relabelled": "AUROC (relabelled)"}
+BURN_ROWS = ("burn", "burn_s")  # scripts whose rows are BURN's
+
+
+@dataclass
+class DetectionReport:
+    cells: pd.DataFrame
+    summary: pd.DataFrame
+    plots: list[Path] = field(default_factory=list)
+    markdown: str = ""
+    html: str = ""
+
+
+def record_truth(record_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+    """``bd_train``'s poison flags in sample order, from the record (no images read), and which of
+    them carry a label other than their original one (the relabelled poison: cross/negative samples of
+    the on-the-fly attacks and poison drawn from the target class keep their label)."""
+    record = read_attack_record(record_dir)
+    state = record.bd_train
+    if state is None:
+        raise BurnError(f"record {record_dir} has no bd_train")
+    truth = state.poison_indicator[state.original_index] == 1
+    relabelled = np.array([bool(flag) and state.entries[int(i)].bd_label != state.entries[int(i)].original_label
+                           for i, flag in zip(state.original_index, truth)], dtype=bool)
+    return truth, relabelled
+
+
+def collect_detection(exp: Experiment) -> tuple[pd.DataFrame, dict[str, dict[str, np.ndarray]]]:
+    """One row per detection cell (NaN where outputs are missing) and, per record, the score vectors."""
+    rows, curves, truths = [], {}, {}
+    for cell in exp.detection_cells:
+        rec = cell.source
+        record_dir = exp.workdir / "record" / rec.record
+        folder = detection_folder(record_dir, cell.script, cell.detector)
+        row = {"dataset": rec.dataset, "model": rec.model, "attack": rec.attack, "detector": cell.detector,
+               "script": cell.script, "seed": rec.seed, "record": rec.record, "folder": str(folder),
+               "status": "missing", **{k: math.nan for k in VALUES}, "flagged": math.nan, "TP": math.nan,
+               "n_samples": math.nan, "n_poison": math.nan}
+        if cell.is_done(exp.workdir):
+            try:
+                if rec.record not in truths:
+                    truths[rec.record] = record_truth(record_dir)
+                truth, relabelled = truths[rec.record]
+                scores = np.load(folder / SCORES_NPY, allow_pickle=False)
+                facts = json.loads((folder / SCORES_JSON).read_text())
+                if scores.shape != truth.shape:
+                    raise BurnError(f"{folder}: {len(scores)} scores for {len(truth)} samples")
+            except (BurnError, OSError, ValueError) as err:
+                row["status"] = f"unreadable: {str(err).splitlines()[0][:120]}"
+            else:
+                keep = relabelled | ~truth
+                row.update(ranking_metrics(scores, truth), status="done", n_samples=len(truth),
+                           auroc_relabelled=auroc(scores[keep], relabelled[keep]),
+                           n_poison=int(truth.sum()), compute_s=_number(facts.get("compute_s")),
+                           clean_samples_used=_number(facts.get("clean_samples_used")),
+                           flagged=_number(facts.get("flagged")), TP=_number(facts.get("TP")))
+                curves.setdefault(rec.record, {})[cell.detector] = (scores, truth)
+        rows.append(row)
+    return pd.DataFrame(rows), curves
+
+
+def aggregate_detection(cells: pd.DataFrame, exp: Experiment) -> pd.DataFrame:
+    """Mean and sample std (ddof=1) over seeds per (dataset, model, attack, detector)."""
+    keys = ["dataset", "model", "attack", "detector"]
+    out = []
+    for key, group in cells.groupby(keys, sort=False):
+        have = group[group["status"] == "done"]
+        row = dict(zip(keys, key), n=len(have), seeds=len(group))
+        for value in (*VALUES, "flagged", "TP"):
+            series = have[value].astype(float)
+            row[f"{value}_mean"] = series.mean() if len(series) else math.nan
+            row[f"{value}_std"] = series.std(ddof=1) if len(series) > 1 else math.nan
+        out.append(row)
+    frame = pd.DataFrame(out)
+    if frame.empty:
+        return frame
+    order = {name: i for i, name in enumerate(exp.detectors)}
+    attacks = {name: i for i, name in enumerate(exp.attacks)}
+    frame = frame.assign(_a=frame["attack"].map(attacks), _d=frame["detector"].map(order))
+    return frame.sort_values(["dataset", "model", "_a", "_d"], kind="stable").drop(columns=["_a", "_d"]).reset_index(drop=True)
+
+
+def _number(value) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def detection_tables(summary: pd.DataFrame, exp: Experiment) -> list[tuple[str, pd.DataFrame, list[str]]]:
+    """Per (dataset, model, attack): rows = detectors; plus notes comparing BURN's rows with the best."""
+    out = []
+    if summary.empty:
+        return out
+    scripts = dict(exp.detectors)
+    for (dataset, model, attack), block in summary.groupby(["dataset", "model", "attack"], sort=False):
+        rows = {}
+        for r in block.itertuples():
+            rows[r.detector] = {
+                **{label: fmt(getattr(r, f"{k}_mean"), getattr(r, f"{k}_std"), scale=1.0, digits=3)
+                   for k, label in COLUMNS.items()},
+                "Flagged (TP)": "–" if math.isnan(r.flagged_mean) else
+                f"{r.flagged_mean:.0f} ({r.TP_mean:.0f})",
+                "Compute (s)": fmt(r.compute_s_mean, r.compute_s_std, scale=1.0, digits=1),
+                "Clean samples": fmt(r.clean_samples_used_mean, None, scale=1.0, digits=0),
+                "Seeds": f"{r.n}/{r.seeds}"}
+        table = pd.DataFrame.from_dict(rows, orient="index").rename_axis("Detector")
+        n = int(block["n"].max())
+        title = f"{attack} ({dataset} · {model}, {n} seed{'s' if n != 1 else ''})"
+        out.append((title, table, burn_notes(block, scripts)))
+    return out
+
+
+def burn_notes(block: pd.DataFrame, scripts: dict[str, str]) -> list[str]:
+    """Where BURN's rows stand: the best detector by mean AUROC and BURN's gap to it."""
+    done = block.dropna(subset=["auroc_mean"])
+    if done.empty:
+        return []
+    best = done.loc[done["auroc_mean"].idxmax()]
+    notes = [f"Best AUROC: {best.detector} {best.auroc_mean:.3f}."]
+    for r in done.itertuples():
+        if scripts.get(r.detector) in BURN_ROWS and r.detector != best.detector:
+            rank = int((done["auroc_mean"] > r.auroc_mean).sum()) + 1
+            notes.append(f"{r.detector}: {r.auroc_mean:.3f}, rank {rank} of {len(done)}, "
+                         f"{best.auroc_mean - r.auroc_mean:.3f} below {best.detector}.")
+    return notes
+
+
+def write_detection(exp: Experiment, out: Path) -> DetectionReport:
+    """Collect, aggregate, write the CSVs and ROC overlays; return the report's sections."""
+    cells, curves = collect_detection(exp)
+    summary = aggregate_detection(cells, exp) if len(cells) else pd.DataFrame()
+    report = DetectionReport(cells, summary)
+    if cells.empty:
+        return report
+    atomic_write_text(out / "detection_cells.csv", cells.to_csv(index=False))
+    atomic_write_text(out / "detection_summary.csv", summary.to_csv(index=False))
+    for record, by_detector in curves.items():
+        truth = next(iter(by_detector.values()))[1]
+        path = out / "plots" / f"roc_{record}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if plot_roc(path, {k: v[0] for k, v in by_detector.items()}, truth, f"poison detection: {record}"):
+            report.plots.append(path)
+    tables = detection_tables(summary, exp)
+    intro = ("Every detector scores each sample of the record's poisoned training set (higher = more suspicious); "
+             "AUROC, TPR at 1 %/5 % FPR and precision at the poison rate (the top #poisoned scores flagged) are "
+             "computed here from those scores and the record's poison flags (BackdoorBench's poison indicator), the "
+             "same way for all; AUROC (relabelled): only the poison whose label the attack changed counts as positive "
+             "(cross/negative samples and target-class poison left out). Flagged (TP): "
+             "the method's own decisions. Compute: the detection's own seconds (BURN's final score: its whole run). "
+             "Clean samples: clean training images the method used.")
+    md = ["## Poison detection", "", intro, ""]
+    body = [f"<h2>Poison detection</h2><p>{html.escape(intro)}</p>"]
+    for title, table, notes in tables:
+        md += [f"**{title}**", "", markdown_table(table), ""] + [f"{n}  " for n in notes] + [""]
+        body.append(f"<h3>{html.escape(title)}</h3>")
+        body.append(table.reset_index().to_html(escape=True, border=0, classes="grid", index=False))
+        body += [f"<p>{html.escape(n)}</p>" for n in notes]
+    if report.plots:
+        md += [f"![{p.stem}](plots/{p.name})" for p in report.plots] + [""]
+        body.append("<div class='plots'>" + "".join(f"<img src='plots/{html.escape(p.name)}' alt='{html.escape(p.stem)}'>"
+                                                   for p in report.plots) + "</div>")
+    missing = cells[cells["status"] != "done"]
+    if len(missing):
+        line = "Detections without results: " + ", ".join(f"{r.record}/{r.detector} ({r.status})"
+                                                          for r in missing.itertuples()) + "."
+        md += [line, ""]
+        body.append(f"<p>{html.escape(line)}</p>")
+    report.markdown = "\n".join(md) + "\n"
+    report.html = "\n".join(body)
+    return report
+

@@ -1,0 +1,159 @@
+"""``detection_pretrain/burn.py`` and ``burn_s.py``: BURN's poison detector, among the others.
+
+* ``burn`` - the boundary distance ``l(x)`` of every training sample on the frozen infected model θ0
+  (BURN's Phase 1 ranking), measured with BURN's own scan (:func:`burnkit.defenses.burn.boundary_scan`,
+  same settings and defaults as ``defense/burn.py``), or read from a finished BURN run
+  (``--burn_output``) instead of scanning again. Flags: the top ``flag_share`` (k_p^0 = 0.5 %, the
+  share BURN's Phase 1 relabels).
+* ``burn_s`` - BURN's score ``S = (1 - ω) BD + ω PD`` after its last Phase-2 iteration, read from a
+  finished BURN run's ``burn_samples.csv`` (``--burn_output``, default the record's
+  ``defense/burn/``); it needs Phase 2's fine-tuning, so it is never computed here. Flags: the
+  samples of the last iteration's D_poison. Its compute is that run's wall time.
+
+Both use no clean data. Folders: ``detection/burn_pretrain/`` and ``detection/burn_s_pretrain/``.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ..boundary import SPACES
+from ..config import option
+from ..detector import DetectionResult, Detector, DetectorConfig, register_detector
+from ..errors import BurnError
+
+
+@dataclass
+class BurnDistanceConfig(DetectorConfig):
+    burn_output: str | None = option(None, "read the distances from this finished BURN output folder (relative to "
+                                           "the record folder, e.g. defense/burn) instead of scanning")
+    flag_share: float = option(0.005, "share flagged: the largest distances (k_p^0 of BURN's Phase 1)", above=0, high=1)
+    attack_space: str = option("input", "space of the distance: input (normalised) or pixel", choices=SPACES)
+    clip: bool = option(True, "clip attack iterates to valid images")
+    overshoot: float = option(0.02, "boundary attack overshoot", low=0)
+    max_iter: int = option(50, "boundary attack steps per sample", low=1)
+    candidates: int = option(10, "candidate classes of the boundary attack (top by logit)", low=2)
+    scan_batch_size: int = option(256, "samples per boundary-attack batch", low=1)
+
+
+@dataclass
+class BurnScoreConfig(DetectorConfig):
+    burn_output: str = option("defense/burn", "the finished BURN output folder to read (relative to the record "
+                                              "folder, or absolute)")
+
+
+def burn_folder(record_dir: Path, burn_output: str) -> Path:
+    path = Path(burn_output)
+    return path if path.is_absolute() else Path(record_dir) / path
+
+
+def read_burn_samples(folder: Path, expected_index: np.ndarray, column: str) -> pd.DataFrame:
+    """``burn_samples.csv`` of a finished BURN run, checked to list the record's training samples in
+    the record's order and to hold ``column``."""
+    path = folder / "burn_samples.csv"
+    if not path.is_file() or not (folder / "defense_result.pt").is_file():
+        raise BurnError(f"{folder} holds no finished BURN run (burn_samples.csv and defense_result.pt); run "
+                        "defense/burn.py on this record first or point --burn_output at its output folder")
+    try:
+        frame = pd.read_csv(path)
+    except (OSError, ValueError, pd.errors.ParserError) as err:
+        raise BurnError(f"{path} cannot be read as a CSV ({str(err).splitlines()[0][:120]}); run BURN again") from None
+    if column not in frame.columns or "index" not in frame.columns:
+        raise BurnError(f"{path} has no '{column}' or 'index' column; it was not written by defense/burn.py")
+    if len(frame) != len(expected_index) or not np.array_equal(frame["index"].to_numpy(), expected_index):
+        raise BurnError(f"{path} lists other samples than this record's training set; it belongs to another record")
+    values = pd.to_numeric(frame[column], errors="coerce").to_numpy(dtype=np.float64)
+    if not np.isfinite(values).all():
+        raise BurnError(f"{path}: column '{column}' holds values that are not finite numbers")
+    return frame
+
+
+def burn_cost(folder: Path) -> dict:
+    """The BURN run's wall time (all sessions) and its scan time, from its cost.json (NaN if absent)."""
+    try:
+        cost = json.loads((folder / "cost.json").read_text())
+    except (OSError, ValueError):
+        return {"wall_time_s": math.nan, "scan_s": math.nan}
+    timings = (cost.get("burn") or {}).get("timings_s") or {}
+    scan = timings.get("scan")
+    return {"wall_time_s": float(cost.get("wall_time_s_all_sessions", cost.get("wall_time_s", math.nan))),
+            "scan_s": float(scan) if isinstance(scan, (int, float)) else math.nan}
+
+
+def top_share(values: np.ndarray, share: float) -> np.ndarray:
+    flags = np.zeros(len(values), dtype=bool)
+    k = min(len(values), max(1, int(round(share * len(values)))))
+    flags[np.argsort(-values, kind="stable")[:k]] = True
+    return flags
+
+
+@register_detector
+class BurnDistance(Detector):
+    """BURN's detector: the minimal-L2 boundary distance on the infected model (no clean data)."""
+
+    name = "burn"
+    config_cls = BurnDistanceConfig
+    header = ("AUC", "target")
+
+    def preflight(self, cfg, record, model):
+        if cfg.burn_output:
+            read_burn_samples(burn_folder(record.record_dir, cfg.burn_output), record.bd_train.original_index,
+                              "boundary_l2")
+
+    def detect(self, model, data, cfg, run):
+        if cfg.burn_output:
+            folder = burn_folder(data.record.record_dir, cfg.burn_output)
+            frame = read_burn_samples(folder, data.inspected.index.numpy(), "boundary_l2")
+            l2 = frame["boundary_l2"].to_numpy(dtype=np.float64)
+            cost = burn_cost(folder)
+            run.extra_cost.update({"reused_compute_s": cost["scan_s"] if math.isfinite(cost["scan_s"]) else 0.0,
+                                   "reused_from": str(folder)})
+            notes = {"source": f"boundary_l2 of {folder / 'burn_samples.csv'}", "scan_s_of_that_run": cost["scan_s"]}
+        else:
+            from ..defenses.burn import BurnConfig, boundary_scan
+
+            scan_cfg = BurnConfig()
+            for key in ("attack_space", "clip", "overshoot", "max_iter", "candidates", "scan_batch_size", "progress"):
+                setattr(scan_cfg, key, getattr(cfg, key))
+            with run.timed("boundary_scan"):
+                result = boundary_scan(model, data.inspected, scan_cfg, run.device)
+            l2 = result.l2.double().numpy()
+            notes = {"source": "boundary scan of θ0", "converged_share": float(result.converged.float().mean()),
+                     "attack_space": cfg.attack_space}
+        flags = top_share(l2, cfg.flag_share)
+        return DetectionResult(l2, flags, threshold=float(l2[flags].min()), target="None", notes={
+            **notes, "score": "minimal L2 distance to the decision boundary",
+            "rule": f"the {cfg.flag_share} share with the largest distance"})
+
+
+@register_detector
+class BurnScore(Detector):
+    """BURN's final score S after Phase 2, read from a finished BURN run (no clean data)."""
+
+    name = "burn_s"
+    config_cls = BurnScoreConfig
+    header = ("AUC", "target")
+
+    def preflight(self, cfg, record, model):
+        read_burn_samples(burn_folder(record.record_dir, cfg.burn_output), record.bd_train.original_index, "S")
+
+    def detect(self, model, data, cfg, run):
+        folder = burn_folder(data.record.record_dir, cfg.burn_output)
+        frame = read_burn_samples(folder, data.inspected.index.numpy(), "S")
+        score = frame["S"].to_numpy(dtype=np.float64)
+        iters = frame.get("selected_poison_iters", pd.Series([""] * len(frame))).fillna("").astype(str)
+        selected = [set(v.split(";")) - {""} for v in iters]
+        last = max((int(t) for s in selected for t in s), default=None)
+        flags = np.array([str(last) in s for s in selected]) if last is not None else np.zeros(len(frame), bool)
+        cost = burn_cost(folder)
+        run.extra_cost.update({"reused_compute_s": cost["wall_time_s"] if math.isfinite(cost["wall_time_s"]) else 0.0,
+                               "reused_from": str(folder)})
+        return DetectionResult(score, flags, target="None", notes={
+            "source": f"S of {folder / 'burn_samples.csv'}", "last_iteration": last,
+            "score": "S = (1 - ω) BD + ω PD after the last iteration",
+            "rule": "the samples of the last iteration's D_poison", "burn_wall_time_s": cost["wall_time_s"]})

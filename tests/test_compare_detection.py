@@ -1,0 +1,86 @@
+"""burn-compare's detection table: detector cells run after their record (BURN's final score after the
+BURN run it reads), the table's numbers equal the metric code applied to the saved scores and the
+record's own poison flags, and one ROC overlay is drawn per record."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from burnkit.compare import main
+from burnkit.compare.experiment import load_experiment
+from burnkit.detection.metrics import auroc, precision_at_poison_rate, tpr_at_fpr
+from burnkit.records import read_attack_record
+from test_compare import BURN_FAST, copy_record
+
+DETECTORS = {"spectral": {}, "spectral-bb": {"detector": "spectral", "overrides": {"centered": False}},
+             "strip": {"overrides": {"num_overlays": 10, "clean_sample_num": 30}}, "burn_s": {},
+             "burn-read": {"detector": "burn", "overrides": {"burn_output": "defense/burn"}}}
+
+
+def spec(name: str) -> dict:
+    return {"name": name, "seeds": [0], "datasets": ["digits"], "models": ["smallcnn"], "env": {"OMP_NUM_THREADS": 1},
+            "attacks": {"badnet": {"record_name": "badnet_digits"}},
+            "defense_overrides": {"progress": False}, "detector_overrides": {"progress": False},
+            "defenses": {"burn": {"overrides": BURN_FAST}}, "detectors": DETECTORS}
+
+
+def test_detection_cells_expand_with_overrides_and_dependencies(tmp_path):
+    path = tmp_path / "e.yaml"
+    path.write_text(yaml.safe_dump(spec("det"), sort_keys=False))
+    exp = load_experiment(path, str(tmp_path))
+    cells = {c.detector: c for c in exp.detection_cells}
+    assert list(cells) == list(DETECTORS)
+    assert list(cells["spectral-bb"].args) == ["--result_file", "badnet_digits", "--dataset", "digits", "--random_seed",
+                                               "0", "--output_name", "spectral-bb", "--progress", "false",
+                                               "--centered", "false"]
+    assert cells["burn_s"].after == cells["burn-read"].after == ("defense/badnet_digits/burn",)
+    assert cells["spectral"].after == ()
+    assert exp.command(cells["strip"])[1].endswith("detection_pretrain/strip.py")
+
+
+def test_compare_runs_detectors_and_tabulates_them(digits_workdir, tmp_path):
+    copy_record(digits_workdir, tmp_path, "badnet_digits")
+    path = tmp_path / "det.yaml"
+    path.write_text(yaml.safe_dump(spec("det"), sort_keys=False))
+    assert main([str(path), "--workdir", str(tmp_path)]) == 0
+    out = tmp_path / "compare" / "det"
+    state = json.loads((out / "state.json").read_text())["cells"]
+    assert all(state[f"detection/badnet_digits/{d}"]["status"] == "done" for d in DETECTORS)
+    record_dir = tmp_path / "record" / "badnet_digits"
+    assert (record_dir / "detection" / "spectral-bb_pretrain" / "detection_scores.npy").is_file()
+    # burn_s read the BURN run, so it finished after it
+    assert state["detection/badnet_digits/burn_s"]["finished_at"] >= state["defense/badnet_digits/burn"]["finished_at"]
+
+    record = read_attack_record(record_dir)
+    truth = record.bd_train.poison_indicator[record.bd_train.original_index] == 1
+    changed = np.array([bool(t) and record.bd_train.entries[int(i)].bd_label != record.bd_train.entries[int(i)].original_label
+                        for i, t in zip(record.bd_train.original_index, truth)])
+    keep = changed | ~truth
+    assert 0 < changed.sum() < truth.sum()  # target-class poison keeps its label
+    cells = pd.read_csv(out / "detection_cells.csv").set_index("detector")
+    for name, entry in DETECTORS.items():
+        scores = np.load(record_dir / "detection" / f"{name}_pretrain" / "detection_scores.npy")
+        row = cells.loc[name]
+        assert row["auroc"] == pytest.approx(auroc(scores, truth))
+        assert row["tpr_at_5fpr"] == pytest.approx(tpr_at_fpr(scores, truth, 0.05))
+        assert row["precision_at_poison_rate"] == pytest.approx(precision_at_poison_rate(scores, truth))
+        assert row["auroc_relabelled"] == pytest.approx(auroc(scores[keep], changed[keep]))
+    assert cells.loc["strip", "clean_samples_used"] == 30 and cells.loc["burn_s", "clean_samples_used"] == 0
+    burn_cost = json.loads((record_dir / "defense" / "burn" / "cost.json").read_text())
+    assert cells.loc["burn_s", "compute_s"] >= burn_cost["wall_time_s"]  # BURN's run counts for its score
+    assert cells.loc["burn-read", "compute_s"] >= burn_cost["burn"]["timings_s"]["scan"]  # its scan for the distance
+
+    table = (out / "detection_cells.csv").read_text()
+    board = (out / "leaderboard.md").read_text()
+    assert "## Poison detection" in board and "| Detector | AUROC | TPR@1%FPR | TPR@5%FPR |" in board
+    assert "![roc_badnet_digits](plots/roc_badnet_digits.png)" in board
+    assert (out / "plots" / "roc_badnet_digits.png").is_file()
+    assert "<h2>Poison detection</h2>" in (out / "index.html").read_text()
+    # a second run finds everything done and rewrites the same table
+    assert main([str(path), "--workdir", str(tmp_path), "--collect-only"]) == 0
+    assert (out / "detection_cells.csv").read_text() == table
