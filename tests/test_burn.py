@@ -97,7 +97,7 @@ def test_detection_summary_by_hand():
                             torch.ones(8, dtype=torch.bool), torch.zeros(8, dtype=torch.long))
     det = detection_summary(train, result, score=-l2)
     # poison {0.8, 1.0, 0.25, 2.0} vs clean {0.1, 0.2, 0.3, 0.9}: pairs won 3+4+2+4 = 13 of 16
-    assert det["auroc_l2"] == pytest.approx(13 / 16) and det["auroc_score"] == pytest.approx(3 / 16)
+    assert det["auroc_l2"] == pytest.approx(13 / 16) and det["auroc_final_score_after_finetuning"] == pytest.approx(3 / 16)
     assert det["mean_l2_clean"] == pytest.approx(0.375) and det["mean_l2_poison"] == pytest.approx(1.0125)
     # relabelled poison {0.8, 1.0, 0.25} vs the same clean: 3 + 4 + 2 = 9 of 12
     assert det["n_poison_relabelled"] == 3 and det["auroc_l2_relabelled"] == pytest.approx(9 / 12)
@@ -127,17 +127,22 @@ def test_end_to_end_outputs_and_selection_sets(digits_copy):
     samples = pd.read_csv(out / "burn_samples.csv", keep_default_na=False)
     n = len(samples)
     cfg = BurnConfig(iterations=2, kp_start=0.02, kp_end=0.04, kc_start=0.1, kc_end=0.2)
+    skipped = df[["n_skipped_unflipped", "n_skipped_own_label", "n_skipped_target"]].sum(axis=1)
     for t in range(3):
         kp, kc, _ = schedule(cfg, t)
-        assert df["n_poison"][t] == share_count(kp, n)
+        assert df["n_ranked_poison"][t] == share_count(kp, n)
+        assert df["n_poison"][t] + skipped[t] == share_count(kp, n)
         assert df["n_clean"][t] == (0 if t == 0 else share_count(kc, n))  # Phase 1: poison set only
         chosen = samples["selected_poison_iters"].str.split(";").apply(lambda v: str(t) in v)
-        assert chosen.sum() == share_count(kp, n)
-    # Phase 1 picks the largest boundary distances
+        assert chosen.sum() == df["n_poison"][t]
+        assert (samples["relabel_rule"][chosen] == "relabel").all()
+    # Phase 1 picks the largest boundary distances, less the samples a safeguard leaves out
     top = samples.nlargest(share_count(0.02, n), "boundary_l2")
-    assert top["selected_poison_iters"].str.startswith("0").all()
+    phase1 = top["selected_poison_iters"].str.split(";").apply(lambda v: "0" in v)
+    assert phase1.equals(top["relabel_rule"] == "relabel")
+    assert not ((samples["relabel"] == samples["label"]) & (samples["relabel_rule"] == "relabel")).any()
     detection = json.loads((out / "burn_detection.json").read_text())
-    assert {"auroc_l2", "auroc_score", "mean_l2_clean", "mean_l2_poison"} <= set(detection)
+    assert {"auroc_l2", "auroc_final_score_after_finetuning", "mean_l2_clean", "mean_l2_poison"} <= set(detection)
     assert detection["mean_l2_poison"] > detection["mean_l2_clean"]  # the paper's observation
     assert result["cost"]["burn"]["timings_s"]["scan"] > 0
     assert {"is_poison", "original_label"} <= set(samples)
