@@ -139,6 +139,24 @@ def test_max_iter_limits_steps_and_marks_unconverged():
     assert (res.l2 <= 2e-6 * (3 * 16 * 16) ** 0.5).all()
 
 
+def test_unflipped_samples_report_the_nearest_boundary_class_and_clean_logits():
+    layer = _linear(10, dim=20, seed=7)
+    x = torch.randn(40, 20, generator=torch.Generator().manual_seed(8))
+    # bounds that hold every iterate next to x: nothing flips, but each step still aims at a boundary
+    res = boundary_attack(layer, x, max_iter=4, lower=x - 1e-6, upper=x + 1e-6)
+    _, k_star, _ = _analytic_nearest(layer, x)
+    assert not res.converged.any()
+    assert torch.equal(res.adv_label, res.clean_label)  # the prediction at the last iterate
+    assert torch.equal(res.nearest_label, k_star)  # the class of the nearest boundary
+    assert (res.nearest_label != res.clean_label).all()
+    with torch.no_grad():
+        assert torch.allclose(res.clean_logits, layer(x), atol=1e-6)
+    free = boundary_attack(layer, x, overshoot=1e-4)  # unbounded: one step lands past that same boundary
+    assert torch.equal(free.nearest_label, k_star) and torch.equal(free.adv_label, k_star)
+    none = boundary_attack(layer, x, max_iter=0)  # no step taken: the runner-up class
+    assert torch.equal(none.nearest_label, layer(x).topk(2, dim=1).indices[:, 1])
+
+
 def test_clipping_respects_per_channel_bounds():
     net = _small_cnn().eval()
     x = torch.rand(20, 3, 16, 16, generator=torch.Generator().manual_seed(6)) * 0.5 + 0.25
