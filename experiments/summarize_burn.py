@@ -1,7 +1,8 @@
 """Markdown summary of finished (or still running) BURN runs: ACC/ASR/RA before and after,
-detection AUROCs, mean boundary distances, wall times.
+detection AUROCs, mean boundary distances, wall times. ``RECORD:OUTPUT`` reads a run written with
+``--output_name OUTPUT`` (default ``burn``).
 
-    PYTHONPATH=. python experiments/summarize_burn.py badnet_smallcnn_c10 blended_smallcnn_c10
+    PYTHONPATH=. python experiments/summarize_burn.py badnet_smallcnn_c10 blended_smallcnn_c10:burn_paper
 """
 from __future__ import annotations
 
@@ -15,12 +16,14 @@ import torch
 from burnkit.defense import resolve_record_dir
 from burnkit.metrics import auroc
 from burnkit.records import read_attack_record
+from burnkit.safe_load import safe_torch_load
 
 
-def summarize(result_file: str, dataset_path: str = "./data") -> dict:
+def summarize(spec: str, dataset_path: str = "./data") -> dict:
+    result_file, _, output = spec.partition(":")
     record_dir = resolve_record_dir(result_file)
-    out = record_dir / "defense" / "burn"
-    row: dict = {"record": result_file}
+    out = record_dir / "defense" / (output or "burn")
+    row: dict = {"record": spec}
     attack = pd.read_csv(record_dir / "attack_df_summary.csv", index_col=0)
     for k in ("test_acc", "test_asr", "test_ra"):
         row[f"attacked_{k[5:]}"] = float(attack.loc["last", k])
@@ -28,15 +31,18 @@ def summarize(result_file: str, dataset_path: str = "./data") -> dict:
     if detection.exists():
         det = json.loads(detection.read_text())
         cost = json.loads((out / "cost.json").read_text())
-        row.update({k: det.get(k) for k in ("auroc_l2", "auroc_score", "mean_l2_clean", "mean_l2_poison",
-                                            "l2_ratio_poison_clean", "auroc_l2_relabelled", "auroc_score_relabelled")})
+        row.update({k: det.get(k) for k in ("auroc_l2", "mean_l2_clean", "mean_l2_poison", "l2_ratio_poison_clean",
+                                            "auroc_l2_relabelled")})
+        # the final S already reflects fine-tuning on the selected samples: not a detection measure
+        row["auroc_final_S_after_finetuning"] = det.get("auroc_final_score_after_finetuning", det.get("auroc_score"))
+        row["stopped"] = (det.get("stopped") or {}).get("reason")
         if det.get("auroc_l2_relabelled") is None and (out / "burn_samples.csv").exists():
             row.update(relabelled_aurocs(pd.read_csv(out / "burn_samples.csv")))  # reports of older versions
         row.update({f"{k}_s": v for k, v in cost["burn"]["timings_s"].items()})
         row["total_s"] = cost.get("wall_time_s_all_sessions", cost["wall_time_s"])  # resumed runs: every session
         row["device"] = cost["device"]
     else:  # still running: distances from the scan checkpoint, flags from the record
-        scan = torch.load(out / "checkpoint" / "burn_scan.pt", weights_only=False)
+        scan = safe_torch_load(out / "checkpoint" / "burn_scan.pt", "BURN scan checkpoint")
         flags = read_attack_record(record_dir).load_data(dataset_path).bd_train.poison
         l2 = scan["result"]["l2"]
         row.update({"auroc_l2": auroc(l2, flags), "mean_l2_clean": float(l2[~flags].mean()),
@@ -48,6 +54,9 @@ def summarize(result_file: str, dataset_path: str = "./data") -> dict:
         last = df.iloc[-1]
         row.update({"iterations_done": int(last["iteration"]), "acc": last["test_acc"], "asr": last["test_asr"],
                     "ra": last["test_ra"]})
+        if "selection_auroc" in df:  # the ranking that chose each iteration's sets, before its fine-tuning
+            row["selection_auroc_phase1"] = df["selection_auroc"].iloc[0]
+            row["selection_auroc_mean_phase2"] = df["selection_auroc"].iloc[1:].mean()
     return row
 
 
@@ -63,7 +72,7 @@ def relabelled_aurocs(samples: pd.DataFrame) -> dict:
         return {}
     flags = torch.tensor(relabelled[keep].to_numpy())
     return {"auroc_l2_relabelled": auroc(torch.tensor(samples["boundary_l2"][keep].to_numpy()), flags),
-            "auroc_score_relabelled": auroc(torch.tensor(samples["S"][keep].to_numpy()), flags)}
+            "auroc_final_S_after_finetuning_relabelled": auroc(torch.tensor(samples["S"][keep].to_numpy()), flags)}
 
 
 def main(argv=None) -> None:
