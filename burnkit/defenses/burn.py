@@ -48,6 +48,7 @@ Example:
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import time
@@ -385,25 +386,17 @@ def _load(path: Path, expected: dict, what: str):
 # --------------------------------------------------------------------------- the defense
 
 
-class _Clock:
-    """Seconds per part of the run, kept in the state: ``scan`` (boundary attack on θ0),
-    ``select`` (PD, S and the sets), ``finetune``, ``train_forward`` (θt on the training set, for PD
-    and the premise checks) and ``test_scoring`` (ACC/ASR/RA on the test sets, reporting only)."""
-
-    def __init__(self, timings: dict):
-        self.timings = timings
-
-    def part(self, name: str):
-        clock = self
-
-        class _Part:
-            def __enter__(self):
-                self.start = time.perf_counter()
-
-            def __exit__(self, *exc):
-                clock.timings[name] = clock.timings.get(name, 0.0) + time.perf_counter() - self.start
-
-        return _Part()
+@contextlib.contextmanager
+def _part(timings: dict, name: str):
+    """Add the block's seconds to ``timings[name]``; the parts kept in the state and ``cost.json``:
+    ``scan`` (boundary attack on θ0), ``select`` (PD, S and the sets), ``finetune``,
+    ``train_forward`` (θt on the training set, for PD and the premise checks) and ``test_scoring``
+    (ACC/ASR/RA on the test sets, reporting only)."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
 
 
 def burn(model: Classifier, data: DefenseData, cfg: BurnConfig, run: DefenseRun) -> Classifier:
@@ -454,7 +447,7 @@ def burn(model: Classifier, data: DefenseData, cfg: BurnConfig, run: DefenseRun)
     run.previous_sessions_s = sum(state["timings"].values()) if scanned_before else sum(
         v for k, v in state["timings"].items() if k != "scan")
     run.metrics.rows = list(state["rows"])
-    clock = _Clock(state["timings"])
+    timings = state["timings"]
 
     last = cfg.iterations
     for t in range(state["completed"] + 1, cfg.iterations + 1):
@@ -462,7 +455,7 @@ def burn(model: Classifier, data: DefenseData, cfg: BurnConfig, run: DefenseRun)
             break
         seed_everything(cfg.random_seed + t)  # each iteration reproducible on its own: resume == no kill
         kp, kc, omega = schedule(cfg, t)
-        with clock.part("select"):
+        with _part(timings, "select"):
             if t == 0:  # Phase 1, lines 5-8: top k_p^0 by distance, fine-tune on them only
                 pd = torch.zeros(len(train))
                 score = l2.clone()
@@ -480,12 +473,12 @@ def burn(model: Classifier, data: DefenseData, cfg: BurnConfig, run: DefenseRun)
         finetune_s, logits_next = 0.0, None
         signals = {"retention": None, "target_share": None}
         if stop_reason is None:
-            with clock.part("finetune"):
+            with _part(timings, "finetune"):
                 finetune_s = run.fit(model, finetune_set(train, poison_pos, relabel, clean_pos), cfg.train_config(),
                                      log=False, phase=f"{phase}_finetune", eval_suite=None, seed=cfg.random_seed + t,
                                      desc=f"burn t={t}", step=frozen_bn_step if cfg.bn_eval else None).wall_time_s
             if guards["premise_check"] or t < last:
-                with clock.part("train_forward"):  # θ_{t+1} on the training set: next PD and the checks
+                with _part(timings, "train_forward"):  # θ_{t+1} on the training set: next PD and the checks
                     logits_next = predict(model, train, device, amp=cfg.amp)
                 signals = training_signals(preds0, logits_next.argmax(1), labels, target["class"])
             if guards["premise_check"]:
@@ -500,7 +493,7 @@ def burn(model: Classifier, data: DefenseData, cfg: BurnConfig, run: DefenseRun)
         tested = t % cfg.test_every == 0 or t == last or stop_reason is not None
         metrics = None
         if tested:
-            with clock.part("test_scoring"):
+            with _part(timings, "test_scoring"):
                 metrics = run.evaluate(model)
         counts = {column: int((reason[ranked] == code).sum()) for code, column in SKIP_COLUMNS.items()}
         row = {"epoch": t, "iteration": t, "phase": 1 if t == 0 else 2, "k_p": kp, "k_c": kc,
