@@ -30,8 +30,18 @@ from burnkit.models import build_classifier, load_bb_state_dict
 from burnkit.records import read_attack_record
 
 
-def scan_with(clf, train, candidates: int, args) -> tuple[object, float, float]:
-    cfg = BurnConfig(candidates=candidates, max_iter=args.max_iter, overshoot=args.overshoot, progress=False,
+def parse_setting(text: str, num_classes: int, args) -> tuple[int, float, int]:
+    """``C[/overshoot[/max_iter]]``; C may be ``all``."""
+    parts = text.split("/")
+    candidates = num_classes if parts[0] == "all" else int(parts[0])
+    overshoot = float(parts[1]) if len(parts) > 1 else args.overshoot
+    max_iter = int(parts[2]) if len(parts) > 2 else args.max_iter
+    return candidates, overshoot, max_iter
+
+
+def scan_with(clf, train, setting: tuple[int, float, int], args) -> tuple[object, float, float]:
+    candidates, overshoot, max_iter = setting
+    cfg = BurnConfig(candidates=candidates, max_iter=max_iter, overshoot=overshoot, progress=False,
                      scan_batch_size=args.batch_size)
     wall, cpu = time.perf_counter(), time.process_time()
     result = boundary_scan(clf, train, cfg, torch.device("cpu"))
@@ -43,6 +53,7 @@ def compare(train, results: dict, reference: str, kp: float) -> dict:
     relabelled = flags & (train.labels.numpy() != train.original_labels.numpy())
     original = train.original_labels.numpy()
     ref = results[reference]["result"]
+    first = next(iter(results.values()))["result"]
     n_top = share_count(kp, len(train))
     ref_top = set(np.argsort(-ref.l2.numpy(), kind="stable")[:n_top].tolist())
     rows = {}
@@ -53,13 +64,17 @@ def compare(train, results: dict, reference: str, kp: float) -> dict:
         top = np.argsort(-l2, kind="stable")[:n_top]
         top_relabelled = top[relabelled[top]]
         conv = r.converged.numpy()
+        iters = r.iterations.numpy()
         rows[name] = {
-            "n": len(l2), "scan_wall_s": entry["wall_s"], "scan_cpu_s": entry["cpu_s"],
+            "candidates_overshoot_max_iter": list(entry["setting"]), "n": len(l2),
+            "mean_attack_steps": float(iters.mean()), "max_attack_steps": int(iters.max()), "scan_wall_s": entry["wall_s"], "scan_cpu_s": entry["cpu_s"],
             "samples_per_cpu_s": len(l2) / entry["cpu_s"], "flipped": float(conv.mean()),
             "median_l2": float(np.median(l2)),
             "auroc_l2": auroc(torch.from_numpy(l2), torch.from_numpy(flags)) if 0 < flags.sum() < len(flags) else None,
             "spearman_vs_ref": float(spearmanr(l2, ref.l2.numpy()).statistic),
             "adv_label_agreement": float((adv[both] == ref.adv_label.numpy()[both]).mean()),
+            "spearman_vs_first": float(spearmanr(l2, first.l2.numpy()).statistic),
+            "l2_ratio_vs_first_median": float(np.median(l2 / np.maximum(first.l2.numpy(), 1e-12))),
             "relabel_acc_all_poison": float((adv[relabelled & conv] == original[relabelled & conv]).mean())
             if (relabelled & conv).any() else None,
             "phase1_overlap_with_ref": len(ref_top & set(top.tolist())) / n_top,
@@ -86,7 +101,8 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--result_file", required=True)
     p.add_argument("--dataset_path", default="./data")
-    p.add_argument("--candidates", default="3,10", help="comma list; 'all' = the number of classes")
+    p.add_argument("--candidates", default="3,10", help="comma list of C[/overshoot[/max_iter]]; C 'all' = the "
+                   "number of classes; the reference is the first setting with the most candidates")
     p.add_argument("--n", type=int, default=0, help="seeded subsample of the training set (0 = all)")
     p.add_argument("--max_iter", type=int, default=50)
     p.add_argument("--overshoot", type=float, default=0.02)
@@ -106,13 +122,14 @@ def main(argv=None) -> None:
     train = record.load_data(args.dataset_path).bd_train
     if args.n and args.n < len(train):
         train = train.subset(torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed))[:args.n])
-    settings = [record.num_classes if c == "all" else int(c) for c in args.candidates.split(",")]
+    settings = {text: parse_setting(text, record.num_classes, args) for text in args.candidates.split(",")}
     results = {}
-    for c in settings:
-        result, wall, cpu = scan_with(clf, train, c, args)
-        results[str(c)] = {"result": result, "wall_s": wall, "cpu_s": cpu}
-        print(f"candidates {c}: {wall:.1f} s wall, {cpu:.1f} s CPU", flush=True)
-    reference = str(max(settings))
+    for text, setting in settings.items():
+        name = str(setting[0]) if "/" not in text else "/".join(map(str, setting))
+        result, wall, cpu = scan_with(clf, train, setting, args)
+        results[name] = {"result": result, "wall_s": wall, "cpu_s": cpu, "setting": setting}
+        print(f"{name} (candidates, overshoot, max_iter = {setting}): {wall:.1f} s wall, {cpu:.1f} s CPU", flush=True)
+    reference = max(results, key=lambda k: results[k]["setting"][0])
     table = compare(train, results, reference, args.kp)
     payload = {"record": str(record_dir), "model": record.model_name, "num_classes": record.num_classes,
                "n_samples": len(train), "n_poison": int(train.poison.sum()), "reference": reference,
