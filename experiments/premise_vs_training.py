@@ -7,7 +7,7 @@ attack (``checkpoint/train_state.pt`` copies, one per epoch: the engine's ``{"mo
 files). Per epoch: distance AUROC (poison vs clean), mean L2 poison / clean, precision of the top
 0.5 / 1 / 5 / 10 % by distance (BURN's k_p is 0.5-1 %), the share of the top-0.5 % clean samples whose
 adversarial label is the target, the share of poison whose adversarial label is its original label
-(the paper's Fig. 2), and the suspected target BURN would infer. Results are cached per checkpoint in
+(the paper's Fig. 2), and BURN's premise test (enrichment of the target label among the farthest 5 %). Results are cached per checkpoint in
 the output JSON, so re-running only scans new checkpoints.
 
     cd <workdir> && PYTHONPATH=<repo> python <repo>/experiments/premise_vs_training.py \
@@ -52,8 +52,13 @@ def premise_measures(train, result, target: int, num_classes: int) -> dict:
     out["poison_adv_is_original"] = float((adv[relabelled & conv] == train.original_labels.numpy()[relabelled & conv]).mean())
     out["clean_adv_to_target"] = float((adv[~flags & conv & (result.clean_label.numpy() != target)] == target).mean())
     out["poison_predicted_target"] = float((result.clean_label.numpy()[flags] == target).mean())
-    found = suspected_target(result, num_classes, BurnConfig().target_min_enrichment)
-    out["suspected_target"] = found
+    cfg = BurnConfig()
+    found = suspected_target(result.l2, train.labels, num_classes, cfg.premise_share, cfg.premise_min_enrichment)
+    out["premise_test"] = found
+    out["premise_holds"] = found["class"] is not None
+    out["target_enrichment_top5pct"] = float(
+        (train.labels[torch.argsort(result.l2, descending=True)[:found["n_top"]]] == target).float().mean()
+        / (train.labels == target).float().mean())
     return out
 
 
@@ -108,7 +113,7 @@ def main(argv=None) -> None:
     print(f"record {record_dir.name}: {len(train)} samples, target {target}, candidates {args.candidates}")
     cols = ("epochs_trained", "auroc_l2", "l2_ratio_poison_clean", "precision_top_0.5pct", "precision_top_1pct",
             "precision_top_5pct", "precision_top_10pct", "top_clean_adv_to_target", "clean_adv_to_target",
-            "poison_adv_is_original", "poison_predicted_target")
+            "poison_adv_is_original", "poison_predicted_target", "target_enrichment_top5pct", "premise_holds")
     print(" | ".join(cols))
     for r in rows:
         print(" | ".join(f"{r[c]:.3f}" if isinstance(r.get(c), float) else str(r.get(c)) for c in cols))

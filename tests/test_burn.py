@@ -278,20 +278,20 @@ def test_paper_exact_switches_every_safeguard_off():
         BurnConfig(unflipped="closest").validate()
 
 
-def test_suspected_target_by_hand():
-    # 10 flipped samples of 4 classes; adversarial labels: class 0 gets 5 of the 8 not predicted as 0
-    adv = [0, 0, 0, 0, 0, 1, 2, 3, 1, 1]
-    clean = [1, 2, 3, 1, 2, 3, 1, 2, 0, 0]
-    res = _result([1.0] * 10, adv=adv, clean=clean, converged=[True] * 10)
-    found = burn_mod.suspected_target(res, num_classes=4, min_enrichment=1.5)
-    # share of class 0 = 5 / 8; uniform = 1 / 3; enrichment 15 / 8
-    assert found["class"] == 0 and found["share"] == pytest.approx(5 / 8)
-    assert found["enrichment"] == pytest.approx(15 / 8)
-    assert burn_mod.suspected_target(res, num_classes=4, min_enrichment=2.0)["class"] is None
-    # unflipped samples do not count: of the other five, 3 of the 4 not predicted as 1 go to class 1
-    res.converged[:5] = False
-    found = burn_mod.suspected_target(res, num_classes=4, min_enrichment=1.5)
-    assert found["class"] == 1 and found["share"] == pytest.approx(3 / 4)
+def test_suspected_target_is_the_label_enriched_among_the_farthest_samples():
+    # 20 samples; base shares: class 0 carries 8 (0.4), classes 1-3 four each (0.2)
+    labels = torch.tensor([0] * 8 + [1] * 4 + [2] * 4 + [3] * 4)
+    l2 = torch.arange(20, dtype=torch.float)  # the farthest five: positions 15-19 (class 3 x4, class 2 x1)
+    found = burn_mod.suspected_target(l2, labels, num_classes=4, share=0.25, min_enrichment=1.5)
+    # class 3: 4 of 5 = 0.8 of the top over 0.2 overall = 4x
+    assert found["class"] == 3 and found["enrichment"] == pytest.approx(4.0) and found["n_top"] == 5
+    assert found["share_in_top"] == pytest.approx(0.8) and found["share_overall"] == pytest.approx(0.2)
+    # the farthest samples carry the labels in proportion to the whole set: no suspect, the premise fails
+    l2 = torch.tensor([float(i in (0, 1, 8, 12, 16)) for i in range(20)])  # top five: 0, 0, 1, 2, 3
+    found = burn_mod.suspected_target(l2, labels, num_classes=4, share=0.25, min_enrichment=1.5)
+    assert found["class"] is None and found["enrichment"] == pytest.approx(1.0)
+    assert "no label above 1.5x" in burn_mod.premise_failure(found, 1.5)
+    assert burn_mod.premise_failure({"class": 3}, 1.5) is None
 
 
 def test_training_signals_by_hand():
@@ -352,21 +352,21 @@ def test_a_failing_premise_stops_burn_and_keeps_the_model_it_was_given(digits_co
     from burnkit.models import build_classifier, load_bb_state_dict
     from burnkit.records import read_attack_record
 
-    result = _run("--max_relabel_share", "0")  # any selected set fails the check before Phase 1
+    result = _run("--premise_min_enrichment", "100")  # no label can be that enriched: fails before Phase 1
     record = read_attack_record(digits_copy / "record" / "badnet_digits")
     theta0 = build_classifier(record.model_name, record.info, record.num_classes)
     load_bb_state_dict(theta0, record.state_dict)
     assert all(torch.equal(theta0.net.state_dict()[k], v) for k, v in _net_state(result).items())
     out = digits_copy / "record" / "badnet_digits" / "defense" / "burn"
     df = pd.read_csv(out / "burn_df.csv")
-    assert df["iteration"].tolist() == [0] and "would be relabelled" in df["stopped"][0]
+    assert df["iteration"].tolist() == [0] and "poison is not far from the boundary" in df["stopped"][0]
     assert df["finetune_s"][0] == 0 and df["test_asr"][0] == pytest.approx(result["before"].asr)
     detection = json.loads((out / "burn_detection.json").read_text())
     assert detection["stopped"]["iteration"] == 0
     assert result["cost"]["burn"]["stopped"]["reason"] == df["stopped"][0]
     assert any("stopped at iteration 0" in log.read_text() for log in (out / "log").glob("*.log"))
     (out / "defense_result.pt").unlink()  # as if killed at the end: the resumed run stops again
-    again = _run("--max_relabel_share", "0")
+    again = _run("--premise_min_enrichment", "100")
     assert all(torch.equal(theta0.net.state_dict()[k], v) for k, v in _net_state(again).items())
 
 

@@ -34,14 +34,20 @@ Safeguards beyond the paper (on by default; ``paper_exact: true`` turns all of t
   bound that with clipping is usually small, so they do not rank as suspicious by themselves.
 * ``skip_own_label: true`` - a sample whose adversarial label is the label it already carries is
   left out of D_poison ("relabelling" it would fine-tune it on its own, possibly poisoned, label).
-* ``avoid_target: true`` - never relabel towards the suspected target: the class the scan's
-  adversarial labels concentrate on (a backdoor enlarges the target's region, so many clean samples
-  find their nearest boundary there; the authors' Model X-ray, ref. [23]).
-* ``premise_check: true`` - BURN works only if far-from-boundary samples are poison. When its
-  selected set's adversarial labels pile into one class, or a fine-tuning lowers θ0's own
-  training-set accuracy or raises the share predicted as the suspected target, BURN stops and keeps
-  the last model that passed, saying so in the log, ``burn_df.csv`` and ``burn_detection.json``.
-  Every check reads the training set and θ0 only; no test data.
+* ``avoid_target: true`` - never relabel towards the suspected target: the class whose label piles
+  up among the farthest samples by boundary distance (below). Relabelling a clean sample to the
+  target teaches the backdoor's label; poison the backdoor works on is never relabelled there anyway
+  (its adversarial label differs from θ0's prediction, the target).
+* ``premise_check: true`` - BURN works only if far-from-boundary samples are poison. Before Phase 1
+  it tests that: among the farthest ``premise_share`` (5 %) of samples by distance, one carried label
+  must be enriched ``premise_min_enrichment`` (1.5) times over its share of the whole training set
+  (all-to-one poison carries the target label). After every fine-tuning it checks that the model
+  still predicts most of θ0's correct non-target training samples correctly (``max_retention_drop``)
+  and that no more training samples are predicted as the suspected target than before
+  (``max_target_rise``). On a failure BURN stops and keeps the last model that passed (θ0 when the
+  test before Phase 1 fails), saying so in the log, ``burn_df.csv``, ``burn_detection.json`` and
+  ``cost.json``. Every check reads the training set and θ0 only; no test data. The test assumes an
+  all-to-one attack, the paper's setting: for all-to-all attacks pass ``--premise_check false``.
 
 Example:
     python defense/burn.py --result_file badnet_cifar10 --dataset cifar10
@@ -115,15 +121,15 @@ class BurnConfig(DefenseConfig):
                                     "literally: their own prediction)", choices=UNFLIPPED_RULES)
     skip_own_label: bool = option(True, "leave a sample out of D_poison when its adversarial label is the label it "
                                         "already carries (false: the paper)")
-    avoid_target: bool = option(True, "never relabel towards the suspected target class, the class the scan's "
-                                      "adversarial labels concentrate on (false: the paper)")
-    target_min_enrichment: float = option(1.5, "a class is the suspected target when its share of the scan's "
-                                               "adversarial labels is at least this many times the uniform share")
+    avoid_target: bool = option(True, "never relabel towards the suspected target class (false: the paper)")
     premise_check: bool = option(True, "stop, keeping the last model that passed, when BURN's premise fails on "
                                        "the training set (false: the paper)")
-    max_relabel_share: float = option(0.5, "premise check: most of a selected set relabelled to one class fails it")
-    max_retention_drop: float = option(0.1, "premise check: a fine-tuning may lose at most this share of θ0's "
-                                            "correct non-target training predictions")
+    premise_share: float = option(0.05, "premise test: the farthest share of samples by boundary distance whose "
+                                        "labels must pile into one class (the suspected target)")
+    premise_min_enrichment: float = option(1.5, "premise test: that class's share there over its share of the "
+                                                "whole training set must reach this")
+    max_retention_drop: float = option(0.25, "premise check: a fine-tuning may lose at most this share of θ0's "
+                                             "correct non-target training predictions")
     max_target_rise: float = option(0.02, "premise check: a fine-tuning may raise the share of training samples "
                                           "predicted as the suspected target by at most this much")
     paper_exact: bool = option(False, "Algorithm 1 exactly: unflipped prediction, no skip_own_label, avoid_target "
@@ -134,7 +140,7 @@ class BurnConfig(DefenseConfig):
         super().validate()
         if self.iterations < 0:
             raise BurnError(f"--iterations must be >= 0, got {self.iterations}")
-        for key in ("kp_start", "kp_end", "kc_start", "kc_end", "omega_start", "omega_end", "max_relabel_share",
+        for key in ("kp_start", "kp_end", "kc_start", "kc_end", "omega_start", "omega_end", "premise_share",
                     "max_retention_drop", "max_target_rise"):
             if not 0.0 <= getattr(self, key) <= 1.0:
                 raise BurnError(f"--{key} must be in [0, 1], got {getattr(self, key)}")
@@ -146,8 +152,8 @@ class BurnConfig(DefenseConfig):
             raise BurnError(f"--attack_space must be one of {', '.join(SPACES)}, got {self.attack_space!r}")
         if self.unflipped not in UNFLIPPED_RULES:
             raise BurnError(f"--unflipped must be one of {', '.join(UNFLIPPED_RULES)}, got {self.unflipped!r}")
-        if self.target_min_enrichment < 1.0:
-            raise BurnError(f"--target_min_enrichment must be >= 1, got {self.target_min_enrichment}")
+        if self.premise_min_enrichment < 1.0:
+            raise BurnError(f"--premise_min_enrichment must be >= 1, got {self.premise_min_enrichment}")
         if self.max_iter < 1 or self.candidates < 2 or self.scan_batch_size < 1 or self.overshoot < 0:
             raise BurnError("--max_iter >= 1, --candidates >= 2, --scan_batch_size >= 1 and --overshoot >= 0 are required")
 
@@ -220,26 +226,22 @@ def select(score: torch.Tensor, kp: float, kc: float) -> tuple[torch.Tensor, tor
     return order[:n_poison].clone(), order[n - n_clean:].flip(0).clone() if n_clean else order[:0].clone()
 
 
-def suspected_target(result: BoundaryResult, num_classes: int, min_enrichment: float) -> dict:
-    """The class the scan's adversarial labels concentrate on, from θ0 and the training images only.
-
-    For each class c: the share of flipped samples not predicted as c whose adversarial label is c,
-    and its enrichment over the uniform share ``1 / (K - 1)``. A backdoor enlarges the target's
-    decision region, so many clean samples find their nearest boundary there (Model X-ray, ref. [23]
-    of the paper). The class with the largest enrichment is the suspected target when that enrichment
-    is at least ``min_enrichment``; otherwise there is none (``class`` None)."""
-    flipped = result.converged.bool()
-    k = num_classes
-    if k < 3 or not bool(flipped.any()):
-        return {"class": None, "share": None, "enrichment": None}
-    towards = torch.bincount(result.adv_label[flipped], minlength=k).double()
-    pool = float(flipped.sum()) - torch.bincount(result.clean_label[flipped], minlength=k).double()
-    share = towards / pool.clamp_min(1.0)
-    enrichment = share * (k - 1)
+def suspected_target(l2: torch.Tensor, labels: torch.Tensor, num_classes: int, share: float,
+                     min_enrichment: float) -> dict:
+    """BURN's premise, tested on θ0's scan and the carried labels only: if the poison of an
+    all-to-one attack lies far from the boundary, the labels of the farthest ``share`` of samples
+    pile into the target class. For each class: its share among those samples over its share of the
+    whole training set (so the target's inflated base rate and any class imbalance count). The class
+    with the largest enrichment is the suspected target (``class`` None below ``min_enrichment``)."""
+    n_top = share_count(share, len(l2))
+    top = torch.argsort(l2, descending=True, stable=True)[:n_top]
+    base = torch.bincount(labels, minlength=num_classes).double() / len(labels)
+    there = torch.bincount(labels[top], minlength=num_classes).double() / max(n_top, 1)
+    enrichment = there / base.clamp_min(1e-12)
     best = int(torch.argmax(enrichment))
     found = float(enrichment[best]) >= min_enrichment
-    return {"class": best if found else None, "candidate": best, "share": float(share[best]),
-            "enrichment": float(enrichment[best])}
+    return {"class": best if found else None, "candidate": best, "enrichment": float(enrichment[best]),
+            "share_in_top": float(there[best]), "share_overall": float(base[best]), "n_top": n_top}
 
 
 def relabel_plan(result: BoundaryResult, labels: torch.Tensor, safeguards: dict,
@@ -304,17 +306,6 @@ def ranking_auroc(train: ImageSet, score: torch.Tensor) -> float | None:
 # --------------------------------------------------------------------------- premise checks
 
 
-def relabel_concentration(relabel: torch.Tensor, reason: torch.Tensor, chosen: torch.Tensor) -> tuple[int | None, float]:
-    """The class most of the selected samples would be relabelled to (before the own-label and
-    target rules), and its share."""
-    eligible = chosen[reason[chosen] != UNFLIPPED]
-    if len(eligible) == 0:
-        return None, 0.0
-    counts = torch.bincount(relabel[eligible])
-    top = int(torch.argmax(counts))
-    return top, float(counts[top]) / len(eligible)
-
-
 def training_signals(preds0: torch.Tensor, preds: torch.Tensor, labels: torch.Tensor, target: int | None) -> dict:
     """What a fine-tuning did to the training set, against θ0 (no test data, no flags).
 
@@ -329,14 +320,14 @@ def training_signals(preds0: torch.Tensor, preds: torch.Tensor, labels: torch.Te
     return out
 
 
-def selection_failure(cfg: BurnConfig, top_class: int | None, concentration: float) -> str | None:
-    """Why the premise fails for a selected set before it is used: its adversarial labels pile into
-    one class (far-from-boundary samples in the shadow of an enlarged target region, not poison,
-    whose adversarial labels would be their diverse original classes)."""
-    if concentration > cfg.max_relabel_share:
-        return (f"{100 * concentration:.0f}% of the selected set would be relabelled to class {top_class} "
-                f"(limit {100 * cfg.max_relabel_share:.0f}%): the farthest samples are not poison")
-    return None
+def premise_failure(target: dict, min_enrichment: float) -> str | None:
+    """Why the premise fails before anything is fine-tuned: no label piles up among the farthest samples."""
+    if target["class"] is not None:
+        return None
+    return (f"the farthest {target['n_top']} samples by boundary distance carry no label above "
+            f"{min_enrichment:g}x its overall share (largest: class {target['candidate']}, "
+            f"{target['enrichment']:.2f}x): the poison is not far from the boundary, so relabelling the farthest "
+            "samples would fine-tune clean images onto wrong labels")
 
 
 def training_failure(cfg: BurnConfig, signals: dict, signals0: dict) -> str | None:
@@ -360,7 +351,7 @@ def _fingerprint(cfg: BurnConfig, train: ImageSet, record_dir: str) -> dict:
     keys = ("iterations", "epochs", "batch_size", "lr", "client_optimizer", "adam_betas", "wd", "amsgrad",
             "lr_scheduler", "augment", "bn_eval", "kp_start", "kp_end", "kc_start", "kc_end", "omega_start", "omega_end",
             "pd_output", "attack_space", "clip", "overshoot", "max_iter", "candidates", "random_seed",
-            "target_min_enrichment", "max_relabel_share", "max_retention_drop", "max_target_rise", "test_every")
+            "premise_share", "premise_min_enrichment", "max_retention_drop", "max_target_rise", "test_every")
     return {"record": str(record_dir), "n_train": len(train), **{k: _plain(getattr(cfg, k)) for k in keys},
             **cfg.safeguards()}
 
@@ -428,10 +419,10 @@ def burn(model: Classifier, data: DefenseData, cfg: BurnConfig, run: DefenseRun)
     logits0, l2 = result.clean_logits, result.l2
     labels = train.labels.cpu()
     preds0 = logits0.argmax(1)
-    target = suspected_target(result, logits0.shape[1], cfg.target_min_enrichment)
+    target = suspected_target(l2, labels, logits0.shape[1], cfg.premise_share, cfg.premise_min_enrichment)
     relabel, reason = relabel_plan(result, labels, guards, target["class"])
     signals0 = training_signals(preds0, preds0, labels, target["class"])
-    run.logger.info("suspected target (adversarial labels' enrichment): %s; %d samples not flipped by the attack",
+    run.logger.info("premise test (labels of the farthest samples): %s; %d samples not flipped by the attack",
                     json.dumps(target), int((~result.converged.bool()).sum()))
 
     state = _load(state_path, fingerprint, "BURN")
@@ -466,9 +457,8 @@ def burn(model: Classifier, data: DefenseData, cfg: BurnConfig, run: DefenseRun)
                 _, score = composite_score(l2, pd, omega)
                 ranked, clean_pos = select(score, kp, kc)
             poison_pos = ranked[reason[ranked] == RELABEL]
-            top_class, concentration = relabel_concentration(relabel, reason, ranked)
         phase = "phase1" if t == 0 else "phase2"
-        stop_reason = selection_failure(cfg, top_class, concentration) if guards["premise_check"] else None
+        stop_reason = premise_failure(target, cfg.premise_min_enrichment) if guards["premise_check"] and t == 0 else None
         before = copy.deepcopy(model.net.state_dict()) if guards["premise_check"] else None
         finetune_s, logits_next = 0.0, None
         signals = {"retention": None, "target_share": None}
@@ -498,8 +488,7 @@ def burn(model: Classifier, data: DefenseData, cfg: BurnConfig, run: DefenseRun)
         counts = {column: int((reason[ranked] == code).sum()) for code, column in SKIP_COLUMNS.items()}
         row = {"epoch": t, "iteration": t, "phase": 1 if t == 0 else 2, "k_p": kp, "k_c": kc,
                "omega": omega if t else None, "n_ranked_poison": len(ranked), "n_poison": len(poison_pos),
-               "n_clean": len(clean_pos), **counts, "top_relabel_class": top_class,
-               "top_relabel_share": concentration, "train_retention": signals["retention"],
+               "n_clean": len(clean_pos), **counts, "train_retention": signals["retention"],
                "train_target_share": signals["target_share"], "stopped": stop_reason,
                **(metrics.row() if metrics is not None else {}),
                **selection_quality(train, poison_pos, clean_pos, relabel),
@@ -593,8 +582,7 @@ def write_report(out_dir: Path, train: ImageSet, result: BoundaryResult, state: 
     table = per_sample_table(train, result, state, relabel, reason)
     atomic_write_text(out_dir / "burn_samples.csv", table.to_csv(index=False))
     summary = detection_summary(train, result, state["score"])
-    keys = ("iteration", "n_ranked_poison", "n_poison", "n_clean", *SKIP_COLUMNS.values(), "top_relabel_class",
-            "top_relabel_share", "selection_auroc", "poison_precision", "poison_recall", "relabel_acc",
+    keys = ("iteration", "n_ranked_poison", "n_poison", "n_clean", *SKIP_COLUMNS.values(), "selection_auroc", "poison_precision", "poison_recall", "relabel_acc",
             "clean_set_poison_rate", "train_retention", "train_target_share", "stopped", "test_acc", "test_asr",
             "test_ra")
     summary["iterations"] = [{k: r.get(k) for k in keys} for r in state["rows"]]
