@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pandas as pd
 import pytest
@@ -393,3 +394,24 @@ def test_selection_auroc_is_the_ranking_before_its_finetuning(digits_copy):
     assert df["selection_auroc"].iloc[-1] == pytest.approx(auroc(torch.tensor(samples["S"].to_numpy()), flags))
     detection = json.loads((out / "burn_detection.json").read_text())
     assert [r["selection_auroc"] for r in detection["iterations"]] == pytest.approx(df["selection_auroc"].tolist())
+
+
+def test_burn_removes_a_backdoor_where_its_premise_holds(cifar_blended_workdir, tmp_path, monkeypatch):
+    """End to end on a real CIFAR-10 Blended record: the ASR must fall and the clean accuracy stay.
+
+    Test-sized schedule (T = 3 x 5 epochs, k_p 5 -> 10 %, k_c 20 -> 40 %, lr 1e-4) on 2,000 images;
+    the paper's shares and lr are for 50,000 images. Measured when written: ASR 100 -> 4.4 %, ACC 48.6 -> 48.8 %."""
+    work = tmp_path / "work"
+    shutil.copytree(cifar_blended_workdir, work)
+    monkeypatch.chdir(work)
+    result = Burn.main(["--result_file", "blended_cifar_smallcnn", "--progress", "false", "--iterations", "3",
+                        "--epochs", "5", "--lr", "1e-4", "--kp_start", "0.05", "--kp_end", "0.1", "--kc_start", "0.2",
+                        "--kc_end", "0.4", "--test_every", "3"])
+    before, final = result["before"], result["final"]
+    assert before.asr > 0.95
+    assert final["test_asr"] < 0.25  # the backdoor is removed ...
+    assert final["test_acc"] > before.acc - 0.05  # ... at little cost in clean accuracy
+    assert final["test_ra"] > 0.2  # poisoned test images get their true class back
+    burn = result["cost"]["burn"]
+    assert burn["stopped"] is None and burn["suspected_target"]["class"] == 0  # the premise test found the target
+    assert burn["auroc_l2"] > 0.9 and burn["iterations"][0]["poison_precision"] > 0.5
