@@ -149,7 +149,7 @@ def boundary_attack(forward: Forward, x: Tensor, *, overshoot: float = 0.02, max
                     candidates: int = 10, lower: Tensor | float | None = None,
                     upper: Tensor | float | None = None, grad_dtype: torch.dtype = torch.float32,
                     module: nn.Module | None = None, return_perturbation: bool = False,
-                    backward: str = "per_class") -> BoundaryResult:
+                    backward: str = "per_class", reforward: bool = True) -> BoundaryResult:
     """Minimal-L2 DeepFool perturbation of every sample in ``x`` (batched, per-sample stopping).
 
     Args:
@@ -166,6 +166,8 @@ def boundary_attack(forward: Forward, x: Tensor, *, overshoot: float = 0.02, max
             eval mode with frozen parameters during the attack and restored afterwards.
         return_perturbation: also return ``x_adv - x``.
         backward: "per_class" or "batched", see ``BACKWARD_MODES``.
+        reforward: when most of the batch has just flipped, forward the samples still running again
+            instead of back-propagating through the finished ones (False: never; for benchmarks).
 
     Returns:
         :class:`BoundaryResult` on the device of ``x``.
@@ -234,7 +236,7 @@ def boundary_attack(forward: Forward, x: Tensor, *, overshoot: float = 0.02, max
                 break
             idx = active[keep]
             n_done = len(active) - len(idx)
-            if n_done and len(idx) < 2 * (cand.shape[1] - 1) * n_done:
+            if reforward and n_done and len(idx) < 2 * (cand.shape[1] - 1) * n_done:
                 # Most of the batch just finished: a fresh forward of the samples still running costs
                 # less than C-1 backward passes through the finished ones (a backward ~ 2 forwards).
                 xa = x_cur[idx].requires_grad_(True)
