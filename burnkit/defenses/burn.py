@@ -128,7 +128,7 @@ class BurnConfig(DefenseConfig):
                                         "labels must pile into one class (the suspected target)")
     premise_min_enrichment: float = option(1.5, "premise test: that class's share there over its share of the "
                                                 "whole training set must reach this")
-    max_retention_drop: float = option(0.25, "premise check: a fine-tuning may lose at most this share of θ0's "
+    max_retention_drop: float = option(0.4, "premise check: a fine-tuning may lose at most this share of θ0's "
                                              "correct non-target training predictions")
     max_target_rise: float = option(0.02, "premise check: a fine-tuning may raise the share of training samples "
                                           "predicted as the suspected target by at most this much")
