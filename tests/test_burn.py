@@ -111,6 +111,12 @@ def test_config_validation():
         BurnConfig(pd_output="features").validate()
     with pytest.raises(BurnError, match="attack_space"):
         BurnConfig(attack_space="latent").validate()
+    with pytest.raises(BurnError, match="premise_share"):
+        BurnConfig(premise_share=0.0).validate()
+    with pytest.raises(BurnError, match="premise_min_enrichment"):
+        BurnConfig(premise_min_enrichment=0.5).validate()
+    with pytest.raises(BurnError, match="max_retention_drop"):
+        BurnConfig(max_retention_drop=1.5).validate()
 
 
 def test_end_to_end_outputs_and_selection_sets(digits_copy):

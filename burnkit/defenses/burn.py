@@ -152,6 +152,8 @@ class BurnConfig(DefenseConfig):
             raise BurnError(f"--attack_space must be one of {', '.join(SPACES)}, got {self.attack_space!r}")
         if self.unflipped not in UNFLIPPED_RULES:
             raise BurnError(f"--unflipped must be one of {', '.join(UNFLIPPED_RULES)}, got {self.unflipped!r}")
+        if self.premise_share <= 0.0:
+            raise BurnError(f"--premise_share must be in (0, 1], got {self.premise_share}")
         if self.premise_min_enrichment < 1.0:
             raise BurnError(f"--premise_min_enrichment must be >= 1, got {self.premise_min_enrichment}")
         if self.max_iter < 1 or self.candidates < 2 or self.scan_batch_size < 1 or self.overshoot < 0:
