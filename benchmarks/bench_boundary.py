@@ -50,7 +50,7 @@ def load_model_and_samples(args):
     gen = torch.Generator().manual_seed(args.seed)
     what = f"{args.arch} (random init)"
     if args.weights:  # e.g. an attack's training checkpoint: {"model": Classifier state dict}
-        state = safe_torch_load(args.weights, "weights file")
+        state = safe_torch_load(args.weights, what="--weights")
         state = state.get("model", state)
         load_bb_state_dict(clf, {k.removeprefix("net."): v for k, v in state.items()})
         what = f"{args.arch} weights from {args.weights}"

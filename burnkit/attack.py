@@ -33,19 +33,23 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from .config import as_dict, find_config_file, load_yaml, merge, option, build_parser
-from .data import Augment, ImageSet, class_balanced_subset
-from .datasets import DatasetInfo, dataset_info, load_split, resolve_data_root
-from .defense import _close_logger, _make_logger, _pct
-from .engine import EvalSuite, FitResult, fit, resolve_device, seed_everything
+from .config import as_dict, build_parser, check_yaml_keys, find_config_file, load_yaml, merge, option, parse_cli
+from .data import Augment, ImageSet, class_balanced_subset, imageset_digest
+from .datasets import DATASETS, DatasetInfo, dataset_info, load_split, resolve_data_root
+from .defense import _close_logger, _make_logger, _pct, attach_log_file
+from .engine import EvalSuite, FitResult, fit, load_checkpoint, plain_fingerprint, resolve_device, seed_everything
 from .errors import BurnError, cli_errors
 from .registry import Registry
 from .models import Classifier, build_classifier
 from .options import TrainingOptions
 from .records import PoisonedSplit, atomic_torch_save, write_attack_record
-from .results import MetricLog, move_aside, plot_metrics, run_environment, write_json
+from .results import MetricLog, check_writable_folder, move_aside, plot_metrics, run_environment, write_json
 
 _REGISTRY = Registry("attack", "burnkit.attacks")
+# settings that do not change the trained model: a resumed run may change them
+RUN_ONLY_KEYS = frozenset({"device", "progress", "resume", "overwrite", "pin_memory", "non_blocking", "prefetch",
+                           "num_workers", "frequency_save", "yaml_path", "bd_yaml_path", "download", "dataset_path",
+                           "test_every", "save_folder_name", "attack", "resource_cache"})
 register_attack = _REGISTRY.register  # class decorator
 get_attack = _REGISTRY.get
 list_attacks = _REGISTRY.names
@@ -59,22 +63,27 @@ class AttackConfig(TrainingOptions):
     yaml_path: str | None = option(None, "prototype YAML (default config/attack/prototype/<dataset>.yaml)", cli_only=True)
     bd_yaml_path: str | None = option(None, "attack YAML (default config/attack/<attack>/default.yaml)", cli_only=True)
     save_folder_name: str | None = option(None, "record folder name under record/ (default: timestamped)")
-    dataset: str = option("cifar10", "cifar10, cifar100, gtsrb, tiny, mnist, fashion-mnist, digits")
+    dataset: str = option("cifar10", "cifar10, cifar100, gtsrb, tiny, mnist, fashion-mnist, digits", choices=tuple(DATASETS))
     dataset_path: str = option("./data", "clean data: <path>/<dataset>, the dataset folder, or an image-folder archive")
     download: bool = option(False, "let torchvision download a missing clean dataset (needs internet)")
     model: str = option("preactresnet18", "victim architecture (attack_models zoo)")
     epochs: int = option(100, "training epochs")
     random_seed: int = option(0, "seed for poison selection, subset, init and training")
     attack: str | None = option(None, "attack name (informational, as in BackdoorBench)")
-    attack_label_trans: str = option("all2one", "all2one or all2all")
-    attack_target: int = option(0, "target class (all2one)")
+    attack_label_trans: str = option("all2one", "all2one or all2all", choices=("all2one", "all2all"))
+    attack_target: int = option(0, "target class (all2one)", low=0)
     attack_label_shift_amount: int = option(1, "label shift (all2all)")
-    pratio: float = option(0.1, "poisoning ratio")
-    train_subset: int = option(0, "train on a class-balanced subset of this many samples (0 = all)")
+    pratio: float = option(0.1, "poisoning ratio", low=0, high=1)
+    train_subset: int = option(0, "train on a class-balanced subset of this many samples (0 = all)", low=0)
     resume: bool = option(True, "resume an interrupted training from its checkpoint")
 
     def validate(self) -> None:
         super().validate()
+        name = self.save_folder_name
+        if name is not None and (not name.strip() or Path(name).name != name or name in (".", "..")
+                                 or "\\" in name):
+            raise BurnError(f"--save_folder_name must be a plain folder name (the record goes to record/<name>), "
+                            f"got {name!r}")
         if self.attack_label_trans not in ("all2one", "all2all"):
             raise BurnError(f"attack_label_trans must be all2one or all2all, got {self.attack_label_trans!r}")
         if not 0.0 <= self.pratio <= 1.0:
@@ -113,6 +122,7 @@ class Attack:
     name: ClassVar[str] = ""
     config_cls: ClassVar[type[AttackConfig]] = AttackConfig
     clean_label: ClassVar[bool] = False
+    resumable: ClassVar[bool] = True  # False: the attack has state the engine's checkpoint lacks
     description: ClassVar[str] = ""
     logger: logging.Logger = logging.getLogger("burnkit")  # the run's logger once ``run`` starts
 
@@ -165,7 +175,15 @@ class Attack:
         return fit(model, train_set, cfg.train_config(), device=device, eval_suite=suite,
                    augment=Augment(self.info.crop_padding, self.info.train_flip), seed=cfg.random_seed,
                    attack_columns=True, checkpoint=checkpoint, resume=cfg.resume, on_row=on_row,
-                   desc=self.name, progress=cfg.progress, eval_every=cfg.test_every)
+                   desc=self.name, progress=cfg.progress, eval_every=cfg.test_every,
+                   fingerprint=self.fingerprint(train_set))
+
+    def fingerprint(self, train_set: ImageSet) -> dict:
+        """What a training checkpoint must agree with to be resumed: every setting that changes the
+        trained model (not the device, paths, progress or scoring cadence) and a digest of the
+        poisoned training set, so a changed --epochs/--lr/--pratio/--model is refused, not continued."""
+        settings = {k: v for k, v in as_dict(self.cfg).items() if k not in RUN_ONLY_KEYS}
+        return {"attack": self.name, **settings, "train_set": imageset_digest(train_set)}
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -173,17 +191,17 @@ class Attack:
     def parse(cls, argv=None):
         prog = f"attack/{cls.name}.py"
         parser = build_parser(cls.config_cls, prog, cls.description or (cls.__doc__ or "").strip().split("\n")[0])
-        args, unknown = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
-        if unknown:
-            raise BurnError(f"unknown option(s) {' '.join(unknown)}; see {prog} --help")
-        cli = vars(args)
+        cli = parse_cli(parser, cls.config_cls, sys.argv[1:] if argv is None else argv, prog)
         dataset = cli.get("dataset") or "cifar10"
         proto = cli.get("yaml_path") or find_config_file(f"config/attack/prototype/{dataset}.yaml")
         values = load_yaml(proto) if proto else {}
+        check_yaml_keys(cls.config_cls, values, str(proto))
         so_far = {**values, **{k: v for k, v in cli.items() if v is not None}}
         attack_yaml = cli.get("bd_yaml_path") or find_config_file(*cls.attack_yaml_candidates(so_far))
         if attack_yaml:  # prototype < attack YAML (< CLI, in merge)
-            values.update(load_yaml(attack_yaml))
+            attack_values = load_yaml(attack_yaml)
+            check_yaml_keys(cls.config_cls, attack_values, str(attack_yaml))
+            values.update(attack_values)
         cfg, ignored = merge(cls.config_cls, values, cli, yaml_source=f"{proto} + {attack_yaml}")
         cfg.yaml_path, cfg.bd_yaml_path = (str(proto) if proto else None), (str(attack_yaml) if attack_yaml else None)
         return cfg, ignored
@@ -212,6 +230,7 @@ class Attack:
         if replace_old and not cfg.overwrite:
             raise BurnError(f"{record_dir} already holds an attack record; choose another --save_folder_name, or pass "
                             "--overwrite true to replace it (the old folder, defenses included, is kept, renamed)")
+        check_writable_folder(record_dir, "the record folder")
         device = resolve_device(cfg.device)
         root = resolve_data_root(cfg.dataset_path, cfg.dataset)
         train_x, train_y = load_split(cfg.dataset, root, train=True, download=cfg.download)
@@ -221,15 +240,11 @@ class Attack:
         seed_everything(cfg.random_seed)
         model = build_classifier(cfg.model, info)
 
-        # -- inputs are valid: from here on we write --------------------------------------------
-        replaced = move_aside(record_dir) if replace_old else None
-        record_dir.mkdir(parents=True, exist_ok=True)
-        logger = _make_logger(cls.name, record_dir)
-        if replaced is not None:
-            logger.warning("--overwrite: the previous record was moved to %s", replaced)
+        logger = _make_logger(cls.name, None)  # the log file is opened once the inputs are valid
         if ignored:
-            logger.info("YAML keys not used by %s: %s", cls.name, ", ".join(ignored))
+            logger.info("BackdoorBench YAML keys accepted but not used by %s: %s", cls.name, ", ".join(ignored))
         logger.info("attack %s -> %s on %s, model %s, device %s", cls.name, record_dir, cfg.dataset, cfg.model, device)
+        logger.info("clean data: %d training and %d test images from %s", len(train_y), len(test_y), root)
         attack.logger = logger
         rng = np.random.default_rng(cfg.random_seed)
         plan = attack.plan(train_y, test_y, rng)
@@ -254,9 +269,17 @@ class Attack:
         bd_test = ImageSet.from_numpy(test_bd, test_bd_labels, test_y[plan.test_poison],
                                       np.ones(len(plan.test_poison), bool), plan.test_poison)
         suite = EvalSuite(ImageSet.from_numpy(test_x, test_y), bd_test)
-
-        log = MetricLog(record_dir, "attack")
         checkpoint = record_dir / "checkpoint" / "train_state.pt"
+        if attack.resumable and cfg.resume and checkpoint.exists() and not replace_old:
+            load_checkpoint(checkpoint, plain_fingerprint(attack.fingerprint(train_set)))  # refuse before writing
+
+        # -- inputs are valid: from here on we write --------------------------------------------
+        replaced = move_aside(record_dir) if replace_old else None
+        record_dir.mkdir(parents=True, exist_ok=True)
+        attach_log_file(logger, record_dir)
+        if replaced is not None:
+            logger.warning("--overwrite: the previous record was moved to %s", replaced)
+        log = MetricLog(record_dir, "attack")
         with _Timer() as train_time:
             fit_result = attack.train(model, train_set, suite, device, log, checkpoint)
         log.save()
@@ -264,17 +287,14 @@ class Attack:
 
         data = PoisonedData(train_x, train_y, test_x, test_y, plan, train_bd, train_bd_labels, test_bd, test_bd_labels)
         bd_train_split, bd_test_split = attack.record_splits(model, data, device, record_dir)
-        write_attack_record(record_dir, model_name=cfg.model, num_classes=info.num_classes,
-                            state_dict=model.bb_state_dict(), clean_data=cfg.dataset,
-                            bd_train=bd_train_split, bd_test=bd_test_split)
         indicator_train = bd_train_split.poison_indicator
         args = as_dict(cfg)
         args.update({"num_classes": info.num_classes, "input_height": info.img_size[0], "input_width": info.img_size[1],
                      "input_channel": info.img_size[2], "img_size": tuple(info.img_size),
                      "dataset_path": f"./data/{cfg.dataset}", "save_path": f"./record/{name}",
                      "terminal_info": list(sys.argv)})
-        torch.save(args, record_dir / "info.pickle")
-        torch.save(indicator_train, record_dir / "train_poison_index_list.pickle")
+        atomic_torch_save(args, record_dir / "info.pickle")
+        atomic_torch_save(indicator_train, record_dir / "train_poison_index_list.pickle")
         final = log.last()
         provenance = {"attack": cls.name, "record": str(record_dir), "config": args,
                       "train_subset_size": int(len(plan.train_positions)),
@@ -288,6 +308,10 @@ class Attack:
         provenance.update(attack.provenance())
         attack.save_artifacts(record_dir)
         write_json(record_dir / "provenance.json", provenance)
+        # attack_result.pt marks the record as finished (defenses, compare, resume), so it is written last
+        write_attack_record(record_dir, model_name=cfg.model, num_classes=info.num_classes,
+                            state_dict=model.bb_state_dict(), clean_data=cfg.dataset,
+                            bd_train=bd_train_split, bd_test=bd_test_split)
         shutil.rmtree(record_dir / "checkpoint", ignore_errors=True)
         logger.info("record written: acc %s asr %s ra %s (wall %.1fs) -> %s", _pct(final.get("test_acc")),
                     _pct(final.get("test_asr")), _pct(final.get("test_ra")), provenance["wall_time_s"], record_dir)

@@ -20,10 +20,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import logging.handlers
 import random
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
@@ -32,7 +33,7 @@ import torch
 
 from .config import as_dict, find_config_file, option, parse_config
 from .data import Augment, ImageSet
-from .datasets import DatasetInfo, dataset_info
+from .datasets import DATASETS, DatasetInfo, dataset_info
 from .engine import (EvalSuite, FitResult, Metrics, TrainConfig, evaluate, fit, resolve_device,
                      seed_everything)
 from .errors import BurnError, cli_errors
@@ -40,7 +41,7 @@ from .registry import Registry
 from .models import Classifier, build_classifier, load_bb_state_dict
 from .options import TrainingOptions
 from .records import AttackRecord, read_attack_record, write_defense_result
-from .results import MetricLog, move_aside, plot_metrics, run_environment, write_json
+from .results import MetricLog, check_writable_folder, move_aside, plot_metrics, run_environment, write_json
 
 _REGISTRY = Registry("defense", "burnkit.defenses")
 register_defense = _REGISTRY.register  # class decorator
@@ -59,7 +60,8 @@ class DefenseConfig(TrainingOptions):
     result_file: str | None = option(None, "attack record folder under record/ (or a path to it)")
     output_name: str | None = option(None, "output folder under record/<result_file>/defense/ (default: the defense's name); lets variants of one defense share a record", cli_only=True)
     yaml_path: str | None = option(None, "the one YAML of defaults (default config/defense/<name>/<dataset>.yaml)")
-    dataset: str | None = option(None, "cifar10, cifar100, gtsrb, tiny, mnist, fashion-mnist, digits (default: the record's)")
+    dataset: str | None = option(None, "cifar10, cifar100, gtsrb, tiny, mnist, fashion-mnist, digits (default: the record's)",
+                                 choices=tuple(DATASETS))
     dataset_path: str | None = option(None, "clean data: <path>/<dataset>, the dataset folder, or an image-folder archive")
     download: bool = option(False, "let torchvision download a missing clean dataset (needs internet)")
     checkpoint_load: str | None = option(None, "accepted for BackdoorBench compatibility (unused, as there)")
@@ -68,7 +70,7 @@ class DefenseConfig(TrainingOptions):
     model: str | None = option(None, "model name; must match the record's when given")
     batch_size: int = option(256, "batch size")
     random_seed: int = option(0, "seed for the clean subset, shuffling and augmentation")
-    ratio: float = option(0.05, "share of the clean training split given to the defender")
+    ratio: float = option(0.05, "share of the clean training split given to the defender", above=0, high=1)
     index: str | None = option(None, "file of clean-train indices (one per line); overrides --ratio")
 
     def validate(self) -> None:
@@ -175,6 +177,10 @@ class Defense:
     def repair(self, model: Classifier, data: DefenseData, cfg: DefenseConfig, run: DefenseRun) -> Classifier:
         raise NotImplementedError(f"{type(self).__name__} must implement repair()")
 
+    def preflight(self, cfg: DefenseConfig, record: AttackRecord, out_dir: Path) -> None:
+        """Checks that need the record and the output folder but must fail before anything is
+        written (e.g. BURN refuses a checkpoint of other settings here, not after its first phase)."""
+
     def choose_subset(self, clean_train: ImageSet, cfg: DefenseConfig) -> np.ndarray:
         """The defender's clean-train indices: ``--index`` or a seeded ``--ratio`` sample (spec §3.5).
         A defense with its own selection rule (FT-SAM) overrides this."""
@@ -237,6 +243,18 @@ class Defense:
         cfg.dataset = record.clean_data
         if cfg.model and cfg.model != record.model_name:
             raise BurnError(f"--model {cfg.model} contradicts the record's model {record.model_name}; drop --model")
+        out_dir = record_dir / "defense" / (cfg.output_name or self.name)
+        finished = (out_dir / "defense_result.pt").exists()
+        if finished and not cfg.overwrite:
+            raise BurnError(f"{out_dir} already holds a finished {self.name} result; pass --overwrite true to "
+                            "replace it (the old folder is kept, renamed) or --output_name NEW for a second one")
+        check_writable_folder(out_dir, "the output folder")
+        if cfg.log:
+            check_writable_folder(cfg.log, "--log")
+        if cfg.checkpoint_save:
+            check_writable_folder(cfg.checkpoint_save, "--checkpoint_save")
+        if not finished:  # a finished output is moved aside with its checkpoints
+            self.preflight(cfg, record, out_dir)
         device = resolve_device(cfg.device)
         info = dataset_info(record.clean_data)
         seed_everything(cfg.random_seed)
@@ -251,13 +269,7 @@ class Defense:
                            loaded.clean_test, loaded.bd_test, subset_idx)
 
         # -- inputs are valid: from here on we write ------------------------------------------
-        out_dir = record_dir / "defense" / (cfg.output_name or self.name)
-        replaced = None
-        if (out_dir / "defense_result.pt").exists():
-            if not cfg.overwrite:
-                raise BurnError(f"{out_dir} already holds a finished {self.name} result; pass --overwrite true to "
-                                "replace it (the old folder is kept, renamed) or --output_name NEW for a second one")
-            replaced = move_aside(out_dir)
+        replaced = move_aside(out_dir) if finished else None
         out_dir.mkdir(parents=True, exist_ok=True)
         logger = _make_logger(self.name, Path(cfg.log) if cfg.log else out_dir / "log")
         run = DefenseRun(self.name, cfg, out_dir, device, data, record, logger)
@@ -267,12 +279,15 @@ class Defense:
         if replaced is not None:
             logger.warning("--overwrite: the previous result was moved to %s", replaced)
         if ignored_keys:
-            logger.info("YAML keys not used by %s: %s", self.name, ", ".join(ignored_keys))
+            logger.info("BackdoorBench YAML keys accepted but not used by %s: %s", self.name, ", ".join(ignored_keys))
         if not self.needs_clean_subset and cfg.index:
             logger.warning("%s uses no clean data: --index %s is ignored", self.name, cfg.index)
         logger.info("defense %s on %s (%s, %s) device %s", self.name, record_dir, record.model_name,
                     record.clean_data, device)
         logger.info("config: %s", as_dict(cfg))
+        logger.info("clean data: %d training and %d test images (%s); the defender's clean subset: %d",
+                    len(loaded.clean_train), len(loaded.clean_test), record.data_root(cfg.dataset_path)
+                    if record.clean_data != "digits" else "scikit-learn", len(subset_idx))
         with run.timed("evaluate_attacked"):
             run.before = run.evaluate(model)
         logger.info("attacked model: acc %s asr %s ra %s", _pct(run.before.acc), _pct(run.before.asr), _pct(run.before.ra))
@@ -284,7 +299,6 @@ class Defense:
             run.metrics.append({"epoch": 0, **run.evaluate(model).row()})
         run.metrics.save()
         plot_metrics([r for r in run.metrics.rows], out_dir, prefix="")
-        write_defense_result(out_dir, record.model_name, record.num_classes, model.bb_state_dict())
         final = run.metrics.last()
         cost = {"defense": self.name, "result_file": cfg.result_file, "wall_time_s": time.perf_counter() - started,
                 "phases_s": run.timings, **run_environment(device),
@@ -293,6 +307,8 @@ class Defense:
                 "attacked": run.before.row(), "final": {k: final.get(k) for k in ("test_acc", "test_asr", "test_ra")},
                 "clean_subset_size": int(len(subset_idx)), **run.extra_results}
         write_json(out_dir / "cost.json", cost)
+        # the result file marks the output as finished (compare, --overwrite), so it is written last
+        write_defense_result(out_dir, record.model_name, record.num_classes, model.bb_state_dict())
         logger.info("final: acc %s asr %s ra %s (wall %.1fs) -> %s", _pct(final.get("test_acc")),
                     _pct(final.get("test_asr")), _pct(final.get("test_ra")), cost["wall_time_s"], out_dir)
         _close_logger(logger)
@@ -333,21 +349,41 @@ def choose_clean_indices(n: int, ratio: float, index_file: str | None, seed: int
     return np.asarray(rng.sample(range(n), count), dtype=np.int64)
 
 
-def _make_logger(name: str, log_dir: Path) -> logging.Logger:
-    log_dir.mkdir(parents=True, exist_ok=True)
+LOG_FORMAT = "%(asctime)s [%(levelname)s] %(message)s"
+
+
+def _make_logger(name: str, log_dir: Path | None) -> logging.Logger:
+    """A run's logger: INFO to stdout, everything to ``<log_dir>/<time>.log``. With ``log_dir``
+    None the file records are buffered until :func:`attach_log_file` (nothing is written while the
+    inputs are still being checked)."""
     logger = logging.getLogger(f"burnkit.{name}.{time.time_ns()}")
     logger.setLevel(logging.DEBUG)
     logger.propagate = False
-    fmt = logging.Formatter("%(asctime)s [%(levelname)s] %(message)s")
-    fh = logging.FileHandler(log_dir / f"{time.strftime('%Y_%m_%d_%H_%M_%S')}.log")
-    fh.setFormatter(fmt)
-    fh.setLevel(logging.DEBUG)
     sh = logging.StreamHandler(sys.stdout)
     sh.setFormatter(logging.Formatter(f"[{name}] %(message)s"))
     sh.setLevel(logging.INFO)
-    logger.addHandler(fh)
     logger.addHandler(sh)
+    if log_dir is None:
+        logger.addHandler(logging.handlers.MemoryHandler(capacity=100_000, flushLevel=logging.CRITICAL + 1))
+    else:
+        attach_log_file(logger, log_dir)
     return logger
+
+
+def attach_log_file(logger: logging.Logger, log_dir: Path) -> None:
+    """Open the log file and write what was buffered so far into it."""
+    log_dir = Path(log_dir)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    fh = logging.FileHandler(log_dir / f"{time.strftime('%Y_%m_%d_%H_%M_%S')}.log")
+    fh.setFormatter(logging.Formatter(LOG_FORMAT))
+    fh.setLevel(logging.DEBUG)
+    for handler in list(logger.handlers):
+        if isinstance(handler, logging.handlers.MemoryHandler):
+            handler.setTarget(fh)
+            handler.flush()
+            logger.removeHandler(handler)
+            handler.close()
+    logger.addHandler(fh)
 
 
 def _close_logger(logger: logging.Logger) -> None:

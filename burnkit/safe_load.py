@@ -9,6 +9,7 @@ class from some package - makes the load fail before it can be called.
 from __future__ import annotations
 
 import pickle
+import re
 import zipfile
 from pathlib import Path
 
@@ -43,31 +44,38 @@ def _numpy_allowlist() -> list:
 NUMPY_SAFE_GLOBALS = _numpy_allowlist()
 
 
-def safe_torch_load(path: str | Path, what: str = "file"):
+def safe_torch_load(path: str | Path, what: str = "file", fix: str | None = None):
     """``torch.load`` a record with weights-only unpickling and the NumPy allowlist.
 
+    Every ``.pt`` file the package reads goes through here - records, defense results and our own
+    checkpoints alike, since a record folder is shared as a whole and can carry any file.
     Raises :class:`BurnError` for a missing, truncated or non-torch file and for a file that
     needs any global outside the allowlist (the offending names are listed, never imported).
+    ``fix`` replaces the default advice at the end of the message.
     """
     path = Path(path)
     if not path.is_file():
         raise BurnError(f"{what} not found: {path}")
+    advice = fix or "re-create it or check that the copy is complete"
     try:
         with torch.serialization.safe_globals(NUMPY_SAFE_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        unsafe = _unsafe_globals(path)
+        detail = _weights_only_detail(err)
+        named = re.search(r"GLOBAL ([\w.]+)", detail)  # a legacy (non-zip) pickle names it only here
+        unsafe = _unsafe_globals(path) or ([named.group(1)] if named else [])
         if unsafe:
             raise BurnError(
                 f"{what} {path} refers to code outside the safe allowlist ({', '.join(unsafe)}); "
-                "it was not loaded. Only load records from sources you trust, and re-create this "
-                "one with an attack script if it should be plain data"
+                f"it was not loaded (nothing in it ran). Only use files from sources you trust; {fix or 're-create this one with the script that makes it if it should be plain data'}"
             ) from None
-        raise BurnError(f"{what} {path} could not be unpickled ({_first_line(err)}); "
-                        "re-create it or check that the copy is complete") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
-        raise BurnError(f"{what} {path} is corrupt or not a torch file ({_first_line(err)}); "
-                        "re-create it or check that the copy is complete") from None
+        if "but got" in detail:  # a type outside the allowlist, e.g. a NumPy string array
+            raise BurnError(f"{what} {path} holds data outside the safe allowlist ({detail.split('but got')[-1].strip()}); "
+                            f"it was not loaded; {advice}") from None
+        raise BurnError(f"{what} {path} is corrupt or not a torch file ({detail}); {advice}") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, TypeError, AttributeError,
+            IndexError, KeyError, MemoryError) as err:
+        raise BurnError(f"{what} {path} is corrupt or not a torch file ({_first_line(err)}); {advice}") from None
 
 
 def _unsafe_globals(path: Path) -> list[str]:
@@ -78,6 +86,21 @@ def _unsafe_globals(path: Path) -> list[str]:
     allowed = {f"{obj.__module__}.{obj.__qualname__}" if not isinstance(obj, tuple) else obj[1]
                for obj in NUMPY_SAFE_GLOBALS}
     return [n for n in names if n not in allowed]
+
+
+def _weights_only_detail(err: BaseException) -> str:
+    """The useful part of torch's weights-only error (its first lines only advise weights_only=False,
+    which is exactly what must not be done with a file from elsewhere)."""
+    text = str(err)
+    marker = "WeightsUnpickler error:"
+    if marker in text:
+        text = text.split(marker, 1)[1]
+    boilerplate = ("Weights only load failed", "Check the documentation", "Please file an issue")
+    for paragraph in text.split("\n\n"):
+        paragraph = " ".join(paragraph.split())
+        if paragraph and not paragraph.startswith(boilerplate):
+            return paragraph[:200]
+    return _first_line(err)
 
 
 def _first_line(err: BaseException) -> str:

@@ -14,7 +14,7 @@ from burnkit.records import read_attack_record
 from burnkit.safe_load import safe_torch_load
 from burnkit.defenses.burn import BurnConfig, select, finetune_set, frozen_bn_step
 rec = sys.argv[1]
-scan = safe_torch_load(f"record/{rec}/defense/burn/checkpoint/burn_scan.pt", "BURN scan checkpoint")
+scan = safe_torch_load(f"record/{rec}/defense/burn/checkpoint/burn_scan.pt", what="BURN scan")
 r = scan["result"]
 record = read_attack_record(f"record/{rec}")
 d = record.load_data("./data")

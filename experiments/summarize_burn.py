@@ -42,7 +42,7 @@ def summarize(spec: str, dataset_path: str = "./data") -> dict:
         row["total_s"] = cost.get("wall_time_s_all_sessions", cost["wall_time_s"])  # resumed runs: every session
         row["device"] = cost["device"]
     else:  # still running: distances from the scan checkpoint, flags from the record
-        scan = safe_torch_load(out / "checkpoint" / "burn_scan.pt", "BURN scan checkpoint")
+        scan = safe_torch_load(out / "checkpoint" / "burn_scan.pt", what="BURN scan")
         flags = read_attack_record(record_dir).load_data(dataset_path).bd_train.poison
         l2 = scan["result"]["l2"]
         row.update({"auroc_l2": auroc(l2, flags), "mean_l2_clean": float(l2[~flags].mean()),

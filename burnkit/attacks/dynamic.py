@@ -186,7 +186,6 @@ class DynamicAttack(Attack):
     """
 
     static_trigger: ClassVar[bool] = True  # False: the trigger changes while training (InputAware)
-    resumable: ClassVar[bool] = True  # False: the attack has state the engine's checkpoint lacks
     chunk: ClassVar[int] = 1024  # images per chunk when a whole split is poisoned
 
     def __init__(self, cfg, info):
@@ -326,7 +325,7 @@ class DynamicAttack(Attack):
 
         return fit(model, train_set, self.train_config(), device=device, step=self.step, seed=cfg.random_seed,
                    epoch_end=epoch_end, on_row=on_row, checkpoint=checkpoint if self.resumable else None,
-                   resume=cfg.resume, desc=self.name, progress=cfg.progress)
+                   resume=cfg.resume, desc=self.name, progress=cfg.progress, fingerprint=self.fingerprint(train_set))
 
     # -- the record ----------------------------------------------------------------------------
 

@@ -348,13 +348,13 @@ def training_failure(cfg: BurnConfig, signals: dict, signals0: dict) -> str | No
 # --------------------------------------------------------------------------- state on disk
 
 
-def _fingerprint(cfg: BurnConfig, train: ImageSet, record_dir: str) -> dict:
+def _fingerprint(cfg: BurnConfig, n_train: int, record_dir: str) -> dict:
     """What a checkpoint must agree with to be resumed."""
     keys = ("iterations", "epochs", "batch_size", "lr", "client_optimizer", "adam_betas", "wd", "amsgrad",
             "lr_scheduler", "augment", "bn_eval", "kp_start", "kp_end", "kc_start", "kc_end", "omega_start", "omega_end",
             "pd_output", "attack_space", "clip", "overshoot", "max_iter", "candidates", "random_seed",
             "premise_share", "premise_min_enrichment", "max_retention_drop", "max_target_rise", "test_every")
-    return {"record": str(record_dir), "n_train": len(train), **{k: _plain(getattr(cfg, k)) for k in keys},
+    return {"record": str(record_dir), "n_train": int(n_train), **{k: _plain(getattr(cfg, k)) for k in keys},
             **cfg.safeguards()}
 
 
@@ -367,9 +367,10 @@ def _plain(v):
 
 
 def _load(path: Path, expected: dict, what: str):
+    """A checkpoint of this run, read weights-only (a record folder can carry any file), or None."""
     if not path.exists():
         return None
-    state = safe_torch_load(path, f"the {what} checkpoint")  # plain tensors, dicts, lists and numbers only
+    state = safe_torch_load(path, what=f"the {what} checkpoint", fix="pass --resume false to start over")
     if not isinstance(state, dict) or state.get("version") != STATE_VERSION or state.get("fingerprint") != expected:
         raise BurnError(f"the {what} checkpoint {path} was made with other settings, another record or an older "
                         "version; pass --resume false to start over")
@@ -399,7 +400,7 @@ def burn(model: Classifier, data: DefenseData, cfg: BurnConfig, run: DefenseRun)
         raise BurnError("BURN needs the record's poisoned training set (bd_train), but the record has none")
     device = run.device
     guards = cfg.safeguards()
-    fingerprint = _fingerprint(cfg, train, str(run.out_dir.parent.parent))
+    fingerprint = _fingerprint(cfg, len(train), str(run.out_dir.parent.parent))
     scan_path, state_path = run.checkpoint_dir / "burn_scan.pt", run.checkpoint_dir / "burn_state.pt"
     if not cfg.resume:
         scan_path.unlink(missing_ok=True)
@@ -658,3 +659,12 @@ class Burn(Defense):
 
     def repair(self, model, data, cfg, run):
         return burn(model, data, cfg, run)
+
+    def preflight(self, cfg, record, out_dir):
+        """Refuse a broken checkpoint or one of other settings before anything is written."""
+        if not cfg.resume or record.bd_train is None:
+            return
+        folder = Path(cfg.checkpoint_save) if cfg.checkpoint_save else out_dir / "checkpoint"
+        fingerprint = _fingerprint(cfg, len(record.bd_train.original_index), str(out_dir.parent.parent))
+        _load(folder / "burn_scan.pt", _scan_fingerprint(fingerprint), "scan")
+        _load(folder / "burn_state.pt", fingerprint, "BURN")

@@ -10,13 +10,13 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import torch
+from typing import ClassVar
 
 from ..config import option
 from ..data import Augment, ImageSet
 from ..engine import EvalSuite, TrainConfig, evaluate, fit
 from ..errors import BurnError
+from ..fileio import atomic_torch_save
 from ..models import build_classifier
 from . import clean_model_path
 from .base import ResourceConfig, Session
@@ -24,6 +24,10 @@ from .base import ResourceConfig, Session
 
 @dataclass
 class CleanModelConfig(ResourceConfig):
+    # the prototype YAML's loader keys (no DataLoader here): accepted, unused
+    YAML_COMPAT_KEYS: ClassVar[tuple[str, ...]] = ("num_workers", "pin_memory", "non_blocking", "prefetch",
+                                                   "frequency_save")
+
     epochs: int = option(100, "training epochs")
     lr: float = option(0.01, "learning rate")
     client_optimizer: str = option("sgd", "sgd, adam or adadelta")
@@ -56,7 +60,6 @@ def generate_clean_model(cfg: CleanModelConfig) -> dict:
                  seed=cfg.random_seed, desc="clean_model", progress=cfg.progress)
     acc = evaluate(model, suite, run.device).acc
     path = clean_model_path(cfg.resource_cache, cfg.dataset, cfg.model)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(model.bb_state_dict(), path)
+    atomic_torch_save(model.bb_state_dict(), path)
     return run.finish([path], "clean_model", clean_test_acc=acc, train_samples=int(len(keep)),
                       train_time_s=round(result.wall_time_s, 2))
