@@ -421,3 +421,17 @@ def test_burn_removes_a_backdoor_where_its_premise_holds(cifar_blended_workdir, 
     burn = result["cost"]["burn"]
     assert burn["stopped"] is None and burn["suspected_target"]["class"] == 0  # the premise test found the target
     assert burn["auroc_l2"] > 0.9 and burn["iterations"][0]["poison_precision"] > 0.5
+
+
+def test_finetune_sets_with_a_single_sample_batch_or_a_single_sample(digits_copy):
+    # Phase 1 only, Algorithm 1 exactly: k_p^0 2 % of 1,437 = 29 samples, batch 28 -> a last batch of one,
+    # which BatchNorm cannot train on: it is dropped, the run goes through
+    result = _run("--paper_exact", "true", "--iterations", "0", "--batch_size", "28")
+    df = pd.read_csv(digits_copy / "record/badnet_digits/defense/burn/burn_df.csv")
+    assert df["n_poison"].tolist() == [29] and df["finetune_s"][0] > 0
+    # one sample left (k_p^0 = 1 of 1,437): nothing to fine-tune, the model stays θ0
+    again = _run("--paper_exact", "true", "--iterations", "0", "--kp_start", "0.0005", "--overwrite", "true")
+    df = pd.read_csv(digits_copy / "record/badnet_digits/defense/burn/burn_df.csv")
+    assert df["n_poison"].tolist() == [1] and df["finetune_s"][0] == 0
+    assert again["final"]["test_acc"] == pytest.approx(again["before"].acc)
+    assert result["final"]["test_acc"] is not None

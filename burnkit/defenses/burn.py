@@ -466,10 +466,18 @@ def burn(model: Classifier, data: DefenseData, cfg: BurnConfig, run: DefenseRun)
         finetune_s, logits_next = 0.0, None
         signals = {"retention": None, "target_share": None}
         if stop_reason is None:
-            with _part(timings, "finetune"):
-                finetune_s = run.fit(model, finetune_set(train, poison_pos, relabel, clean_pos), cfg.train_config(),
-                                     log=False, phase=f"{phase}_finetune", eval_suite=None, seed=cfg.random_seed + t,
-                                     desc=f"burn t={t}", step=frozen_bn_step if cfg.bn_eval else None).wall_time_s
+            tune = finetune_set(train, poison_pos, relabel, clean_pos)
+            if len(tune) < 2:  # BatchNorm cannot train on a single sample; nothing to learn from none
+                run.logger.warning("iteration %d: %d sample(s) left to fine-tune on after the safeguards; skipped",
+                                   t, len(tune))
+            else:
+                # a last batch of one sample cannot pass BatchNorm in train mode: drop it (a different
+                # sample every epoch, as the batches are shuffled)
+                train_cfg = cfg.train_config(drop_last=len(tune) % cfg.batch_size == 1)
+                with _part(timings, "finetune"):
+                    finetune_s = run.fit(model, tune, train_cfg, log=False, phase=f"{phase}_finetune", eval_suite=None,
+                                         seed=cfg.random_seed + t, desc=f"burn t={t}",
+                                         step=frozen_bn_step if cfg.bn_eval else None).wall_time_s
             if guards["premise_check"] or t < last:
                 with _part(timings, "train_forward"):  # θ_{t+1} on the training set: next PD and the checks
                     logits_next = predict(model, train, device, amp=cfg.amp)
