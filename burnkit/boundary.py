@@ -14,7 +14,10 @@ measured in whatever space the caller's ``forward`` takes its input in: pass ``c
 
 Speed: one forward pass per iteration over the samples still running (finished samples are
 removed from the working batch), then the gradients of the candidate class differences from that
-one graph. Candidate classes are the top-``candidates`` classes by clean logit (all classes when
+one graph. When most of the batch has just flipped, the samples still running get a fresh forward
+pass of their own instead, so no backward pass is spent on finished samples (an input-only backward
+costs about one forward: 1.1-1.25x measured on PreAct-ResNet18; this saved 12-15 % of the scan's CPU
+time with 10 candidates on it, and is within noise with 3). Candidate classes are the top-``candidates`` classes by clean logit (all classes when
 ``K <= candidates``), fixed per sample, as in the DeepFool paper's large-K variant.
 """
 from __future__ import annotations
@@ -59,6 +62,13 @@ class BoundaryResult:
         iterations: DeepFool steps taken.
         converged: whether the label flipped within ``max_iter`` steps.
         clean_label: prediction at ``x`` (the attack moves away from it, not from the true label).
+        clean_logits: logits at ``x`` (N x K, float32), from the attack's first forward pass, so a
+            caller needs no second pass over the data for them.
+        nearest_label: the candidate class of the last step taken, i.e. the class behind the nearest
+            linearised boundary at the last iterate. It differs from ``clean_label`` even when the
+            attack did not flip the sample (e.g. stuck at the clipping bounds), so it is the
+            adversarial label a caller can use for such samples; for a converged sample it is
+            usually, not always, ``adv_label`` (the last step may cross into a third class).
         perturbation: ``x_adv - x`` (N x ...) when requested, else None.
     """
 
@@ -67,6 +77,8 @@ class BoundaryResult:
     iterations: Tensor
     converged: Tensor
     clean_label: Tensor
+    nearest_label: Tensor | None = None
+    clean_logits: Tensor | None = None
     perturbation: Tensor | None = None
 
     def __len__(self) -> int:
@@ -138,7 +150,7 @@ def boundary_attack(forward: Forward, x: Tensor, *, overshoot: float = 0.02, max
                     candidates: int = 10, lower: Tensor | float | None = None,
                     upper: Tensor | float | None = None, grad_dtype: torch.dtype = torch.float32,
                     module: nn.Module | None = None, return_perturbation: bool = False,
-                    backward: str = "per_class") -> BoundaryResult:
+                    backward: str = "per_class", reforward: bool = True) -> BoundaryResult:
     """Minimal-L2 DeepFool perturbation of every sample in ``x`` (batched, per-sample stopping).
 
     Args:
@@ -155,6 +167,8 @@ def boundary_attack(forward: Forward, x: Tensor, *, overshoot: float = 0.02, max
             eval mode with frozen parameters during the attack and restored afterwards.
         return_perturbation: also return ``x_adv - x``.
         backward: "per_class" or "batched", see ``BACKWARD_MODES``.
+        reforward: when most of the batch has just flipped, forward the samples still running again
+            instead of back-propagating through the finished ones (False: never; for benchmarks).
 
     Returns:
         :class:`BoundaryResult` on the device of ``x``.
@@ -190,9 +204,11 @@ def boundary_attack(forward: Forward, x: Tensor, *, overshoot: float = 0.02, max
     r_tot = torch.zeros_like(x0)
     adv_label = torch.empty(n, dtype=torch.long, device=device)
     clean_label = torch.empty(n, dtype=torch.long, device=device)
+    nearest_label = torch.empty(n, dtype=torch.long, device=device)
     iterations = torch.zeros(n, dtype=torch.long, device=device)
     converged = torch.zeros(n, dtype=torch.bool, device=device)
     cand = torch.empty(0, dtype=torch.long, device=device)
+    clean_logits = None
     active = torch.arange(n, device=device)
 
     with _attack_state(module, device.type):
@@ -207,6 +223,8 @@ def boundary_attack(forward: Forward, x: Tensor, *, overshoot: float = 0.02, max
                     raise ValueError("the attack needs at least two classes")
                 cand = logits.detach().topk(k, dim=1).indices
                 clean_label.copy_(cand[:, 0])  # top-1 of topk: consistent with the candidates
+                nearest_label.copy_(cand[:, 1])  # runner-up until a step is taken (max_iter 0)
+                clean_logits = logits.detach().float().clone()
             pred = logits.detach().argmax(1)
             flipped = pred != clean_label[active]
             done = flipped | (step == max_iter)
@@ -217,13 +235,24 @@ def boundary_attack(forward: Forward, x: Tensor, *, overshoot: float = 0.02, max
             keep = ~done
             if not keep.any():
                 break
-            grads = _candidate_gradients(logits, xa, cand[active], backward)[:, keep]
             idx = active[keep]
-            top = logits.detach()[keep]
+            n_done = len(active) - len(idx)
+            if reforward and n_done and len(idx) < (cand.shape[1] - 1) * n_done:
+                # Most of the batch just finished: a fresh forward of the samples still running costs
+                # less than C-1 backward passes through the finished ones (an input-only backward costs
+                # about one forward).
+                xa = x_cur[idx].requires_grad_(True)
+                logits = forward(xa).to(grad_dtype)
+                grads = _candidate_gradients(logits, xa, cand[idx], backward)
+                top = logits.detach()
+            else:
+                grads = _candidate_gradients(logits, xa, cand[active], backward)[:, keep]
+                top = logits.detach()[keep]
             gaps = top.gather(1, cand[idx, 1:]) - top.gather(1, cand[idx, :1])  # (m, C-1) <= 0
             norms = grads.flatten(2).norm(dim=2).T  # (m, C-1)
             nearest = (gaps.abs() / (norms + _TINY)).argmin(1)
             rows = torch.arange(len(idx), device=device)
+            nearest_label[idx] = cand[idx, 1:].gather(1, nearest[:, None]).squeeze(1)
             w = grads[nearest, rows]
             scale = (gaps[rows, nearest].abs() + _STEP_MARGIN) / (norms[rows, nearest] ** 2 + _TINY)
             r_tot[idx] += scale.view(-1, *[1] * (x0.dim() - 1)) * w
@@ -233,8 +262,8 @@ def boundary_attack(forward: Forward, x: Tensor, *, overshoot: float = 0.02, max
     delta = (x_cur - x0).contiguous()
     return BoundaryResult(
         l2=delta.flatten(1).norm(dim=1).float(), adv_label=adv_label, iterations=iterations,
-        converged=converged, clean_label=clean_label,
-        perturbation=delta if return_perturbation else None)
+        converged=converged, clean_label=clean_label, nearest_label=nearest_label,
+        clean_logits=clean_logits, perturbation=delta if return_perturbation else None)
 
 
 SPACES = ("input", "pixel")

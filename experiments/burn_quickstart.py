@@ -49,8 +49,8 @@ def main(argv=None) -> None:
     summary = {
         "attacked": {"acc": before.acc, "asr": before.asr, "ra": before.ra},
         "after_burn": {k: final.get(f"test_{k}") for k in ("acc", "asr", "ra")},
-        "detection": {k: det.get(k) for k in ("auroc_l2", "auroc_score", "mean_l2_clean", "mean_l2_poison",
-                                              "l2_ratio_poison_clean")},
+        "detection": {k: det.get(k) for k in ("auroc_l2", "auroc_final_score_after_finetuning", "mean_l2_clean",
+                                              "mean_l2_poison", "l2_ratio_poison_clean", "stopped")},
         "wall_s": {"attack_record": round(attack_s, 1), "burn": round(cost["wall_time_s"], 1),
                    **{k: round(v, 1) for k, v in det["timings_s"].items()},
                    "total": round(time.perf_counter() - started, 1)},

@@ -15,7 +15,7 @@ from burnkit.safe_load import safe_torch_load
 from burnkit.metrics import auroc
 rec = sys.argv[1]
 scan = safe_torch_load(f"record/{rec}/defense/burn/checkpoint/burn_scan.pt", what="BURN scan")
-r = scan["result"]; logits0 = scan["logits0"]
+r = scan["result"]; logits0 = r["clean_logits"]
 d = read_attack_record(f"record/{rec}").load_data("./data").bd_train
 flags, lab, orig, l2, adv = d.poison, d.labels, d.original_labels, r["l2"], r["adv_label"]
 pred = logits0.argmax(1)

@@ -1,7 +1,8 @@
 """Markdown summary of finished (or still running) BURN runs: ACC/ASR/RA before and after,
-detection AUROCs, mean boundary distances, wall times.
+detection AUROCs, mean boundary distances, wall times. ``RECORD:OUTPUT`` reads a run written with
+``--output_name OUTPUT`` (default ``burn``).
 
-    PYTHONPATH=. python experiments/summarize_burn.py badnet_smallcnn_c10 blended_smallcnn_c10
+    PYTHONPATH=. python experiments/summarize_burn.py badnet_smallcnn_c10 blended_smallcnn_c10:burn_paper
 """
 from __future__ import annotations
 
@@ -18,10 +19,11 @@ from burnkit.records import read_attack_record
 from burnkit.safe_load import safe_torch_load
 
 
-def summarize(result_file: str, dataset_path: str = "./data") -> dict:
+def summarize(spec: str, dataset_path: str = "./data") -> dict:
+    result_file, _, output = spec.partition(":")
     record_dir = resolve_record_dir(result_file)
-    out = record_dir / "defense" / "burn"
-    row: dict = {"record": result_file}
+    out = record_dir / "defense" / (output or "burn")
+    row: dict = {"record": spec}
     attack = pd.read_csv(record_dir / "attack_df_summary.csv", index_col=0)
     for k in ("test_acc", "test_asr", "test_ra"):
         row[f"attacked_{k[5:]}"] = float(attack.loc["last", k])
@@ -29,8 +31,11 @@ def summarize(result_file: str, dataset_path: str = "./data") -> dict:
     if detection.exists():
         det = json.loads(detection.read_text())
         cost = json.loads((out / "cost.json").read_text())
-        row.update({k: det.get(k) for k in ("auroc_l2", "auroc_score", "mean_l2_clean", "mean_l2_poison",
-                                            "l2_ratio_poison_clean", "auroc_l2_relabelled", "auroc_score_relabelled")})
+        row.update({k: det.get(k) for k in ("auroc_l2", "mean_l2_clean", "mean_l2_poison", "l2_ratio_poison_clean",
+                                            "auroc_l2_relabelled")})
+        # the final S already reflects fine-tuning on the selected samples: not a detection measure
+        row["auroc_final_S_after_finetuning"] = det.get("auroc_final_score_after_finetuning", det.get("auroc_score"))
+        row["stopped"] = (det.get("stopped") or {}).get("reason")
         if det.get("auroc_l2_relabelled") is None and (out / "burn_samples.csv").exists():
             row.update(relabelled_aurocs(pd.read_csv(out / "burn_samples.csv")))  # reports of older versions
         row.update({f"{k}_s": v for k, v in cost["burn"]["timings_s"].items()})
@@ -49,6 +54,9 @@ def summarize(result_file: str, dataset_path: str = "./data") -> dict:
         last = df.iloc[-1]
         row.update({"iterations_done": int(last["iteration"]), "acc": last["test_acc"], "asr": last["test_asr"],
                     "ra": last["test_ra"]})
+        if "selection_auroc" in df:  # the ranking that chose each iteration's sets, before its fine-tuning
+            row["selection_auroc_phase1"] = df["selection_auroc"].iloc[0]
+            row["selection_auroc_mean_phase2"] = df["selection_auroc"].iloc[1:].mean()
     return row
 
 
@@ -64,7 +72,7 @@ def relabelled_aurocs(samples: pd.DataFrame) -> dict:
         return {}
     flags = torch.tensor(relabelled[keep].to_numpy())
     return {"auroc_l2_relabelled": auroc(torch.tensor(samples["boundary_l2"][keep].to_numpy()), flags),
-            "auroc_score_relabelled": auroc(torch.tensor(samples["S"][keep].to_numpy()), flags)}
+            "auroc_final_S_after_finetuning_relabelled": auroc(torch.tensor(samples["S"][keep].to_numpy()), flags)}
 
 
 def main(argv=None) -> None:

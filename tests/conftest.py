@@ -62,14 +62,10 @@ def digits_copy(digits_workdir, tmp_path, monkeypatch) -> Path:
     return work
 
 
-@pytest.fixture(scope="session")
-def cifar_root(tmp_path_factory) -> Path:
-    """A small real CIFAR-10 image folder (the first 30 train / 10 test JPEGs of every class)
-    taken from the shared tarball; skipped with a reason if the tarball is absent."""
+def extract_cifar_subset(root: Path, keep: dict[str, int]) -> Path:
+    """The first ``keep[split]`` JPEGs of every class of each split, from the shared tarball."""
     if not CIFAR_TARBALL.exists():
         pytest.skip(f"shared CIFAR-10 tarball not found at {CIFAR_TARBALL}")
-    root = tmp_path_factory.mktemp("cifar_subset") / "cifar10"
-    keep = {"train": 30, "test": 10}
     counts: dict[tuple[str, str], int] = {}
     with tarfile.open(CIFAR_TARBALL) as tar:
         members = []
@@ -87,3 +83,29 @@ def cifar_root(tmp_path_factory) -> Path:
                 members.append(m)
         tar.extractall(root, members=members, filter="data")
     return root
+
+
+@pytest.fixture(scope="session")
+def cifar_root(tmp_path_factory) -> Path:
+    """A small real CIFAR-10 image folder (the first 30 train / 10 test JPEGs of every class)
+    taken from the shared tarball; skipped with a reason if the tarball is absent."""
+    return extract_cifar_subset(tmp_path_factory.mktemp("cifar_subset") / "cifar10", {"train": 30, "test": 10})
+
+
+@pytest.fixture(scope="session")
+def cifar_blended_workdir(tmp_path_factory) -> Path:
+    """A working directory with ``data/cifar10`` (200 train / 50 test JPEGs per class) and
+    ``record/blended_cifar_smallcnn``: Blended (pratio 0.1, target 0) on the 2,000 training images,
+    small CNN, 15 epochs (about 48 % ACC, 100 % ASR; ~40 s on one idle thread). A record on which
+    BURN's premise holds (the farthest samples by boundary distance are mostly poison)."""
+    work = tmp_path_factory.mktemp("cifar_blended_work")
+    extract_cifar_subset(work / "data" / "cifar10", {"train": 200, "test": 50})
+    from burnkit.attack import get_attack
+
+    cls = get_attack("blended")
+    with contextlib.chdir(work):
+        cfg, _ = cls.parse(["--dataset", "cifar10", "--dataset_path", "./data", "--model", "smallcnn", "--epochs", "15",
+                            "--lr", "0.05", "--cos_t_max", "15", "--progress", "false", "--test_every", "15",
+                            "--save_folder_name", "blended_cifar_smallcnn"])
+        cls.run(cfg)
+    return work

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pandas as pd
 import pytest
@@ -98,7 +99,7 @@ def test_detection_summary_by_hand():
                             torch.ones(8, dtype=torch.bool), torch.zeros(8, dtype=torch.long))
     det = detection_summary(train, result, score=-l2)
     # poison {0.8, 1.0, 0.25, 2.0} vs clean {0.1, 0.2, 0.3, 0.9}: pairs won 3+4+2+4 = 13 of 16
-    assert det["auroc_l2"] == pytest.approx(13 / 16) and det["auroc_score"] == pytest.approx(3 / 16)
+    assert det["auroc_l2"] == pytest.approx(13 / 16) and det["auroc_final_score_after_finetuning"] == pytest.approx(3 / 16)
     assert det["mean_l2_clean"] == pytest.approx(0.375) and det["mean_l2_poison"] == pytest.approx(1.0125)
     # relabelled poison {0.8, 1.0, 0.25} vs the same clean: 3 + 4 + 2 = 9 of 12
     assert det["n_poison_relabelled"] == 3 and det["auroc_l2_relabelled"] == pytest.approx(9 / 12)
@@ -111,6 +112,12 @@ def test_config_validation():
         BurnConfig(pd_output="features").validate()
     with pytest.raises(BurnError, match="attack_space"):
         BurnConfig(attack_space="latent").validate()
+    with pytest.raises(BurnError, match="premise_share"):
+        BurnConfig(premise_share=0.0).validate()
+    with pytest.raises(BurnError, match="premise_min_enrichment"):
+        BurnConfig(premise_min_enrichment=0.5).validate()
+    with pytest.raises(BurnError, match="max_retention_drop"):
+        BurnConfig(max_retention_drop=1.5).validate()
 
 
 def test_end_to_end_outputs_and_selection_sets(digits_copy):
@@ -128,17 +135,22 @@ def test_end_to_end_outputs_and_selection_sets(digits_copy):
     samples = pd.read_csv(out / "burn_samples.csv", keep_default_na=False)
     n = len(samples)
     cfg = BurnConfig(iterations=2, kp_start=0.02, kp_end=0.04, kc_start=0.1, kc_end=0.2)
+    skipped = df[["n_skipped_unflipped", "n_skipped_own_label", "n_skipped_target"]].sum(axis=1)
     for t in range(3):
         kp, kc, _ = schedule(cfg, t)
-        assert df["n_poison"][t] == share_count(kp, n)
+        assert df["n_ranked_poison"][t] == share_count(kp, n)
+        assert df["n_poison"][t] + skipped[t] == share_count(kp, n)
         assert df["n_clean"][t] == (0 if t == 0 else share_count(kc, n))  # Phase 1: poison set only
         chosen = samples["selected_poison_iters"].str.split(";").apply(lambda v: str(t) in v)
-        assert chosen.sum() == share_count(kp, n)
-    # Phase 1 picks the largest boundary distances
+        assert chosen.sum() == df["n_poison"][t]
+        assert (samples["relabel_rule"][chosen] == "relabel").all()
+    # Phase 1 picks the largest boundary distances, less the samples a safeguard leaves out
     top = samples.nlargest(share_count(0.02, n), "boundary_l2")
-    assert top["selected_poison_iters"].str.startswith("0").all()
+    phase1 = top["selected_poison_iters"].str.split(";").apply(lambda v: "0" in v)
+    assert phase1.equals(top["relabel_rule"] == "relabel")
+    assert not ((samples["relabel"] == samples["label"]) & (samples["relabel_rule"] == "relabel")).any()
     detection = json.loads((out / "burn_detection.json").read_text())
-    assert {"auroc_l2", "auroc_score", "mean_l2_clean", "mean_l2_poison"} <= set(detection)
+    assert {"auroc_l2", "auroc_final_score_after_finetuning", "mean_l2_clean", "mean_l2_poison"} <= set(detection)
     assert detection["mean_l2_poison"] > detection["mean_l2_clean"]  # the paper's observation
     assert result["cost"]["burn"]["timings_s"]["scan"] > 0
     assert {"is_poison", "original_label"} <= set(samples)
@@ -219,3 +231,207 @@ def test_frozen_bn_step_trains_weights_but_keeps_running_statistics():
     frozen_bn_step(net, batch, torch.optim.SGD(net.parameters(), lr=0.1), StepContext(torch.device("cpu"), False, None))
     assert torch.equal(net[1].running_mean, stats[0]) and torch.equal(net[1].running_var, stats[1])
     assert not torch.equal(net[0].weight, weight)
+
+
+# --------------------------------------------------------------------------- safeguards (issue 16)
+
+
+def _result(l2, adv, clean, converged, nearest=None):
+    n = len(l2)
+    return BoundaryResult(torch.as_tensor(l2, dtype=torch.float), torch.as_tensor(adv), torch.ones(n, dtype=torch.long),
+                          torch.as_tensor(converged), torch.as_tensor(clean),
+                          nearest_label=None if nearest is None else torch.as_tensor(nearest))
+
+
+def test_finetune_set_uses_adversarial_labels_not_the_carried_or_original_ones():
+    # carried labels (what the record trained on) differ from the original labels for the poison (4-5)
+    images = torch.arange(6, dtype=torch.uint8).view(6, 1, 1, 1).expand(6, 1, 2, 2).clone()
+    carried, original = torch.tensor([1, 2, 3, 0, 0, 0]), torch.tensor([1, 2, 3, 0, 5, 6])
+    train = ImageSet(images, carried, original, torch.tensor([0, 0, 0, 0, 1, 1], dtype=torch.bool), torch.arange(6))
+    relabel = torch.tensor([7, 7, 7, 7, 8, 9])
+    ft = finetune_set(train, torch.tensor([5, 4]), relabel, torch.tensor([0, 2]))
+    assert ft.labels.tolist() == [9, 8, 1, 3]  # D_poison: adversarial labels; D_clean: carried labels
+    assert ft.original_labels.tolist() == [6, 5, 1, 3]  # untouched, for reporting
+    assert ft.images[:, 0, 0, 0].tolist() == [5, 4, 0, 2]
+    assert ft.poison.tolist() == [True, True, False, False]
+
+
+def test_relabel_plan_never_relabels_with_the_own_label_or_towards_the_target():
+    # 0: flipped to 2; 1: not flipped (adv = clean prediction 0 = target), nearest boundary class 4;
+    # 2: flipped to its carried label 5; 3: flipped to the target 0; 4: not flipped, clean prediction 3
+    carried = torch.tensor([1, 0, 5, 6, 3])
+    res = _result([1, 2, 3, 4, 5], adv=[2, 0, 5, 0, 3], clean=[1, 0, 7, 6, 3],
+                  converged=[True, False, True, True, False], nearest=[2, 4, 5, 0, 9])
+    paper = BurnConfig(paper_exact=True).safeguards()
+    relabel, reason = burn_mod.relabel_plan(res, carried, paper, target=0)
+    assert relabel.tolist() == [2, 0, 5, 0, 3] and (reason == burn_mod.RELABEL).all()  # Algorithm 1 literally
+    relabel, reason = burn_mod.relabel_plan(res, carried, BurnConfig().safeguards(), target=0)
+    R, U, O, T = burn_mod.RELABEL, burn_mod.UNFLIPPED, burn_mod.OWN_LABEL, burn_mod.TARGET
+    assert reason.tolist() == [R, U, O, T, U]
+    relabel, reason = burn_mod.relabel_plan(res, carried, BurnConfig(unflipped="nearest").safeguards(), target=0)
+    assert relabel.tolist() == [2, 4, 5, 0, 9] and reason.tolist() == [R, R, O, T, R]
+    relabel, reason = burn_mod.relabel_plan(res, carried, BurnConfig(unflipped="prediction").safeguards(), target=None)
+    # no suspected target: only the own-label rule; sample 1's own prediction is its carried label 0
+    assert reason.tolist() == [R, O, O, R, O]
+
+
+def test_paper_exact_switches_every_safeguard_off():
+    cfg = BurnConfig(paper_exact=True, unflipped="nearest", avoid_target=True)
+    assert cfg.safeguards() == {"unflipped": "prediction", "skip_own_label": False, "avoid_target": False,
+                                "premise_check": False}
+    assert BurnConfig().safeguards() == {"unflipped": "skip", "skip_own_label": True, "avoid_target": True,
+                                         "premise_check": True}
+    with pytest.raises(BurnError, match="unflipped"):
+        BurnConfig(unflipped="closest").validate()
+
+
+def test_suspected_target_is_the_label_enriched_among_the_farthest_samples():
+    # 20 samples; base shares: class 0 carries 8 (0.4), classes 1-3 four each (0.2)
+    labels = torch.tensor([0] * 8 + [1] * 4 + [2] * 4 + [3] * 4)
+    l2 = torch.arange(20, dtype=torch.float)  # the farthest five: positions 15-19 (class 3 x4, class 2 x1)
+    found = burn_mod.suspected_target(l2, labels, num_classes=4, share=0.25, min_enrichment=1.5)
+    # class 3: 4 of 5 = 0.8 of the top over 0.2 overall = 4x
+    assert found["class"] == 3 and found["enrichment"] == pytest.approx(4.0) and found["n_top"] == 5
+    assert found["share_in_top"] == pytest.approx(0.8) and found["share_overall"] == pytest.approx(0.2)
+    # the farthest samples carry the labels in proportion to the whole set: no suspect, the premise fails
+    l2 = torch.tensor([float(i in (0, 1, 8, 12, 16)) for i in range(20)])  # top five: 0, 0, 1, 2, 3
+    found = burn_mod.suspected_target(l2, labels, num_classes=4, share=0.25, min_enrichment=1.5)
+    assert found["class"] is None and found["enrichment"] == pytest.approx(1.0)
+    assert "no label above 1.5x" in burn_mod.premise_failure(found, 1.5)
+    assert burn_mod.premise_failure({"class": 3}, 1.5) is None
+
+
+def test_training_signals_by_hand():
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    preds0 = torch.tensor([0, 0, 1, 1, 2, 0, 3, 1])  # 5 correct; 2 of them predicted as the target 0
+    preds = torch.tensor([0, 0, 0, 1, 2, 0, 0, 0])
+    s = burn_mod.training_signals(preds0, preds, labels, target=0)
+    # reference: samples 2, 3, 4, 6 (correct, not target); still right: 3, 4
+    assert s["retention"] == pytest.approx(2 / 4) and s["target_share"] == pytest.approx(6 / 8)
+    s0 = burn_mod.training_signals(preds0, preds0, labels, target=0)
+    assert s0["retention"] == 1.0 and s0["target_share"] == pytest.approx(3 / 8)
+    cfg = BurnConfig(max_retention_drop=0.6, max_target_rise=0.4)
+    assert burn_mod.training_failure(cfg, s, s0) is None
+    assert "lost 50.0%" in burn_mod.training_failure(BurnConfig(max_retention_drop=0.4), s, s0)
+    assert "37.5% to 75.0%" in burn_mod.training_failure(BurnConfig(max_retention_drop=0.6, max_target_rise=0.3), s, s0)
+
+
+def test_test_labels_do_not_influence_the_repaired_model(digits_copy, monkeypatch):
+    reference = _net_state(_run("--resume", "false"))
+    original_load = records.AttackRecord.load_data
+
+    def scrambled(self, *a, **kw):
+        data = original_load(self, *a, **kw)
+        gen = torch.Generator().manual_seed(2)
+        for split in (data.clean_test, data.bd_test):
+            split.labels = split.labels[torch.randperm(len(split), generator=gen)]
+            split.original_labels = split.original_labels[torch.randperm(len(split), generator=gen)]
+        return data
+
+    monkeypatch.setattr(records.AttackRecord, "load_data", scrambled)
+    other = _run("--resume", "false", "--overwrite", "true")
+    assert all(torch.equal(reference[k], v) for k, v in _net_state(other).items())
+    assert other["final"]["test_acc"] < 0.5  # the scrambled labels were in use for the scores
+
+
+def test_unflipped_samples_are_never_relabelled_with_their_own_prediction(digits_copy):
+    out = digits_copy / "record" / "badnet_digits" / "defense"
+    # max_iter 3: the attack leaves many samples unflipped, some of them among the farthest
+    _run("--max_iter", "3", "--output_name", "safe")
+    _run("--max_iter", "3", "--paper_exact", "true", "--output_name", "paper")
+    safe = pd.read_csv(out / "safe" / "burn_samples.csv", keep_default_na=False)
+    paper = pd.read_csv(out / "paper" / "burn_samples.csv", keep_default_na=False)
+    stuck = ~safe["attack_converged"].astype(bool)
+    assert stuck.sum() > 10
+    chosen_safe = safe["selected_poison_iters"] != ""
+    chosen_paper = paper["selected_poison_iters"] != ""
+    assert not (stuck & chosen_safe).any()  # left out of every D_poison
+    assert (stuck & chosen_paper).sum() > 0  # Algorithm 1 literally relabels some of them ...
+    literal = paper[stuck & chosen_paper]
+    assert (literal["relabel"] == literal["clean_pred"]).all()  # ... with their own prediction
+    df = pd.read_csv(out / "safe" / "burn_df.csv")
+    assert df["n_skipped_unflipped"].sum() > 0
+    assert (df["n_poison"] + df["n_skipped_unflipped"] + df["n_skipped_own_label"] + df["n_skipped_target"]
+            == df["n_ranked_poison"]).all()
+
+
+def test_a_failing_premise_stops_burn_and_keeps_the_model_it_was_given(digits_copy):
+    from burnkit.models import build_classifier, load_bb_state_dict
+    from burnkit.records import read_attack_record
+
+    result = _run("--premise_min_enrichment", "100")  # no label can be that enriched: fails before Phase 1
+    record = read_attack_record(digits_copy / "record" / "badnet_digits")
+    theta0 = build_classifier(record.model_name, record.info, record.num_classes)
+    load_bb_state_dict(theta0, record.state_dict)
+    assert all(torch.equal(theta0.net.state_dict()[k], v) for k, v in _net_state(result).items())
+    out = digits_copy / "record" / "badnet_digits" / "defense" / "burn"
+    df = pd.read_csv(out / "burn_df.csv")
+    assert df["iteration"].tolist() == [0] and "poison is not far from the boundary" in df["stopped"][0]
+    assert df["finetune_s"][0] == 0 and df["test_asr"][0] == pytest.approx(result["before"].asr)
+    detection = json.loads((out / "burn_detection.json").read_text())
+    assert detection["stopped"]["iteration"] == 0
+    assert result["cost"]["burn"]["stopped"]["reason"] == df["stopped"][0]
+    assert any("stopped at iteration 0" in log.read_text() for log in (out / "log").glob("*.log"))
+    (out / "defense_result.pt").unlink()  # as if killed at the end: the resumed run stops again
+    again = _run("--premise_min_enrichment", "100")
+    assert all(torch.equal(theta0.net.state_dict()[k], v) for k, v in _net_state(again).items())
+
+
+def test_test_every_scores_the_test_sets_every_nth_iteration_and_the_last(digits_copy):
+    _run("--iterations", "5", "--test_every", "2")
+    df = pd.read_csv(digits_copy / "record/badnet_digits/defense/burn/burn_df.csv")
+    assert df["iteration"].tolist() == [0, 1, 2, 3, 4, 5]
+    assert df["test_acc"].notna().tolist() == [True, False, True, False, True, True]
+    assert df["n_poison"].notna().all() and df["selection_auroc"].notna().all()  # the other columns stay
+    cost = json.loads((digits_copy / "record/badnet_digits/defense/burn/cost.json").read_text())
+    assert set(cost["burn"]["timings_s"]) == {"scan", "select", "finetune", "train_forward", "test_scoring"}
+
+
+def test_selection_auroc_is_the_ranking_before_its_finetuning(digits_copy):
+    _run()
+    out = digits_copy / "record/badnet_digits/defense/burn"
+    df = pd.read_csv(out / "burn_df.csv")
+    samples = pd.read_csv(out / "burn_samples.csv", keep_default_na=False)
+    from burnkit.metrics import auroc
+
+    flags = torch.tensor(samples["is_poison"].to_numpy()).bool()
+    assert df["selection_auroc"][0] == pytest.approx(auroc(torch.tensor(samples["boundary_l2"].to_numpy()), flags))
+    # the last iteration's ranking is the S written to burn_samples.csv
+    assert df["selection_auroc"].iloc[-1] == pytest.approx(auroc(torch.tensor(samples["S"].to_numpy()), flags))
+    detection = json.loads((out / "burn_detection.json").read_text())
+    assert [r["selection_auroc"] for r in detection["iterations"]] == pytest.approx(df["selection_auroc"].tolist())
+
+
+def test_burn_removes_a_backdoor_where_its_premise_holds(cifar_blended_workdir, tmp_path, monkeypatch):
+    """End to end on a real CIFAR-10 Blended record: the ASR must fall and the clean accuracy stay.
+
+    Test-sized schedule (T = 3 x 5 epochs, k_p 5 -> 10 %, k_c 20 -> 40 %, lr 1e-4) on 2,000 images;
+    the paper's shares and lr are for 50,000 images. Measured when written: ASR 100 -> 4.4 %, ACC 48.6 -> 48.8 %."""
+    work = tmp_path / "work"
+    shutil.copytree(cifar_blended_workdir, work)
+    monkeypatch.chdir(work)
+    result = Burn.main(["--result_file", "blended_cifar_smallcnn", "--progress", "false", "--iterations", "3",
+                        "--epochs", "5", "--lr", "1e-4", "--kp_start", "0.05", "--kp_end", "0.1", "--kc_start", "0.2",
+                        "--kc_end", "0.4", "--test_every", "3"])
+    before, final = result["before"], result["final"]
+    assert before.asr > 0.95
+    assert final["test_asr"] < 0.25  # the backdoor is removed ...
+    assert final["test_acc"] > before.acc - 0.05  # ... at little cost in clean accuracy
+    assert final["test_ra"] > 0.2  # poisoned test images get their true class back
+    burn = result["cost"]["burn"]
+    assert burn["stopped"] is None and burn["suspected_target"]["class"] == 0  # the premise test found the target
+    assert burn["auroc_l2"] > 0.9 and burn["iterations"][0]["poison_precision"] > 0.5
+
+
+def test_finetune_sets_with_a_single_sample_batch_or_a_single_sample(digits_copy):
+    # Phase 1 only, Algorithm 1 exactly: k_p^0 2 % of 1,437 = 29 samples, batch 28 -> a last batch of one,
+    # which BatchNorm cannot train on: it is dropped, the run goes through
+    result = _run("--paper_exact", "true", "--iterations", "0", "--batch_size", "28")
+    df = pd.read_csv(digits_copy / "record/badnet_digits/defense/burn/burn_df.csv")
+    assert df["n_poison"].tolist() == [29] and df["finetune_s"][0] > 0
+    # one sample left (k_p^0 = 1 of 1,437): nothing to fine-tune, the model stays θ0
+    again = _run("--paper_exact", "true", "--iterations", "0", "--kp_start", "0.0005", "--overwrite", "true")
+    df = pd.read_csv(digits_copy / "record/badnet_digits/defense/burn/burn_df.csv")
+    assert df["n_poison"].tolist() == [1] and df["finetune_s"][0] == 0
+    assert again["final"]["test_acc"] == pytest.approx(again["before"].acc)
+    assert result["final"]["test_acc"] is not None

@@ -15,20 +15,47 @@ Choices where the paper is silent (each one a YAML key / flag, the alternative a
 * ``attack_space: input`` - distances in the normalised input space the network is fed (as in
   BackdoorBench; the magnitudes of the paper's Table 1 match it); ``pixel`` measures in [0, 1].
   ``clip: true`` keeps every iterate a valid image.
+* the boundary attack's ``overshoot 0.02``, ``max_iter 50`` and ``candidates 3`` - DeepFool's
+  overshoot and step limit, and a search over the 3 classes with the highest logits (evidence in
+  docs/burn.md: the same ranking and labels as a search over all classes at a third of the cost).
 * ``pd_output: logits`` - PD compares logit vectors (the ``f`` of §2.3); ``probs`` uses softmax.
 * fine-tuning: a fresh Adam(β = 0.9, 0.999) per fine-tuning, fixed lr 5e-5, no weight decay, no
   AMSGrad, BackdoorBench's train augmentation (``augment: true``), BatchNorm in train mode like any
   fine-tuning (``bn_eval: true`` freezes its running statistics; Phase 1 trains on 0.5 % of the data).
 * Phase 1 fine-tunes on D_poison^0 only (Alg. 1 line 8); Phase 2 runs t = 1..T, so there are T + 1
   fine-tunings; ``burn_df.csv`` has one row per fine-tuning (iteration 0 = Phase 1).
-* ``l(x)`` of a sample the attack cannot flip within ``max_iter`` steps is the norm of its last
-  iterate: a lower bound of its distance, and large, so such samples rank as suspicious.
+
+Safeguards beyond the paper (on by default; ``paper_exact: true`` turns all of them off):
+* ``unflipped: skip`` - a sample the attack cannot flip within ``max_iter`` steps (clipping can hold
+  it at the image bounds) has no adversarial label: Algorithm 1's ``argmax f(x + δ)`` is then its
+  own prediction, which for a poisoned sample is the backdoor target. Such samples are left out of
+  D_poison (``nearest``: relabel with the class of the nearest linearised boundary instead;
+  ``prediction``: the literal reading). Their distance is the norm of the last iterate, a lower
+  bound that with clipping is usually small, so they do not rank as suspicious by themselves.
+* ``skip_own_label: true`` - a sample whose adversarial label is the label it already carries is
+  left out of D_poison ("relabelling" it would fine-tune it on its own, possibly poisoned, label).
+* ``avoid_target: true`` - never relabel towards the suspected target: the class whose label piles
+  up among the farthest samples by boundary distance (below). Relabelling a clean sample to the
+  target teaches the backdoor's label; poison the backdoor works on is never relabelled there anyway
+  (its adversarial label differs from θ0's prediction, the target).
+* ``premise_check: true`` - BURN works only if far-from-boundary samples are poison. Before Phase 1
+  it tests that: among the farthest ``premise_share`` (5 %) of samples by distance, one carried label
+  must be enriched ``premise_min_enrichment`` (1.5) times over its share of the whole training set
+  (all-to-one poison carries the target label). After every fine-tuning it checks that the model
+  still predicts most of θ0's correct non-target training samples correctly (``max_retention_drop``)
+  and that no more training samples are predicted as the suspected target than before
+  (``max_target_rise``). On a failure BURN stops and keeps the last model that passed (θ0 when the
+  test before Phase 1 fails), saying so in the log, ``burn_df.csv``, ``burn_detection.json`` and
+  ``cost.json``. Every check reads the training set and θ0 only; no test data. The test assumes an
+  all-to-one attack, the paper's setting: for all-to-all attacks pass ``--premise_check false``.
 
 Example:
     python defense/burn.py --result_file badnet_cifar10 --dataset cifar10
 """
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -53,16 +80,21 @@ from ..results import atomic_write_text, write_json
 from ..safe_load import safe_torch_load
 
 PD_OUTPUTS = ("logits", "probs")
-STATE_VERSION = 1
+UNFLIPPED_RULES = ("skip", "nearest", "prediction")
+STATE_VERSION = 2
+
+# Why a top-ranked sample is not relabelled (reason codes of ``relabel_plan``).
+RELABEL, UNFLIPPED, OWN_LABEL, TARGET = 0, 1, 2, 3
+SKIP_COLUMNS = {UNFLIPPED: "n_skipped_unflipped", OWN_LABEL: "n_skipped_own_label", TARGET: "n_skipped_target"}
 
 
 @dataclass
 class BurnConfig(DefenseConfig):
-    """BURN's settings; defaults are the paper's (§5.2)."""
+    """BURN's settings; defaults are the paper's (§5.2) except where the help says "choice"."""
 
     iterations: int = option(20, "T: Phase-2 iterations")
     epochs: int = option(5, "fine-tuning epochs of Phase 1 and of every Phase-2 iteration")
-    batch_size: int = option(128, "fine-tuning batch size")
+    batch_size: int = option(128, "fine-tuning batch size (choice: the paper gives none)")
     lr: float = option(5e-5, "fixed fine-tuning learning rate")
     client_optimizer: str = option("adam", "optimiser (the paper uses Adam)")
     adam_betas: tuple[float, float] = option((0.9, 0.999), "Adam betas")
@@ -80,17 +112,36 @@ class BurnConfig(DefenseConfig):
     pd_output: str = option("logits", "outputs compared by PD: logits or probs", choices=PD_OUTPUTS)
     attack_space: str = option("input", "space of the boundary distance: input (normalised) or pixel", choices=SPACES)
     clip: bool = option(True, "clip attack iterates to valid images")
-    overshoot: float = option(0.02, "boundary attack overshoot η")
-    max_iter: int = option(50, "boundary attack steps per sample")
-    candidates: int = option(10, "candidate classes of the boundary attack (top by logit)")
+    overshoot: float = option(0.02, "boundary attack overshoot η (choice: DeepFool's default; the paper gives none)")
+    max_iter: int = option(50, "boundary attack steps per sample (choice: DeepFool's default)")
+    candidates: int = option(3, "candidate classes of the boundary attack, top by logit (choice; evidence in docs/burn.md)")
     scan_batch_size: int = option(256, "samples per boundary-attack batch")
+    unflipped: str = option("skip", "samples the boundary attack cannot flip: skip (left out of D_poison), nearest "
+                                    "(relabelled with the nearest boundary's class) or prediction (Algorithm 1 read "
+                                    "literally: their own prediction)", choices=UNFLIPPED_RULES)
+    skip_own_label: bool = option(True, "leave a sample out of D_poison when its adversarial label is the label it "
+                                        "already carries (false: the paper)")
+    avoid_target: bool = option(True, "never relabel towards the suspected target class (false: the paper)")
+    premise_check: bool = option(True, "stop, keeping the last model that passed, when BURN's premise fails on "
+                                       "the training set (false: the paper)")
+    premise_share: float = option(0.05, "premise test: the farthest share of samples by boundary distance whose "
+                                        "labels must pile into one class (the suspected target)")
+    premise_min_enrichment: float = option(1.5, "premise test: that class's share there over its share of the "
+                                                "whole training set must reach this")
+    max_retention_drop: float = option(0.4, "premise check: a fine-tuning may lose at most this share of θ0's "
+                                             "correct non-target training predictions")
+    max_target_rise: float = option(0.02, "premise check: a fine-tuning may raise the share of training samples "
+                                          "predicted as the suspected target by at most this much")
+    paper_exact: bool = option(False, "Algorithm 1 exactly: unflipped prediction, no skip_own_label, avoid_target "
+                                      "or premise_check (overrides those keys)")
     resume: bool = option(True, "continue from the checkpoint of an interrupted run (false: start over)")
 
     def validate(self) -> None:
         super().validate()
         if self.iterations < 0:
             raise BurnError(f"--iterations must be >= 0, got {self.iterations}")
-        for key in ("kp_start", "kp_end", "kc_start", "kc_end", "omega_start", "omega_end"):
+        for key in ("kp_start", "kp_end", "kc_start", "kc_end", "omega_start", "omega_end", "premise_share",
+                    "max_retention_drop", "max_target_rise"):
             if not 0.0 <= getattr(self, key) <= 1.0:
                 raise BurnError(f"--{key} must be in [0, 1], got {getattr(self, key)}")
         if max(self.kp_start, self.kp_end) + max(self.kc_start, self.kc_end) > 1.0:
@@ -99,8 +150,21 @@ class BurnConfig(DefenseConfig):
             raise BurnError(f"--pd_output must be one of {', '.join(PD_OUTPUTS)}, got {self.pd_output!r}")
         if self.attack_space not in SPACES:
             raise BurnError(f"--attack_space must be one of {', '.join(SPACES)}, got {self.attack_space!r}")
+        if self.unflipped not in UNFLIPPED_RULES:
+            raise BurnError(f"--unflipped must be one of {', '.join(UNFLIPPED_RULES)}, got {self.unflipped!r}")
+        if self.premise_share <= 0.0:
+            raise BurnError(f"--premise_share must be in (0, 1], got {self.premise_share}")
+        if self.premise_min_enrichment < 1.0:
+            raise BurnError(f"--premise_min_enrichment must be >= 1, got {self.premise_min_enrichment}")
         if self.max_iter < 1 or self.candidates < 2 or self.scan_batch_size < 1 or self.overshoot < 0:
             raise BurnError("--max_iter >= 1, --candidates >= 2, --scan_batch_size >= 1 and --overshoot >= 0 are required")
+
+    def safeguards(self) -> dict:
+        """The safeguard settings in force (``paper_exact`` turns them all off)."""
+        if self.paper_exact:
+            return {"unflipped": "prediction", "skip_own_label": False, "avoid_target": False, "premise_check": False}
+        return {"unflipped": self.unflipped, "skip_own_label": self.skip_own_label, "avoid_target": self.avoid_target,
+                "premise_check": self.premise_check}
 
 
 # --------------------------------------------------------------------------- algorithm pieces
@@ -164,10 +228,48 @@ def select(score: torch.Tensor, kp: float, kc: float) -> tuple[torch.Tensor, tor
     return order[:n_poison].clone(), order[n - n_clean:].flip(0).clone() if n_clean else order[:0].clone()
 
 
-def finetune_set(train: ImageSet, poison_pos: torch.Tensor, adv_label: torch.Tensor,
+def suspected_target(l2: torch.Tensor, labels: torch.Tensor, num_classes: int, share: float,
+                     min_enrichment: float) -> dict:
+    """BURN's premise, tested on θ0's scan and the carried labels only: if the poison of an
+    all-to-one attack lies far from the boundary, the labels of the farthest ``share`` of samples
+    pile into the target class. For each class: its share among those samples over its share of the
+    whole training set (so the target's inflated base rate and any class imbalance count). The class
+    with the largest enrichment is the suspected target (``class`` None below ``min_enrichment``)."""
+    n_top = share_count(share, len(l2))
+    top = torch.argsort(l2, descending=True, stable=True)[:n_top]
+    base = torch.bincount(labels, minlength=num_classes).double() / len(labels)
+    there = torch.bincount(labels[top], minlength=num_classes).double() / max(n_top, 1)
+    enrichment = there / base.clamp_min(1e-12)
+    best = int(torch.argmax(enrichment))
+    found = float(enrichment[best]) >= min_enrichment
+    return {"class": best if found else None, "candidate": best, "enrichment": float(enrichment[best]),
+            "share_in_top": float(there[best]), "share_overall": float(base[best]), "n_top": n_top}
+
+
+def relabel_plan(result: BoundaryResult, labels: torch.Tensor, safeguards: dict,
+                 target: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(relabel, reason)`` per sample: the label it gets if it enters D_poison, and RELABEL (0) or
+    why it is left out (UNFLIPPED, OWN_LABEL, TARGET). Algorithm 1 read literally
+    (``unflipped: prediction``, the other safeguards off) relabels every selected sample with
+    ``argmax f(x + δ; θ0)``."""
+    relabel = result.adv_label.clone()
+    reason = torch.full_like(relabel, RELABEL)
+    stuck = ~result.converged.bool()
+    if safeguards["unflipped"] == "nearest":
+        relabel[stuck] = result.nearest_label[stuck]
+    elif safeguards["unflipped"] == "skip":
+        reason[stuck] = UNFLIPPED
+    if safeguards["skip_own_label"]:
+        reason[(reason == RELABEL) & (relabel == labels)] = OWN_LABEL
+    if safeguards["avoid_target"] and target is not None:
+        reason[(reason == RELABEL) & (relabel == target)] = TARGET
+    return relabel, reason
+
+
+def finetune_set(train: ImageSet, poison_pos: torch.Tensor, relabel: torch.Tensor,
                  clean_pos: torch.Tensor) -> ImageSet:
-    """D_poison (relabelled with the adversarial labels of θ0) ∪ D_clean (their own labels)."""
-    poison = train.subset(poison_pos).with_labels(adv_label[poison_pos])
+    """D_poison (relabelled with ``relabel``, the adversarial labels of θ0) ∪ D_clean (their own labels)."""
+    poison = train.subset(poison_pos).with_labels(relabel[poison_pos])
     return concat([poison, train.subset(clean_pos)]) if len(clean_pos) else poison
 
 
@@ -196,6 +298,53 @@ def selection_quality(train: ImageSet, poison_pos: torch.Tensor, clean_pos: torc
             "clean_set_poison_rate": float(flags[clean_pos].float().mean()) if len(clean_pos) else None}
 
 
+def ranking_auroc(train: ImageSet, score: torch.Tensor) -> float | None:
+    """AUROC (poison vs clean, record flags) of the score that chose an iteration's sets, taken
+    before that iteration's fine-tuning. Reporting only."""
+    flags = train.poison.cpu()
+    return auroc(score, flags) if 0 < int(flags.sum()) < len(flags) else None
+
+
+# --------------------------------------------------------------------------- premise checks
+
+
+def training_signals(preds0: torch.Tensor, preds: torch.Tensor, labels: torch.Tensor, target: int | None) -> dict:
+    """What a fine-tuning did to the training set, against θ0 (no test data, no flags).
+
+    ``retention``: share of θ0's correct predictions outside the suspected target that the model
+    still gets right (poison carries the target label, so these are clean samples θ0 fits);
+    ``target_share``: share of all training samples predicted as the suspected target."""
+    reference = preds0 == labels
+    if target is not None:
+        reference &= preds0 != target
+    out = {"retention": float((preds[reference] == labels[reference]).float().mean()) if bool(reference.any()) else None}
+    out["target_share"] = float((preds == target).float().mean()) if target is not None else None
+    return out
+
+
+def premise_failure(target: dict, min_enrichment: float) -> str | None:
+    """Why the premise fails before anything is fine-tuned: no label piles up among the farthest samples."""
+    if target["class"] is not None:
+        return None
+    return (f"the farthest {target['n_top']} samples by boundary distance carry no label above "
+            f"{min_enrichment:g}x its overall share (largest: class {target['candidate']}, "
+            f"{target['enrichment']:.2f}x): the poison is not far from the boundary, so relabelling the farthest "
+            "samples would fine-tune clean images onto wrong labels")
+
+
+def training_failure(cfg: BurnConfig, signals: dict, signals0: dict) -> str | None:
+    """Why the premise fails after a fine-tuning: θ0's own correct training predictions are lost, or
+    more training samples are predicted as the suspected target than before."""
+    if signals["retention"] is not None and signals0["retention"] - signals["retention"] > cfg.max_retention_drop:
+        return (f"fine-tuning lost {100 * (signals0['retention'] - signals['retention']):.1f}% of θ0's correct "
+                f"non-target training predictions (limit {100 * cfg.max_retention_drop:.1f}%)")
+    if signals["target_share"] is not None and signals["target_share"] - signals0["target_share"] > cfg.max_target_rise:
+        return (f"the share of training samples predicted as the suspected target rose from "
+                f"{100 * signals0['target_share']:.1f}% to {100 * signals['target_share']:.1f}% "
+                f"(limit +{100 * cfg.max_target_rise:.1f} points)")
+    return None
+
+
 # --------------------------------------------------------------------------- state on disk
 
 
@@ -203,8 +352,10 @@ def _fingerprint(cfg: BurnConfig, n_train: int, record_dir: str) -> dict:
     """What a checkpoint must agree with to be resumed."""
     keys = ("iterations", "epochs", "batch_size", "lr", "client_optimizer", "adam_betas", "wd", "amsgrad",
             "lr_scheduler", "augment", "bn_eval", "kp_start", "kp_end", "kc_start", "kc_end", "omega_start", "omega_end",
-            "pd_output", "attack_space", "clip", "overshoot", "max_iter", "candidates", "random_seed")
-    return {"record": str(record_dir), "n_train": int(n_train), **{k: _plain(getattr(cfg, k)) for k in keys}}
+            "pd_output", "attack_space", "clip", "overshoot", "max_iter", "candidates", "random_seed",
+            "premise_share", "premise_min_enrichment", "max_retention_drop", "max_target_rise", "test_every")
+    return {"record": str(record_dir), "n_train": int(n_train), **{k: _plain(getattr(cfg, k)) for k in keys},
+            **cfg.safeguards()}
 
 
 def _scan_fingerprint(full: dict) -> dict:
@@ -221,12 +372,25 @@ def _load(path: Path, expected: dict, what: str):
         return None
     state = safe_torch_load(path, what=f"the {what} checkpoint", fix="pass --resume false to start over")
     if not isinstance(state, dict) or state.get("version") != STATE_VERSION or state.get("fingerprint") != expected:
-        raise BurnError(f"the {what} checkpoint {path} was made with other settings or another record; "
-                        "pass --resume false to start over")
+        raise BurnError(f"the {what} checkpoint {path} was made with other settings, another record or an older "
+                        "version; pass --resume false to start over")
     return state
 
 
 # --------------------------------------------------------------------------- the defense
+
+
+@contextlib.contextmanager
+def _part(timings: dict, name: str):
+    """Add the block's seconds to ``timings[name]``; the parts kept in the state and ``cost.json``:
+    ``scan`` (boundary attack on θ0), ``select`` (PD, S and the sets), ``finetune``,
+    ``train_forward`` (θt on the training set, for PD and the premise checks) and ``test_scoring``
+    (ACC/ASR/RA on the test sets, reporting only)."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
 
 
 def burn(model: Classifier, data: DefenseData, cfg: BurnConfig, run: DefenseRun) -> Classifier:
@@ -235,6 +399,7 @@ def burn(model: Classifier, data: DefenseData, cfg: BurnConfig, run: DefenseRun)
     if train is None or len(train) == 0:
         raise BurnError("BURN needs the record's poisoned training set (bd_train), but the record has none")
     device = run.device
+    guards = cfg.safeguards()
     fingerprint = _fingerprint(cfg, len(train), str(run.out_dir.parent.parent))
     scan_path, state_path = run.checkpoint_dir / "burn_scan.pt", run.checkpoint_dir / "burn_state.pt"
     if not cfg.resume:
@@ -247,20 +412,28 @@ def burn(model: Classifier, data: DefenseData, cfg: BurnConfig, run: DefenseRun)
     if scanned is None:
         start = time.perf_counter()
         result = boundary_scan(model, train, cfg, device)
-        logits0 = predict(model, train, device, amp=cfg.amp)
         scanned = {"version": STATE_VERSION, "fingerprint": _scan_fingerprint(fingerprint),
-                   "result": asdict(result), "logits0": logits0, "wall_s": time.perf_counter() - start}
+                   "result": {k: v for k, v in asdict(result).items() if k != "perturbation"},
+                   "wall_s": time.perf_counter() - start}
         atomic_torch_save(scanned, scan_path)
-        run.logger.info("boundary scan of %d samples: %.1fs, %.1f%% converged", len(train), scanned["wall_s"],
+        run.logger.info("boundary scan of %d samples: %.1fs, %.1f%% flipped", len(train), scanned["wall_s"],
                         100 * float(result.converged.float().mean()))
     result = BoundaryResult(**scanned["result"])
-    logits0, l2, adv_label = scanned["logits0"], result.l2, result.adv_label
+    logits0, l2 = result.clean_logits, result.l2
+    labels = train.labels.cpu()
+    preds0 = logits0.argmax(1)
+    target = suspected_target(l2, labels, logits0.shape[1], cfg.premise_share, cfg.premise_min_enrichment)
+    relabel, reason = relabel_plan(result, labels, guards, target["class"])
+    signals0 = training_signals(preds0, preds0, labels, target["class"])
+    run.logger.info("premise test (labels of the farthest samples): %s; %d samples not flipped by the attack",
+                    json.dumps(target), int((~result.converged.bool()).sum()))
 
     state = _load(state_path, fingerprint, "BURN")
     if state is None:
         state = {"version": STATE_VERSION, "fingerprint": fingerprint, "completed": -1, "model": None,
                  "rows": [], "poison_sets": [], "clean_sets": [], "pd": torch.zeros(len(train)),
-                 "score": l2 / l2.max().clamp_min(1e-12), "timings": {"scan": scanned["wall_s"]}}
+                 "score": l2 / l2.max().clamp_min(1e-12), "logits": logits0, "stopped": None,
+                 "timings": {"scan": scanned["wall_s"]}}
     else:
         model.net.load_state_dict(state["model"])
         run.logger.info("resuming BURN after iteration %d of %d", state["completed"], cfg.iterations)
@@ -268,44 +441,85 @@ def burn(model: Classifier, data: DefenseData, cfg: BurnConfig, run: DefenseRun)
     run.previous_sessions_s = sum(state["timings"].values()) if scanned_before else sum(
         v for k, v in state["timings"].items() if k != "scan")
     run.metrics.rows = list(state["rows"])
+    timings = state["timings"]
 
+    last = cfg.iterations
     for t in range(state["completed"] + 1, cfg.iterations + 1):
+        if state["stopped"] is not None:
+            break
         seed_everything(cfg.random_seed + t)  # each iteration reproducible on its own: resume == no kill
         kp, kc, omega = schedule(cfg, t)
-        started = time.perf_counter()
-        if t == 0:  # Phase 1, lines 5-8: top k_p^0 by distance, fine-tune on them only
-            pd = torch.zeros(len(train))
-            score = l2.clone()
-            poison_pos, _ = select(score, kp, 0.0)
-            clean_pos = poison_pos[:0]
-        else:  # Phase 2, lines 11-19
-            pd = prediction_divergence(logits0, predict(model, train, device, amp=cfg.amp), cfg.pd_output)
-            _, score = composite_score(l2, pd, omega)
-            poison_pos, clean_pos = select(score, kp, kc)
-        scoring_s = time.perf_counter() - started
+        with _part(timings, "select"):
+            if t == 0:  # Phase 1, lines 5-8: top k_p^0 by distance, fine-tune on them only
+                pd = torch.zeros(len(train))
+                score = l2.clone()
+                ranked, _ = select(score, kp, 0.0)
+                clean_pos = ranked[:0]
+            else:  # Phase 2, lines 11-19 (θt's logits come from the previous iteration's check pass)
+                pd = prediction_divergence(logits0, state["logits"], cfg.pd_output)
+                _, score = composite_score(l2, pd, omega)
+                ranked, clean_pos = select(score, kp, kc)
+            poison_pos = ranked[reason[ranked] == RELABEL]
         phase = "phase1" if t == 0 else "phase2"
-        fit = run.fit(model, finetune_set(train, poison_pos, adv_label, clean_pos), cfg.train_config(),
-                      log=False, phase=f"{phase}_finetune", eval_suite=None, seed=cfg.random_seed + t,
-                      desc=f"burn t={t}", step=frozen_bn_step if cfg.bn_eval else None)
-        metrics = run.evaluate(model)
+        stop_reason = premise_failure(target, cfg.premise_min_enrichment) if guards["premise_check"] and t == 0 else None
+        before = copy.deepcopy(model.net.state_dict()) if guards["premise_check"] else None
+        finetune_s, logits_next = 0.0, None
+        signals = {"retention": None, "target_share": None}
+        if stop_reason is None:
+            tune = finetune_set(train, poison_pos, relabel, clean_pos)
+            if len(tune) < 2:  # BatchNorm cannot train on a single sample; nothing to learn from none
+                run.logger.warning("iteration %d: %d sample(s) left to fine-tune on after the safeguards; skipped",
+                                   t, len(tune))
+            else:
+                # a last batch of one sample cannot pass BatchNorm in train mode: drop it (a different
+                # sample every epoch, as the batches are shuffled)
+                train_cfg = cfg.train_config(drop_last=len(tune) % cfg.batch_size == 1)
+                with _part(timings, "finetune"):
+                    finetune_s = run.fit(model, tune, train_cfg, log=False, phase=f"{phase}_finetune", eval_suite=None,
+                                         seed=cfg.random_seed + t, desc=f"burn t={t}",
+                                         step=frozen_bn_step if cfg.bn_eval else None).wall_time_s
+            if guards["premise_check"] or t < last:
+                with _part(timings, "train_forward"):  # θ_{t+1} on the training set: next PD and the checks
+                    logits_next = predict(model, train, device, amp=cfg.amp)
+                signals = training_signals(preds0, logits_next.argmax(1), labels, target["class"])
+            if guards["premise_check"]:
+                stop_reason = training_failure(cfg, signals, signals0)
+        if stop_reason is not None:
+            model.net.load_state_dict(before)  # keep the last model that passed
+            logits_next = None
+            state["stopped"] = {"iteration": t, "reason": stop_reason}
+            run.logger.warning("BURN stopped at iteration %d and keeps %s: %s", t,
+                               "θ0 (the model it was given)" if t == 0 else f"the model of iteration {t - 1}",
+                               stop_reason)
+        tested = t % cfg.test_every == 0 or t == last or stop_reason is not None
+        metrics = None
+        if tested:
+            with _part(timings, "test_scoring"):
+                metrics = run.evaluate(model)
+        counts = {column: int((reason[ranked] == code).sum()) for code, column in SKIP_COLUMNS.items()}
         row = {"epoch": t, "iteration": t, "phase": 1 if t == 0 else 2, "k_p": kp, "k_c": kc,
-               "omega": omega if t else None, "n_poison": len(poison_pos), "n_clean": len(clean_pos),
-               **metrics.row(), **selection_quality(train, poison_pos, clean_pos, adv_label),
-               "finetune_s": fit.wall_time_s, "scoring_s": scoring_s}
-        timings = state["timings"]
-        timings[phase] = timings.get(phase, 0.0) + time.perf_counter() - started
+               "omega": omega if t else None, "n_ranked_poison": len(ranked), "n_poison": len(poison_pos),
+               "n_clean": len(clean_pos), **counts, "train_retention": signals["retention"],
+               "train_target_share": signals["target_share"], "stopped": stop_reason,
+               **(metrics.row() if metrics is not None else {}),
+               **selection_quality(train, poison_pos, clean_pos, relabel),
+               "selection_auroc": ranking_auroc(train, score), "finetune_s": finetune_s}
         run.metrics.append(row)
         state.update(completed=t, model={k: v.detach().cpu().clone() for k, v in model.net.state_dict().items()},
-                     rows=list(run.metrics.rows), pd=pd, score=score)
+                     rows=list(run.metrics.rows), pd=pd, score=score,
+                     logits=logits_next if logits_next is not None else state["logits"])
         state["poison_sets"].append(poison_pos)
         state["clean_sets"].append(clean_pos)
         atomic_torch_save(state, state_path)  # the checkpoint first, then the CSV
         run.metrics.save()
-        run.logger.info("iteration %d/%d: acc %.2f%% asr %s ra %s | %d poison, %d clean", t, cfg.iterations,
-                        100 * metrics.acc, _pct(metrics.asr), _pct(metrics.ra), len(poison_pos), len(clean_pos))
+        run.logger.info("iteration %d/%d: acc %s asr %s ra %s | %d relabelled (%s), %d clean | retention %s, "
+                        "target share %s", t, cfg.iterations, _pct(metrics and metrics.acc), _pct(metrics and metrics.asr),
+                        _pct(metrics and metrics.ra), len(poison_pos),
+                        ", ".join(f"{c[10:]} {v}" for c, v in counts.items() if v) or "none skipped",
+                        len(clean_pos), _pct(signals["retention"]), _pct(signals["target_share"]))
 
-    report = write_report(run.out_dir, train, result, state, cfg)
-    run.extra_results["burn"] = {"timings_s": state["timings"], **report}
+    report = write_report(run.out_dir, train, result, state, cfg, target, relabel, reason)
+    run.extra_results["burn"] = {"timings_s": state["timings"], "safeguards": guards, **report}
     run.logger.info("detection: %s", json.dumps({k: v for k, v in report.items() if k != "iterations"}))
     return model
 
@@ -313,9 +527,11 @@ def burn(model: Classifier, data: DefenseData, cfg: BurnConfig, run: DefenseRun)
 # --------------------------------------------------------------------------- reporting
 
 
-def per_sample_table(train: ImageSet, result: BoundaryResult, state: dict) -> pd.DataFrame:
-    """One row per training sample: distance, adversarial label, BD/PD/S of the last iteration,
-    the iterations that selected it, and - when the record knows them - its true flags."""
+def per_sample_table(train: ImageSet, result: BoundaryResult, state: dict, relabel: torch.Tensor,
+                     reason: torch.Tensor) -> pd.DataFrame:
+    """One row per training sample: distance, adversarial label, the label it gets in D_poison and
+    why it would be left out, BD/PD/S of the last iteration, the iterations that selected it, and -
+    when the record knows them - its true flags."""
     n = len(train)
     in_poison = [[] for _ in range(n)]
     in_clean = [[] for _ in range(n)]
@@ -328,6 +544,8 @@ def per_sample_table(train: ImageSet, result: BoundaryResult, state: dict) -> pd
     frame = pd.DataFrame({
         "index": train.index.cpu().numpy(), "label": train.labels.cpu().numpy(),
         "boundary_l2": l2.numpy(), "adv_label": result.adv_label.numpy(), "clean_pred": result.clean_label.numpy(),
+        "nearest_label": result.nearest_label.numpy(), "relabel": relabel.numpy(),
+        "relabel_rule": np.array(["relabel", "skip_unflipped", "skip_own_label", "skip_target"])[reason.numpy()],
         "attack_iterations": result.iterations.numpy(), "attack_converged": result.converged.numpy(),
         "BD": (l2 / l2.max().clamp_min(1e-12)).numpy(), "PD": state["pd"].numpy(), "S": state["score"].numpy(),
         "selected_poison_iters": [";".join(v) for v in in_poison],
@@ -340,36 +558,47 @@ def per_sample_table(train: ImageSet, result: BoundaryResult, state: dict) -> pd
 
 
 def detection_summary(train: ImageSet, result: BoundaryResult, score: torch.Tensor) -> dict:
-    """AUROC of the distance and of the final score S (poison vs clean), and Table-1-style mean
-    distances. ``*_relabelled`` repeat the AUROCs with only the poison the attack relabelled as
-    positives (target-class and cross/negative samples, which keep their own label, left out)."""
+    """Detection measures against the record's flags (reporting only).
+
+    ``auroc_l2``: the Phase-1 ranking (boundary distance of θ0), a detection measure. The rankings
+    of Phase 2 are reported per iteration (``selection_auroc`` in ``iterations``), each taken before
+    the fine-tuning it chose the sets for. ``auroc_final_score_after_finetuning`` is the AUROC of the
+    last S, whose PD already reflects fine-tuning on the selected samples: it shows where the
+    algorithm ended, not how well it detects. ``*_relabelled`` repeat the AUROCs with only the poison
+    the attack relabelled as positives (target-class and cross/negative samples, which keep their own
+    label, left out); Table-1-style mean distances."""
     flags = train.poison.cpu()
     l2 = result.l2
-    out = {"mean_l2_all": float(l2.mean()), "converged_share": float(result.converged.float().mean())}
+    out = {"mean_l2_all": float(l2.mean()), "converged_share": float(result.converged.float().mean()),
+           "n_unflipped": int((~result.converged.bool()).sum())}
     if 0 < int(flags.sum()) < len(flags):
         clean_mean, poison_mean = float(l2[~flags].mean()), float(l2[flags].mean())
         out.update({"n_poison": int(flags.sum()), "n_clean": int((~flags).sum()),
-                    "auroc_l2": auroc(l2, flags), "auroc_score": auroc(score, flags),
+                    "auroc_l2": auroc(l2, flags), "auroc_final_score_after_finetuning": auroc(score, flags),
                     "mean_l2_clean": clean_mean, "mean_l2_poison": poison_mean,
-                    "l2_ratio_poison_clean": poison_mean / max(clean_mean, 1e-12)})
+                    "l2_ratio_poison_clean": poison_mean / max(clean_mean, 1e-12),
+                    "n_unflipped_poison": int((~result.converged.bool() & flags).sum())})
         relabelled = flags & (train.labels.cpu() != train.original_labels.cpu())
         keep = relabelled | ~flags
         if 0 < int(relabelled.sum()) < int(flags.sum()):
             out.update({"n_poison_relabelled": int(relabelled.sum()),
                         "auroc_l2_relabelled": auroc(l2[keep], relabelled[keep]),
-                        "auroc_score_relabelled": auroc(score[keep], relabelled[keep])})
+                        "auroc_final_score_after_finetuning_relabelled": auroc(score[keep], relabelled[keep])})
     return out
 
 
-def write_report(out_dir: Path, train: ImageSet, result: BoundaryResult, state: dict, cfg: BurnConfig) -> dict:
+def write_report(out_dir: Path, train: ImageSet, result: BoundaryResult, state: dict, cfg: BurnConfig,
+                 target: dict, relabel: torch.Tensor, reason: torch.Tensor) -> dict:
     """``burn_samples.csv``, ``burn_detection.json`` and the plots; returns the summary."""
-    table = per_sample_table(train, result, state)
+    table = per_sample_table(train, result, state, relabel, reason)
     atomic_write_text(out_dir / "burn_samples.csv", table.to_csv(index=False))
     summary = detection_summary(train, result, state["score"])
-    keys = ("iteration", "n_poison", "n_clean", "poison_precision", "poison_recall", "relabel_acc",
-            "clean_set_poison_rate", "test_acc", "test_asr", "test_ra")
+    keys = ("iteration", "n_ranked_poison", "n_poison", "n_clean", *SKIP_COLUMNS.values(), "selection_auroc", "poison_precision", "poison_recall", "relabel_acc",
+            "clean_set_poison_rate", "train_retention", "train_target_share", "stopped", "test_acc", "test_asr",
+            "test_ra")
     summary["iterations"] = [{k: r.get(k) for k in keys} for r in state["rows"]]
-    summary["attack_space"] = cfg.attack_space
+    summary.update({"attack_space": cfg.attack_space, "suspected_target": target, "stopped": state["stopped"],
+                    "safeguards": cfg.safeguards()})
     write_json(out_dir / "burn_detection.json", summary)
     plot_report(out_dir, train, result, state)
     return summary
@@ -387,7 +616,7 @@ def plot_report(out_dir: Path, train: ImageSet, result: BoundaryResult, state: d
         from sklearn.metrics import roc_curve
 
         fig, ax = plt.subplots(figsize=(5, 4))
-        for name, values in (("boundary L2", l2), ("final score S", state["score"].numpy())):
+        for name, values in (("boundary L2 (Phase 1)", l2), ("final S, after fine-tuning", state["score"].numpy())):
             fpr, tpr, _ = roc_curve(flags.astype(int), values)
             ax.plot(fpr, tpr, label=f"{name} (AUROC {auroc(values, flags):.3f})")
         ax.plot([0, 1], [0, 1], ":", color="grey")
