@@ -45,6 +45,7 @@ from ..data import ImageSet
 from ..defense import Defense, DefenseConfig, DefenseData, DefenseRun, register_defense
 from ..engine import eval_mode, iterate
 from ..errors import BurnError
+from ..features import final_linear
 from ..metrics import accuracy
 from ..models import Classifier
 from ..results import MetricLog, atomic_write_text
@@ -72,14 +73,6 @@ class FinePruningConfig(DefenseConfig):
 # --------------------------------------------------------------------------- the final layer
 
 
-def final_linear(net: nn.Module) -> tuple[str, nn.Linear]:
-    """The last ``nn.Linear`` of ``net`` in module order (the classification layer)."""
-    found = [(name, m) for name, m in net.named_modules() if isinstance(m, nn.Linear)]
-    if not found:
-        raise BurnError(f"FP needs a final nn.Linear layer; {type(net).__name__} has none")
-    return found[-1]
-
-
 @torch.no_grad()
 def final_layer_inputs(model: Classifier, imageset: ImageSet, device: torch.device,
                        batch_size: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,7 +81,7 @@ def final_layer_inputs(model: Classifier, imageset: ImageSet, device: torch.devi
     Raises BurnError if the final linear layer's output is not the network's output, because
     pruning its inputs would then not determine the logits.
     """
-    _, linear = final_linear(model.net)
+    _, linear = final_linear(model.net, "FP")
     captured: list[torch.Tensor] = []
     handle = linear.register_forward_pre_hook(lambda _m, args: captured.append(args[0].detach().flatten(1)))
     feats, logits = [], []
@@ -190,7 +183,7 @@ def prune_sweep(features_clean: torch.Tensor, features_bd: torch.Tensor, data: D
 
 
 def fine_prune(model: Classifier, data: DefenseData, cfg: FinePruningConfig, run: DefenseRun) -> Classifier:
-    layer_name, linear = final_linear(model.net)
+    layer_name, linear = final_linear(model.net, "FP")
     with run.timed("activations"):
         subset_feats, _ = final_layer_inputs(model, data.clean_subset, run.device)
         clean_feats, _ = final_layer_inputs(model, data.clean_test, run.device)

@@ -1,0 +1,129 @@
+"""Network surgery and feature extraction that several defenses share, found generically.
+
+Defenses that look inside a network (AC, Spectral, DBD, D-BR, D-ST) need three things from any zoo
+model without knowing its name: the classification layer (the last ``nn.Linear``), the outputs of a
+named layer for a whole image set, and the network as a feature extractor (the classification layer
+swapped for the identity, so ``net(x)`` returns what the layer would have read).
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+import torch.nn as nn
+
+from .data import ImageSet
+from .engine import StepContext, eval_mode, iterate
+from .errors import BurnError
+
+
+def final_linear(net: nn.Module, who: str = "this defense") -> tuple[str, nn.Linear]:
+    """The last ``nn.Linear`` of ``net`` in module order (the classification layer) and its name."""
+    found = [(name, m) for name, m in net.named_modules() if isinstance(m, nn.Linear)]
+    if not found:
+        raise BurnError(f"{who} needs a final nn.Linear layer; {type(net).__name__} has none")
+    return found[-1]
+
+
+def _set_submodule(net: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    parent = net.get_submodule(parent_name) if parent_name else net
+    setattr(parent, attr, module)
+
+
+def detach_head(net: nn.Module, who: str = "this defense") -> tuple[str, nn.Linear]:
+    """Replace the classification layer of ``net`` by ``nn.Identity`` in place, so that ``net``
+    returns its features; returns the layer's name and the layer (see :func:`attach_head`)."""
+    name, linear = final_linear(net, who)
+    _set_submodule(net, name, nn.Identity())
+    return name, linear
+
+
+def attach_head(net: nn.Module, name: str, linear: nn.Linear) -> None:
+    """Put a classification layer back where :func:`detach_head` took it from."""
+    _set_submodule(net, name, linear)
+
+
+@contextlib.contextmanager
+def headless(net: nn.Module, who: str = "this defense") -> Iterator[nn.Linear]:
+    """``net`` without its classification layer for the block (yields the layer)."""
+    name, linear = detach_head(net, who)
+    try:
+        yield linear
+    finally:
+        attach_head(net, name, linear)
+
+
+def feature_layer(net: nn.Module, requested: str | None = None) -> str:
+    """The layer whose outputs are the "late features" of Spectral Signatures: ``requested`` when
+    given, else BackdoorBench's ``layer4`` when the network has one, else the last top-level child
+    whose output is a feature map larger than 1 x 1 (``features`` of the small CNN and VGG)."""
+    modules = dict(net.named_modules())
+    if requested:
+        if requested not in modules or requested == "":
+            raise BurnError(f"--target_layer {requested!r} is not a layer of {type(net).__name__}; "
+                            f"top-level layers: {', '.join(n for n, _ in net.named_children())}")
+        return requested
+    if "layer4" in modules:
+        return "layer4"
+    shapes: dict[str, tuple] = {}
+    children = list(net.named_children())
+    handles = [m.register_forward_hook(lambda _m, _i, o, n=name: shapes.__setitem__(n, tuple(o.shape)))
+               for name, m in children]
+    first = next((m for m in net.modules() if isinstance(m, (nn.Conv2d, nn.Linear))), None)
+    channels = first.in_channels if isinstance(first, nn.Conv2d) else 3
+    try:
+        param = next(net.parameters())
+        with torch.no_grad(), eval_mode(net):
+            net(torch.zeros(2, channels, 32, 32, device=param.device))
+    except RuntimeError:
+        pass  # the shapes seen before a size error still tell where the feature maps are
+    finally:
+        for h in handles:
+            h.remove()
+    maps = [n for n, _ in children if len(shapes.get(n, ())) == 4 and shapes[n][2] * shapes[n][3] > 1]
+    if not maps:
+        raise BurnError(f"{type(net).__name__} has no top-level layer with a feature map; pass --target_layer")
+    return maps[-1]
+
+
+def layer_outputs(model: nn.Module, net: nn.Module, layer: str, imageset: ImageSet, device: torch.device,
+                  batch_size: int = 256, amp: bool = False) -> torch.Tensor:
+    """The flattened outputs of ``net``'s module ``layer`` for every sample of ``imageset`` (float32,
+    CPU, in order), with the model in eval mode and no augmentation. ``model`` is what is called on
+    [0, 1] pixels (a :class:`~burnkit.models.Classifier` whose network is ``net``)."""
+    return _tapped(model, dict(net.named_modules())[layer], False, imageset, device, batch_size, amp)
+
+
+def penultimate_features(model: nn.Module, net: nn.Module, imageset: ImageSet, device: torch.device,
+                         batch_size: int = 256, amp: bool = False) -> torch.Tensor:
+    """What the classification layer reads (BackdoorBench's ``avgpool`` output for PreAct-ResNet18),
+    flattened, for every sample of ``imageset`` (eval mode, no augmentation)."""
+    return _tapped(model, final_linear(net)[1], True, imageset, device, batch_size, amp)
+
+
+@torch.no_grad()
+def _tapped(model: nn.Module, module: nn.Module, inputs: bool, imageset: ImageSet, device: torch.device,
+            batch_size: int, amp: bool) -> torch.Tensor:
+    """The inputs (``inputs``) or outputs of ``module`` over ``imageset``, flattened per sample."""
+    captured: list[torch.Tensor] = []
+
+    def keep(t: torch.Tensor) -> None:
+        captured.append(t.detach().flatten(1).float().cpu())
+
+    handle = (module.register_forward_pre_hook(lambda _m, args: keep(args[0])) if inputs
+              else module.register_forward_hook(lambda _m, _i, out: keep(out)))
+    ctx = StepContext(device, amp, None)
+    outs = []
+    model.to(device)
+    try:
+        with eval_mode(model):
+            for batch in iterate(imageset, batch_size, device):
+                captured.clear()
+                with ctx.autocast():
+                    model(batch.x)
+                outs.append(captured[-1])
+    finally:
+        handle.remove()
+    return torch.cat(outs) if outs else torch.zeros(0, 0)
