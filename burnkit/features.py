@@ -58,7 +58,7 @@ def headless(net: nn.Module, who: str = "this defense") -> Iterator[nn.Linear]:
 def feature_layer(net: nn.Module, requested: str | None = None) -> str:
     """The layer whose outputs are the "late features" of Spectral Signatures: ``requested`` when
     given, else BackdoorBench's ``layer4`` when the network has one, else the last top-level child
-    whose output is a feature map larger than 1 x 1 (``features`` of the small CNN and VGG)."""
+    that outputs a feature map and is not a pooling layer (``features`` of the small CNN and VGG)."""
     modules = dict(net.named_modules())
     if requested:
         if requested not in modules or requested == "":
@@ -82,7 +82,8 @@ def feature_layer(net: nn.Module, requested: str | None = None) -> str:
     finally:
         for h in handles:
             h.remove()
-    maps = [n for n, _ in children if len(shapes.get(n, ())) == 4 and shapes[n][2] * shapes[n][3] > 1]
+    pools = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.AvgPool2d, nn.MaxPool2d)
+    maps = [n for n, m in children if len(shapes.get(n, ())) == 4 and not isinstance(m, pools)]
     if not maps:
         raise BurnError(f"{type(net).__name__} has no top-level layer with a feature map; pass --target_layer")
     return maps[-1]
