@@ -128,3 +128,45 @@ def _tapped(model: nn.Module, module: nn.Module, inputs: bool, imageset: ImageSe
     finally:
         handle.remove()
     return torch.cat(outs) if outs else torch.zeros(0, 0)
+
+
+def feature_dim(encoder: nn.Module, input_shape: tuple[int, int, int]) -> int:
+    """Width of the (flattened) output of ``encoder`` for one input of ``(C, H, W)``."""
+    param = next(encoder.parameters())
+    with torch.no_grad(), eval_mode(encoder):
+        return int(encoder(torch.zeros(2, *input_shape, device=param.device)).flatten(1).shape[1])
+
+
+class ProjectionModel(nn.Module):
+    """An encoder (a network without its classification layer) followed by a projection MLP whose
+    output is L2-normalised: the model of SimCLR (DBD) and supervised contrastive learning (D-ST)."""
+
+    def __init__(self, encoder: nn.Module, projector: nn.Module):
+        super().__init__()
+        self.encoder = encoder
+        self.projector = projector
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.normalize(self.projector(self.encoder(x).flatten(1)), dim=1)
+
+
+class FrozenEncoderHead(nn.Module):
+    """A linear head trained on a frozen encoder kept in eval mode (D-ST's classifier stage): the
+    engine's ``model.train()`` switches only the head."""
+
+    def __init__(self, encoder: nn.Module, head: nn.Module):
+        super().__init__()
+        self.encoder = encoder
+        self.head = head
+        for p in self.encoder.parameters():
+            p.requires_grad_(False)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.encoder.eval()
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            features = self.encoder(x).flatten(1)
+        return self.head(features)

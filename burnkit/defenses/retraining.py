@@ -110,7 +110,7 @@ def filter_report(flagged: torch.Tensor, poison: torch.Tensor) -> dict:
 
 
 def write_sample_flags(run: DefenseRun, train: ImageSet, flagged: torch.Tensor, scores: torch.Tensor | None,
-                       name: str) -> dict:
+                       name: str, extra: dict | None = None) -> dict:
     """``<name>_samples.csv`` (original index, label, score, flagged, ground-truth poison flag) and
     the filter report into ``cost.json`` (``run.extra_results[name]``) and ``<name>_report.json``."""
     import pandas as pd
@@ -122,7 +122,7 @@ def write_sample_flags(run: DefenseRun, train: ImageSet, flagged: torch.Tensor, 
                           "flagged": torch.as_tensor(flagged).cpu().numpy().astype(int),
                           "is_poison": train.poison.cpu().numpy().astype(int)})
     atomic_write_text(run.out_dir / f"{name}_samples.csv", frame.to_csv(index=False))
-    report = filter_report(flagged, train.poison)
+    report = {**filter_report(flagged, train.poison), **(extra or {})}
     write_json(run.out_dir / f"{name}_report.json", report)
     run.extra_results[name] = report
     run.logger.info("%s: flagged %d of %d samples (poison among them %d of %d; precision %s, recall %s)", name,
