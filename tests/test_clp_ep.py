@@ -118,6 +118,8 @@ def test_end_to_end_on_digits(defense, digits_copy):
     assert cost["clean_subset_size"] == 0 and cost["test_data_for_decisions"] is False
     sweep = pd.read_csv(out / "u_step_df.csv", index_col=0)
     assert sweep["u"].tolist() == [0.0, 5.0, 10.0]
+    unpruned = sweep[sweep["num_pruned"] == 0]  # scored as the attacked model, not evaluated again
+    assert (unpruned["test_asr"] == cost["attacked"]["test_asr"]).all()
     channels = pd.read_csv(out / f"{defense.name}_channels.csv")
     n_pruned = int(channels["pruned"].sum())
     assert cost[f"{defense.name}_num_pruned"] == n_pruned > 0

@@ -110,16 +110,20 @@ def clp_channel_table(net: nn.Module, u: float) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["layer", "conv", "channel", "uclc", "threshold", "pruned"])
 
 
+def prune_by_table(net: nn.Module, table: pd.DataFrame) -> int:
+    """Switch off the channels a CLP/EP channel table marks ``pruned``; returns their number."""
+    modules = dict(net.named_modules())
+    chosen = table[table["pruned"]]
+    for layer, rows in chosen.groupby("layer"):
+        zero_bn_channels(modules[layer], torch.tensor(rows["channel"].tolist()))
+    return int(len(chosen))
+
+
 def clp_prune(net: nn.Module, u: float) -> int:
     """CLP on ``net`` in place; returns the number of channels pruned."""
-    pairs = conv_bn_pairs(net)
-    if not pairs:
+    if not conv_bn_pairs(net):
         raise BurnError(f"CLP prunes BatchNorm channels that follow a convolution; {type(net).__name__} has none")
-    table = clp_channel_table(net, u)
-    modules = dict(net.named_modules())
-    for layer, chosen in table[table["pruned"]].groupby("layer"):
-        zero_bn_channels(modules[layer], torch.tensor(chosen["channel"].tolist()))
-    return int(table["pruned"].sum())
+    return prune_by_table(net, clp_channel_table(net, u))
 
 
 # --------------------------------------------------------------------------- u sweep (shared with EP)
@@ -130,15 +134,24 @@ def sweep_values(cfg: PruneByUConfig) -> list[float]:
 
 
 def log_u_sweep(model: Classifier, cfg: PruneByUConfig, run: DefenseRun,
-                prune: Callable[[nn.Module, float], int]) -> list[dict]:
+                channel_table: Callable[[nn.Module, float], pd.DataFrame]) -> list[dict]:
     """Prune a copy of ``model`` at every sweep ``u`` and score it (``u_step_df.csv``). For the log
-    only, as in BackdoorBench: nothing is chosen from these test metrics."""
+    only, as in BackdoorBench: nothing is chosen from these test metrics. A ``u`` that prunes the
+    same channels as an earlier one (large ``u`` often prunes nothing) reuses that model's scores."""
     log = MetricLog(run.out_dir, "u_step")
+    scored: dict[frozenset, dict] = {}
     with run.timed("u_sweep"):
         for u in sweep_values(cfg):
-            work = copy.deepcopy(model)
-            pruned = prune(work.net, u)
-            log.append({"u": u, "num_pruned": pruned, **run.evaluate(work).row()})
+            table = channel_table(model.net, u)
+            key = frozenset(map(tuple, table.loc[table["pruned"], ["layer", "channel"]].values.tolist()))
+            if key not in scored:
+                if not key and run.before is not None:
+                    scored[key] = run.before.row()  # nothing pruned: the attacked model
+                else:
+                    work = copy.deepcopy(model)
+                    prune_by_table(work.net, table)
+                    scored[key] = run.evaluate(work).row()
+            log.append({"u": u, "num_pruned": len(key), **scored[key]})
             log.save()
     if log.rows:
         plot_metrics(log.rows, run.out_dir, prefix="u_step_", x_key="u")
@@ -146,10 +159,12 @@ def log_u_sweep(model: Classifier, cfg: PruneByUConfig, run: DefenseRun,
 
 
 def clp(model: Classifier, data: DefenseData, cfg: PruneByUConfig, run: DefenseRun) -> Classifier:
-    log_u_sweep(model, cfg, run, clp_prune)
+    if not conv_bn_pairs(model.net):
+        raise BurnError(f"CLP prunes BatchNorm channels that follow a convolution; {type(model.net).__name__} has none")
+    log_u_sweep(model, cfg, run, clp_channel_table)
     table = clp_channel_table(model.net, cfg.u)
     atomic_write_text(run.out_dir / "clp_channels.csv", table.to_csv(index=False))
-    pruned = clp_prune(model.net, cfg.u)
+    pruned = prune_by_table(model.net, table)
     run.metrics.append({"u": cfg.u, "num_pruned": pruned, **run.evaluate(model).row()})
     run.extra_results.update({"clp_num_pruned": pruned, "clp_channels": int(len(table)), "clp_u": cfg.u,
                               "test_data_for_decisions": False})

@@ -33,7 +33,7 @@ from ..engine import eval_mode
 from ..errors import BurnError
 from ..models import Classifier
 from ..results import atomic_write_text
-from .clp import PruneByUConfig, log_u_sweep, outliers, zero_bn_channels
+from .clp import PruneByUConfig, log_u_sweep, outliers, prune_by_table
 from .retraining import poisoned_train
 
 BIN_WIDTH = 0.1
@@ -96,11 +96,7 @@ def ep_channel_table(maxima: dict[str, torch.Tensor], u: float) -> pd.DataFrame:
 def ep_prune_with(maxima: dict[str, torch.Tensor]):
     """A ``prune(net, u) -> count`` function over fixed BN-input maxima (one batch for all u)."""
     def prune(net: nn.Module, u: float) -> int:
-        table = ep_channel_table(maxima, u)
-        modules = dict(net.named_modules())
-        for layer, chosen in table[table["pruned"]].groupby("layer"):
-            zero_bn_channels(modules[layer], torch.tensor(chosen["channel"].tolist()))
-        return int(table["pruned"].sum())
+        return prune_by_table(net, ep_channel_table(maxima, u))
     return prune
 
 
@@ -109,11 +105,10 @@ def entropy_pruning(model: Classifier, data: DefenseData, cfg: PruneByUConfig, r
     batch = draw_batch(train, cfg.batch_size, cfg.random_seed, run)
     model.to(run.device)
     maxima = bn_input_maxima(model, batch.x)
-    prune = ep_prune_with(maxima)
-    log_u_sweep(model, cfg, run, prune)
+    log_u_sweep(model, cfg, run, lambda _net, u: ep_channel_table(maxima, u))
     table = ep_channel_table(maxima, cfg.u)
     atomic_write_text(run.out_dir / "ep_channels.csv", table.to_csv(index=False))
-    pruned = prune(model.net, cfg.u)
+    pruned = prune_by_table(model.net, table)
     run.metrics.append({"u": cfg.u, "num_pruned": pruned, **run.evaluate(model).row()})
     run.extra_results.update({"ep_num_pruned": pruned, "ep_channels": int(len(table)), "ep_u": cfg.u,
                               "ep_batch": int(len(batch)), "ep_batch_poison": int(batch.poison.sum()),
