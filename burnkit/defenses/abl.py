@@ -39,11 +39,10 @@ from ..config import option
 from ..data import ImageSet
 from ..defense import Defense, DefenseData, DefenseRun, register_defense
 from ..engine import StepContext, StepOutput, TrainConfig, predict
-from ..errors import BurnError
 from ..models import Classifier
 from ..results import MetricLog, plot_metrics
 from .retraining import (NoCleanDataConfig, check_phase_checkpoints, fit_phase, fresh_classifier, poisoned_train,
-                         write_sample_flags)
+                         poisoned_train_size, require_share, write_sample_flags)
 
 ASCENT_TYPES = ("Flooding", "LGA")
 PHASES = ("pre_train", "finetune", "unlearn")
@@ -155,8 +154,7 @@ def _phase(run: DefenseRun, model: Classifier, train: ImageSet, phase: str, epoc
 
 def anti_backdoor_learning(model: Classifier, data: DefenseData, cfg: ABLConfig, run: DefenseRun) -> Classifier:
     train = poisoned_train(data, "ABL")
-    if int(len(train) * cfg.isolation_ratio) == 0:
-        raise BurnError(f"--isolation_ratio {cfg.isolation_ratio} of {len(train)} samples isolates nothing; raise it")
+    require_share(len(train), cfg.isolation_ratio, "--isolation_ratio", "isolates")
     model = fresh_classifier(run)  # ABL trains from scratch; the backdoored model is not used
     _phase(run, model, train, "pre_train", cfg.tuning_epochs, False, _sgd(model, cfg.lr, cfg),
            step=isolation_step(cfg))
@@ -193,4 +191,5 @@ class AntiBackdoorLearning(Defense):
         return anti_backdoor_learning(model, data, cfg, run)
 
     def preflight(self, cfg, record, out_dir):
+        require_share(poisoned_train_size(record, "ABL"), cfg.isolation_ratio, "--isolation_ratio", "isolates")
         check_phase_checkpoints(cfg, self.name, out_dir, PHASES)

@@ -39,8 +39,8 @@ from ..defense import Defense, DefenseData, DefenseRun, register_defense
 from ..errors import BurnError
 from ..features import penultimate_features
 from ..models import Classifier
-from .retraining import (RetrainConfig, check_phase_checkpoints, poisoned_train, retrain_on_kept,
-                         write_sample_flags)
+from .retraining import (RetrainConfig, check_phase_checkpoints, poisoned_train, poisoned_train_size,
+                         retrain_on_kept, write_sample_flags)
 
 ANALYSES = ("smaller", "relative-size")
 BB_UNUSED_KEYS = ("data_root", "seed", "poison_rate", "target_type", "target_label", "num_classes",
@@ -128,4 +128,5 @@ class ActivationClustering(Defense):
         return ac_defense(model, data, cfg, run)
 
     def preflight(self, cfg, record, out_dir):
+        poisoned_train_size(record, "AC")
         check_phase_checkpoints(cfg, self.name, out_dir, ("retrain",))

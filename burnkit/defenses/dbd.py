@@ -43,12 +43,12 @@ from ..config import option
 from ..data import ImageSet
 from ..defense import Defense, DefenseData, DefenseRun, register_defense
 from ..engine import StepContext, StepOutput, TrainConfig, predict
-from ..errors import BurnError
 from ..features import ProjectionModel, attach_head, detach_head, feature_dim
 from ..models import Classifier
 from ..results import MetricLog
 from ..views import ContrastiveViews
-from .retraining import NoCleanDataConfig, check_phase_checkpoints, fit_phase, fresh_classifier, poisoned_train
+from .retraining import (NoCleanDataConfig, check_phase_checkpoints, fit_phase, fresh_classifier, poisoned_train,
+                         poisoned_train_size, require_share)
 
 PHASES = ("self", "warmup", "semi")
 BB_UNUSED_KEYS = ("data_root", "seed", "poison_rate", "target_type", "target_label", "trigger_type", "num_classes",
@@ -250,8 +250,7 @@ def semi_supervised(run: DefenseRun, model: Classifier, train: ImageSet, cfg: DB
 
 def decoupling(model: Classifier, data: DefenseData, cfg: DBDConfig, run: DefenseRun) -> Classifier:
     train = poisoned_train(data, "DBD")
-    if int(len(train) * cfg.epsilon) == 0:
-        raise BurnError(f"--epsilon {cfg.epsilon} of {len(train)} samples labels nothing; raise it")
+    require_share(len(train), cfg.epsilon, "--epsilon", "labels")
     model = fresh_classifier(run)
     name, linear = detach_head(model.net, "DBD")
     self_supervised(run, model, train, cfg)
@@ -275,4 +274,5 @@ class Decoupling(Defense):
         return decoupling(model, data, cfg, run)
 
     def preflight(self, cfg, record, out_dir):
+        require_share(poisoned_train_size(record, "DBD"), cfg.epsilon, "--epsilon", "labels")
         check_phase_checkpoints(cfg, self.name, out_dir, PHASES)

@@ -54,7 +54,7 @@ from ..models import Classifier
 from ..results import MetricLog, atomic_write_text
 from ..views import rotate_and_translate
 from .retraining import (NoCleanDataConfig, check_phase_checkpoints, fit_phase, fresh_classifier, poisoned_train,
-                         write_sample_flags)
+                         poisoned_train_size, write_sample_flags)
 
 CLEAN, SUSPICIOUS, POISON = 0, 1, 2
 SD_PHASES = ("sd_train", "sd_intra")
@@ -267,5 +267,6 @@ class DBR(Defense):
         return dbr(model, data, cfg, run)
 
     def preflight(self, cfg, record, out_dir):
+        poisoned_train_size(record, "D-BR")
         check_phase_checkpoints(cfg, self.name, out_dir, (*SD_PHASES, "unlearn_relearn"))
 

@@ -44,7 +44,7 @@ from ..models import Classifier
 from ..results import MetricLog
 from ..views import ContrastiveViews
 from .dbr import CLEAN, POISON, SD_PHASES, SampleDistinctionConfig, report_distinction, sample_distinction
-from .retraining import check_phase_checkpoints, fit_phase, fresh_classifier, poisoned_train
+from .retraining import check_phase_checkpoints, fit_phase, fresh_classifier, poisoned_train, poisoned_train_size
 
 
 @dataclass
@@ -204,4 +204,5 @@ class DST(Defense):
         return dst(model, data, cfg, run)
 
     def preflight(self, cfg, record, out_dir):
+        poisoned_train_size(record, "D-ST")
         check_phase_checkpoints(cfg, self.name, out_dir, (*SD_PHASES, "extractor", "classifier"))

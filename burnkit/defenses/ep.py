@@ -34,7 +34,7 @@ from ..errors import BurnError
 from ..models import Classifier
 from ..results import atomic_write_text
 from .clp import PruneByUConfig, log_u_sweep, outliers, prune_by_table
-from .retraining import poisoned_train
+from .retraining import poisoned_train, poisoned_train_size
 
 BIN_WIDTH = 0.1
 
@@ -129,3 +129,6 @@ class EntropyPruning(Defense):
 
     def repair(self, model, data, cfg, run):
         return entropy_pruning(model, data, cfg, run)
+
+    def preflight(self, cfg, record, out_dir):
+        poisoned_train_size(record, "EP")

@@ -89,6 +89,20 @@ def fresh_classifier(run: DefenseRun, seed_offset: int = 0) -> Classifier:
     return build_classifier(run.record.model_name, run.data.info, run.record.num_classes)
 
 
+def poisoned_train_size(record, who: str) -> int:
+    """Preflight: the number of samples in the record's poisoned training set (an error when the
+    record has none: these defenses read nothing else)."""
+    if record.bd_train is None or len(record.bd_train.original_index) == 0:
+        raise BurnError(f"{who} reads the record's poisoned training set (bd_train), but this record has none")
+    return int(len(record.bd_train.original_index))
+
+
+def require_share(n: int, share: float, flag: str, what: str) -> None:
+    """Preflight: ``int(n * share)`` must select at least one of the ``n`` training samples."""
+    if int(n * share) == 0:
+        raise BurnError(f"{flag} {share} of {n} training samples {what} nothing; raise it")
+
+
 def poisoned_train(data: DefenseData, who: str) -> ImageSet:
     """The record's poisoned training set, the only data these defenses read."""
     if data.poisoned_train is None or len(data.poisoned_train) == 0:

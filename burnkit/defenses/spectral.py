@@ -36,9 +36,11 @@ from ..config import option
 from ..data import ImageSet
 from ..defense import Defense, DefenseData, DefenseRun, register_defense
 from ..features import feature_layer, layer_outputs
-from ..models import Classifier
-from .retraining import (RetrainConfig, check_phase_checkpoints, poisoned_train, retrain_on_kept,
-                         write_sample_flags)
+from ..datasets import dataset_info
+from ..errors import BurnError
+from ..models import Classifier, build_classifier
+from .retraining import (RetrainConfig, check_phase_checkpoints, poisoned_train, poisoned_train_size,
+                         retrain_on_kept, write_sample_flags)
 
 BB_UNUSED_KEYS = ("data_root", "seed", "poison_rate", "poison_rate_test", "target_type", "num_classes",
                   "input_height", "input_width", "input_channel")
@@ -120,4 +122,10 @@ class SpectralSignatures(Defense):
         return spectral_defense(model, data, cfg, run)
 
     def preflight(self, cfg, record, out_dir):
+        poisoned_train_size(record, "Spectral")
+        if cfg.target_layer:  # a wrong layer name fails here, not after the output folder exists
+            feature_layer(build_classifier(record.model_name, dataset_info(record.clean_data), record.num_classes).net,
+                          cfg.target_layer)
+        if cfg.target_label is not None and cfg.target_label >= record.num_classes:
+            raise BurnError(f"--target_label {cfg.target_label} is not a class of this record (0..{record.num_classes - 1})")
         check_phase_checkpoints(cfg, self.name, out_dir, ("retrain",))
