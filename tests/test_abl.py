@@ -8,8 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from baseline_checks import load_defended
-from burnkit import records
+from baseline_checks import scramble_poison_flags, load_defended
 from burnkit.data import ImageSet
 from burnkit.defenses import abl as abl_mod
 from burnkit.defenses.abl import (AntiBackdoorLearning, flooding_loss, lga_loss, lowest_loss_share,
@@ -89,16 +88,7 @@ def test_end_to_end_outputs_and_isolation(digits_copy):
 
 def test_never_reads_the_poison_flags(digits_copy, monkeypatch):
     reference = _state(_run())
-    original_load = records.AttackRecord.load_data
-
-    def scrambled(self, *a, **kw):
-        data = original_load(self, *a, **kw)
-        perm = torch.randperm(len(data.bd_train), generator=torch.Generator().manual_seed(1))
-        data.bd_train.poison = data.bd_train.poison[perm]
-        data.bd_train.original_labels = data.bd_train.original_labels[perm]
-        return data
-
-    monkeypatch.setattr(records.AttackRecord, "load_data", scrambled)
+    scramble_poison_flags(monkeypatch)
     other = _state(_run("--overwrite", "true"))
     assert all(torch.equal(reference[k], other[k]) for k in reference)
 

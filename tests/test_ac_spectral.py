@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
-from baseline_checks import FT_COLUMNS, load_defended, random_net, score
+from baseline_checks import scramble_poison_flags, FT_COLUMNS, load_defended, random_net, score
 from burnkit import records
 from burnkit.datasets import dataset_info
 from burnkit.defenses.ac import ActivationClustering, activation_clusters, poison_clusters
@@ -137,16 +137,7 @@ def test_retraining_uses_only_the_kept_samples(digits_copy, monkeypatch):
 
 def test_flags_are_never_read(digits_copy, monkeypatch):
     reference = ActivationClustering.main(["--result_file", "badnet_digits", *FAST, "--epochs", "1"])
-    original_load = records.AttackRecord.load_data
-
-    def scrambled(self, *a, **kw):
-        data = original_load(self, *a, **kw)
-        perm = torch.randperm(len(data.bd_train), generator=torch.Generator().manual_seed(1))
-        data.bd_train.poison = data.bd_train.poison[perm]
-        data.bd_train.original_labels = data.bd_train.original_labels[perm]
-        return data
-
-    monkeypatch.setattr(records.AttackRecord, "load_data", scrambled)
+    scramble_poison_flags(monkeypatch)
     other = ActivationClustering.main(["--result_file", "badnet_digits", *FAST, "--epochs", "1", "--overwrite", "true"])
     a, b = reference["model"].net.state_dict(), other["model"].net.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -11,8 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from baseline_checks import load_defended, score
-from burnkit import records
+from baseline_checks import scramble_poison_flags, load_defended, score
 from burnkit.data import ImageSet
 from burnkit.defenses.dbd import (Decoupling, SemiSplit, linear_rampup, nt_xent, sharpen,
                                   symmetric_cross_entropy)
@@ -220,16 +219,7 @@ def test_end_to_end_on_digits(name, digits_copy):
 def test_flags_are_never_read(name, digits_copy, monkeypatch):
     defense, argv = CASES[name]
     reference = defense.main(["--result_file", "badnet_digits", *argv])["model"].net.state_dict()
-    original_load = records.AttackRecord.load_data
-
-    def scrambled(self, *a, **kw):
-        data = original_load(self, *a, **kw)
-        perm = torch.randperm(len(data.bd_train), generator=torch.Generator().manual_seed(1))
-        data.bd_train.poison = data.bd_train.poison[perm]
-        data.bd_train.original_labels = data.bd_train.original_labels[perm]
-        return data
-
-    monkeypatch.setattr(records.AttackRecord, "load_data", scrambled)
+    scramble_poison_flags(monkeypatch)
     other = defense.main(["--result_file", "badnet_digits", *argv, "--overwrite", "true"])["model"].net.state_dict()
     assert all(torch.equal(reference[k], other[k]) for k in reference)
 
