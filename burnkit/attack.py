@@ -287,9 +287,6 @@ class Attack:
 
         data = PoisonedData(train_x, train_y, test_x, test_y, plan, train_bd, train_bd_labels, test_bd, test_bd_labels)
         bd_train_split, bd_test_split = attack.record_splits(model, data, device, record_dir)
-        write_attack_record(record_dir, model_name=cfg.model, num_classes=info.num_classes,
-                            state_dict=model.bb_state_dict(), clean_data=cfg.dataset,
-                            bd_train=bd_train_split, bd_test=bd_test_split)
         indicator_train = bd_train_split.poison_indicator
         args = as_dict(cfg)
         args.update({"num_classes": info.num_classes, "input_height": info.img_size[0], "input_width": info.img_size[1],
@@ -311,6 +308,10 @@ class Attack:
         provenance.update(attack.provenance())
         attack.save_artifacts(record_dir)
         write_json(record_dir / "provenance.json", provenance)
+        # attack_result.pt marks the record as finished (defenses, compare, resume), so it is written last
+        write_attack_record(record_dir, model_name=cfg.model, num_classes=info.num_classes,
+                            state_dict=model.bb_state_dict(), clean_data=cfg.dataset,
+                            bd_train=bd_train_split, bd_test=bd_test_split)
         shutil.rmtree(record_dir / "checkpoint", ignore_errors=True)
         logger.info("record written: acc %s asr %s ra %s (wall %.1fs) -> %s", _pct(final.get("test_acc")),
                     _pct(final.get("test_asr")), _pct(final.get("test_ra")), provenance["wall_time_s"], record_dir)

@@ -299,7 +299,6 @@ class Defense:
             run.metrics.append({"epoch": 0, **run.evaluate(model).row()})
         run.metrics.save()
         plot_metrics([r for r in run.metrics.rows], out_dir, prefix="")
-        write_defense_result(out_dir, record.model_name, record.num_classes, model.bb_state_dict())
         final = run.metrics.last()
         cost = {"defense": self.name, "result_file": cfg.result_file, "wall_time_s": time.perf_counter() - started,
                 "phases_s": run.timings, **run_environment(device),
@@ -308,6 +307,8 @@ class Defense:
                 "attacked": run.before.row(), "final": {k: final.get(k) for k in ("test_acc", "test_asr", "test_ra")},
                 "clean_subset_size": int(len(subset_idx)), **run.extra_results}
         write_json(out_dir / "cost.json", cost)
+        # the result file marks the output as finished (compare, --overwrite), so it is written last
+        write_defense_result(out_dir, record.model_name, record.num_classes, model.bb_state_dict())
         logger.info("final: acc %s asr %s ra %s (wall %.1fs) -> %s", _pct(final.get("test_acc")),
                     _pct(final.get("test_asr")), _pct(final.get("test_ra")), cost["wall_time_s"], out_dir)
         _close_logger(logger)

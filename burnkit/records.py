@@ -305,11 +305,14 @@ def read_png(path: Path, img_size: tuple[int, int, int]) -> np.ndarray:
     h, w, c = img_size
     try:
         with Image.open(path) as img:
+            if img.size[0] * img.size[1] > 64 * w * h:  # checked before decoding: no memory bomb
+                raise BurnError(f"poisoned image {path} is {img.size[0]}x{img.size[1]} pixels, far larger than the "
+                                f"dataset's {w}x{h}; the record is corrupt, re-create it")
             img = img.convert("L" if c == 1 else "RGB")
             if img.size != (w, h):
                 img = img.resize((w, h), Image.BILINEAR)
             arr = np.asarray(img, dtype=np.uint8)
-    except OSError as err:
+    except (OSError, ValueError, Image.DecompressionBombError) as err:  # a record is untrusted input
         raise BurnError(f"poisoned image {path} is unreadable ({err}); copy the record again") from None
     return arr[..., None] if arr.ndim == 2 else arr
 

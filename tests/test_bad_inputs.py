@@ -313,6 +313,7 @@ CASES = [
          edit_record(lambda raw: raw["bd_train"]["bd_data_container"]["data_dict"].pop(first_entry(raw)[1]))),
     Case("png-missing", "defense:ft", ft(), "is missing"),  # setup below
     Case("png-corrupt", "defense:ft", ft(), "is unreadable"),  # setup below
+    Case("png-huge", "defense:ft", ft(), "far larger than the dataset's 8x8"),  # setup below
     Case("record-payload", "defense:ft", ft(), "refers to code outside the safe allowlist"),  # setup below
     # --- attack flags and resumes
     Case("save-folder-escapes", "attack:badnet", badnet("--save_folder_name", "../../x"), "--save_folder_name must be a plain folder name"),
@@ -382,6 +383,11 @@ def _late_setups():
     def png_corrupt(work):
         first_png(work).write_bytes(b"not a png")
 
+    def png_huge(work):
+        from PIL import Image
+
+        Image.new("L", (1000, 1000)).save(first_png(work))
+
     def payload(work):
         torch.save({"model": _Payload(work / "PWNED")}, record_file(work))
 
@@ -399,7 +405,7 @@ def _late_setups():
         killed_attack(work, "killed")
 
     return {"record-truncated": truncated, "record-a-list": a_list, "png-missing": png_missing,
-            "png-corrupt": png_corrupt, "record-payload": payload, "burn-other-settings": burn_other_settings,
+            "png-corrupt": png_corrupt, "png-huge": png_huge, "record-payload": payload, "burn-other-settings": burn_other_settings,
             "archive-truncated": archive_truncated, "resume-other-model": killed_smallcnn}
 
 

@@ -83,6 +83,12 @@ def run_experiment(exp: Experiment, executor: str, jobs: int, echo=print) -> Run
     state = RunState(exp.output / "state.json")
     state.data["runs"] += 1
     env = tuple(sorted(cell_env(exp).items()))
+    # first stop what a killed compare left running (it may still be writing outputs), then look
+    for cell_id in recover_orphans(exp.output / "logs", echo):
+        state.cell(cell_id).update(status="interrupted", tail="stopped: left running by a killed compare")
+    for entry in state.data["cells"].values():  # an earlier compare died while these ran
+        if entry.get("status") == "running":
+            entry["status"] = "interrupted"
     pending = []
     for cell, status in plan(exp):
         if status == "done":
@@ -93,11 +99,6 @@ def run_experiment(exp: Experiment, executor: str, jobs: int, echo=print) -> Run
                 entry.update(status="done", exit_code=None, tail=None)
         else:
             pending.append(cell)
-    for cell_id in recover_orphans(exp.output / "logs", echo):
-        state.cell(cell_id).update(status="interrupted", tail="stopped: left running by a killed compare")
-    for entry in state.data["cells"].values():  # an earlier compare died while these ran
-        if entry.get("status") == "running":
-            entry["status"] = "interrupted"
     state.save()
     echo(f"{exp.name}: {len(exp.cells)} cells, {len(report.skipped)} already done, {len(pending)} to run "
          f"({executor}, {jobs} at a time)")
