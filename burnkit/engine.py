@@ -307,6 +307,7 @@ def fit(model: nn.Module, train_set: ImageSet, cfg: TrainConfig, *, device: torc
         optimizer: torch.optim.Optimizer | None = None, scheduler=None,
         augment: Augment | None = None, seed: int = 0,
         epoch_end: Callable[[int, nn.Module, dict], None] | None = None,
+        epoch_begin: Callable[[int, nn.Module], ImageSet | None] | None = None,
         on_row: Callable[[dict], None] | None = None,
         attack_columns: bool = False, checkpoint: str | Path | None = None, resume: bool = True,
         desc: str = "train", progress: bool = True, eval_before: bool = False,
@@ -319,6 +320,9 @@ def fit(model: nn.Module, train_set: ImageSet, cfg: TrainConfig, *, device: torc
         augment: batch augmentation (``None`` disables it even if ``cfg.augment``).
         seed: seeds the generator that shuffles and augments, so runs are reproducible.
         epoch_end: called as ``epoch_end(epoch, model, row)`` after scoring; may add columns.
+        epoch_begin: called as ``epoch_begin(epoch, model)`` before every epoch (also the first one
+            after a resume); a returned ImageSet is the training set from that epoch on (DBD re-splits
+            its data by loss every epoch, D-BR alternates between two sets).
         on_row: receives every finished row (e.g. to write the CSV as the run goes); on resume,
             the rows restored from the checkpoint first.
         attack_columns: add ``train_acc_clean_only``, ``train_asr_bd_only``, ``train_ra_bd_only``.
@@ -385,6 +389,13 @@ def fit(model: nn.Module, train_set: ImageSet, cfg: TrainConfig, *, device: torc
     for epoch in range(start_epoch, cfg.epochs):
         ctx.epoch = epoch
         epoch_start = time.perf_counter()
+        if epoch_begin is not None:
+            replacement = epoch_begin(epoch, model)
+            if replacement is not None:
+                if len(replacement) == 0:
+                    raise BurnError(f"{desc}: the training set of epoch {epoch + 1} is empty")
+                train_set = replacement.to(device) if device.type == "cuda" else replacement
+                n_batches = num_batches(len(train_set), cfg.batch_size, cfg.drop_last)
         model.train()
         losses, correct = [], _Counts()
         bar = tqdm(total=n_batches, desc=f"{desc} {epoch + 1}/{cfg.epochs}", leave=False,

@@ -59,3 +59,20 @@ def random_net(model_name: str, num_classes: int = 10, in_channels: int = 3):
 
     torch.manual_seed(0)
     return attack_models.create_model(model_name, num_classes=num_classes, in_channels=in_channels).eval()
+
+
+def scramble_poison_flags(monkeypatch) -> None:
+    """From now on records load with the poison flags and original labels of ``bd_train`` shuffled
+    (a fixed permutation): a defense that never reads them exports the same model as before."""
+    from burnkit import records
+
+    original_load = records.AttackRecord.load_data
+
+    def scrambled(self, *a, **kw):
+        data = original_load(self, *a, **kw)
+        perm = torch.randperm(len(data.bd_train), generator=torch.Generator().manual_seed(1))
+        data.bd_train.poison = data.bd_train.poison[perm]
+        data.bd_train.original_labels = data.bd_train.original_labels[perm]
+        return data
+
+    monkeypatch.setattr(records.AttackRecord, "load_data", scrambled)

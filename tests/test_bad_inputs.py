@@ -170,6 +170,28 @@ def burn(*argv):
     return ["--result_file", RECORD, *FAST_BURN, *argv]
 
 
+def quick(*argv):
+    """Flags of a cheap run of any issue-14 defense (the case fails before any training)."""
+    return ["--result_file", RECORD, "--progress", "false", *argv]
+
+
+def _write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+
+
+def plant_phase_checkpoint(defense: str, phase: str):
+    """A setup leaving a well-formed phase checkpoint of other settings (another lr) in the output folder."""
+    def setup(work: Path):
+        from burnkit.engine import CHECKPOINT_VERSION
+
+        path = work / "record" / RECORD / "defense" / defense / "checkpoint" / f"{phase}.pt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"version": CHECKPOINT_VERSION, "fingerprint": {"defense": defense, "phase": phase, "lr": 123.0}},
+                   path)
+    return setup
+
+
 def badnet(*argv):
     return ["--dataset", "digits", "--model", "smallcnn", "--epochs", "1", "--progress", "false", *argv]
 
@@ -225,6 +247,27 @@ CASES = [
     Case("yaml-bad-choice", "defense:ft", ft("--yaml_path", "c.yaml"), "'client_optimizer' must be one of",
          write_file("c.yaml", "client_optimizer: rmsprop\n")),
     # --- BURN's own settings and checkpoints
+    # --- the defenses that use no clean data (issue 14)
+    Case("abl-isolation-zero", "defense:abl", quick("--isolation_ratio", "0"), "--isolation_ratio must be > 0"),
+    Case("abl-isolates-nothing", "defense:abl", quick("--isolation_ratio", "0.0001"), "isolates nothing"),
+    Case("abl-ascent-type", "defense:abl", quick("--gradient_ascent_type", "banana"), "--gradient_ascent_type must be one of"),
+    Case("abl-other-settings", "defense:abl", quick(), "other settings", setup=plant_phase_checkpoint("abl", "pre_train")),
+    Case("abl-corrupt-checkpoint", "defense:abl", quick(), "--resume false",
+         setup=lambda w: _write(w / "record" / RECORD / "defense/abl/checkpoint/pre_train.pt", b"not a checkpoint")),
+    Case("clp-u-negative", "defense:clp", quick("--u", "-1"), "--u must be >= 0"),
+    Case("clp-u-range", "defense:clp", quick("--u_min", "5", "--u_max", "1"), "must not be below --u_min"),
+    Case("ep-u-num-fraction", "defense:ep", quick("--u_num", "2.5"), "--u_num must be an integer"),
+    Case("ac-analysis", "defense:ac", quick("--cluster_analysis", "distance"), "--cluster_analysis must be one of"),
+    Case("ac-one-cluster", "defense:ac", quick("--nb_clusters", "1"), "--nb_clusters must be >= 2"),
+    Case("spectral-percentile", "defense:spectral", quick("--percentile", "0"), "--percentile must be > 0"),
+    Case("spectral-layer", "defense:spectral", quick("--target_layer", "layer9"), "is not a layer of"),
+    Case("spectral-label", "defense:spectral", quick("--target_label", "10"), "is not a class of this record"),
+    Case("spectral-other-settings", "defense:spectral", quick(), "other settings",
+         setup=plant_phase_checkpoint("spectral", "retrain")),
+    Case("d-br-ratios", "defense:d-br", quick("--clean_ratio", "0.9", "--poison_ratio", "0.2"), "must not exceed 1"),
+    Case("d-st-temperature", "defense:d-st", quick("--temperature", "0"), "--temperature must be > 0"),
+    Case("dbd-epsilon-range", "defense:dbd", quick("--epsilon", "1.5"), "--epsilon must be > 0 and <= 1"),
+    Case("dbd-labels-nothing", "defense:dbd", quick("--epsilon", "0.0001"), "labels nothing"),
     Case("burn-share-out-of-range", "defense:burn", burn("--kp_start", "2"), "--kp_start must be in [0, 1]"),
     Case("burn-candidates", "defense:burn", burn("--candidates", "1"), "--candidates >= 2"),
     Case("burn-space", "defense:burn", burn("--attack_space", "banana"), "--attack_space must be one of"),

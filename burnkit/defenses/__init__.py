@@ -1,2 +1,2 @@
 """Built-in defenses. Importing this package registers them (explicit imports, no magic)."""
-from . import anp, burn, fp, ft, ft_sam, ibau, nad, sau  # noqa: F401
+from . import abl, ac, anp, burn, clp, dbd, dbr, dst, ep, fp, ft, ft_sam, ibau, nad, sau, spectral  # noqa: F401

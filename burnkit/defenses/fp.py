@@ -58,6 +58,7 @@ from ..defense import (Defense, DefenseData, DefenseRun, SelectionConfig, regist
                        split_heldout)
 from ..engine import eval_mode, iterate
 from ..errors import BurnError
+from ..features import final_linear
 from ..metrics import accuracy
 from ..models import Classifier
 from ..results import MetricLog, atomic_write_text
@@ -87,14 +88,6 @@ class FinePruningConfig(SelectionConfig):
 # --------------------------------------------------------------------------- the final layer
 
 
-def final_linear(net: nn.Module) -> tuple[str, nn.Linear]:
-    """The last ``nn.Linear`` of ``net`` in module order (the classification layer)."""
-    found = [(name, m) for name, m in net.named_modules() if isinstance(m, nn.Linear)]
-    if not found:
-        raise BurnError(f"FP needs a final nn.Linear layer; {type(net).__name__} has none")
-    return found[-1]
-
-
 @torch.no_grad()
 def final_layer_inputs(model: Classifier, imageset: ImageSet, device: torch.device,
                        batch_size: int = 512, augment: Augment | None = None,
@@ -105,7 +98,7 @@ def final_layer_inputs(model: Classifier, imageset: ImageSet, device: torch.devi
     Raises BurnError if the final linear layer's output is not the network's output, because
     pruning its inputs would then not determine the logits.
     """
-    _, linear = final_linear(model.net)
+    _, linear = final_linear(model.net, "FP")
     captured: list[torch.Tensor] = []
     handle = linear.register_forward_pre_hook(lambda _m, args: captured.append(args[0].detach().flatten(1)))
     feats, logits = [], []
@@ -223,7 +216,7 @@ def prune_sweep(features_clean: torch.Tensor, features_bd: torch.Tensor, data: D
 
 
 def fine_prune(model: Classifier, data: DefenseData, cfg: FinePruningConfig, run: DefenseRun) -> Classifier:
-    layer_name, linear = final_linear(model.net)
+    layer_name, linear = final_linear(model.net, "FP")
     rank_set, heldout = data.clean_subset, None
     if cfg.select_on == "heldout":
         rank_set, heldout = split_heldout(data.clean_subset, cfg.heldout_ratio, cfg.random_seed)

@@ -1,0 +1,250 @@
+"""D-BR, D-ST and DBD: their losses and splits on hand-computed inputs, the random views, and all
+three end to end on a digits record (outputs, plain layout, no clean data, no use of the flags)."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+
+from baseline_checks import scramble_poison_flags, load_defended, score
+from burnkit.data import ImageSet
+from burnkit.defenses.dbd import (Decoupling, SemiSplit, linear_rampup, nt_xent, sharpen,
+                                  symmetric_cross_entropy)
+from burnkit.defenses.dbr import (CLEAN, DBR, POISON, SUSPICIOUS, fct_scores, fct_thresholds, intra_class_loss,
+                                  split_by_fct)
+from burnkit.defenses.dst import DST, consistency_contrastive_loss, mixed_cross_entropy, warmup_cosine
+from burnkit.views import ContrastiveViews, gaussian_blur, resized_crop_and_flip, rotate_and_translate
+
+
+# --------------------------------------------------------------------------- sample distinction
+
+
+def test_intra_class_loss_by_hand():
+    labels = torch.tensor([0, 0, 1, 1])
+    orthogonal = torch.tensor([[2.0, 0.0], [0.0, 0.0], [0.0, 1.0], [0.0, 3.0]])  # centroids (1, 0), (0, 2)
+    assert intra_class_loss(orthogonal, labels).item() == pytest.approx(0.0)
+    at_45 = torch.tensor([[1.0, 0.0], [1.0, 0.0], [1.0, 1.0], [1.0, 1.0]])  # cosine 1/sqrt(2), diagonal zeroed
+    assert intra_class_loss(at_45, labels).item() == pytest.approx(2 / math.sqrt(2) / 4)
+
+
+def test_thresholds_and_split_follow_backdoorbench_indices():
+    scores = torch.arange(20, dtype=torch.float64)[torch.randperm(20, generator=torch.Generator().manual_seed(0))]
+    low, high = fct_thresholds(scores, 0.2, 0.05)
+    assert (low, high) == (4.0, 19.0)  # sorted[int(0.2 * 20)], sorted[20 - int(0.05 * 20)]
+    flags = split_by_fct(scores, low, high)
+    assert sorted(scores[flags == CLEAN].tolist()) == [0, 1, 2, 3, 4]  # <= gamma_low: 5 samples
+    assert scores[flags == POISON].tolist() == [19.0]
+    assert (flags == SUSPICIOUS).sum() == 14
+
+
+def test_fct_score_is_the_mean_squared_feature_change_under_the_drawn_transformation():
+    gen = torch.Generator().manual_seed(3)
+    images = torch.randint(0, 256, (6, 1, 8, 8), dtype=torch.uint8, generator=gen)
+    data = ImageSet(images, torch.zeros(6, dtype=torch.long), torch.zeros(6, dtype=torch.long),
+                    torch.zeros(6, dtype=torch.bool), torch.arange(6))
+    encoder = torch.nn.Flatten()  # features = the pixels
+    scores = fct_scores(encoder, data, torch.device("cpu"), seed=5, batch_size=4)
+    replay = torch.Generator().manual_seed(5)
+    x = images.float() / 255
+    moved = torch.cat([rotate_and_translate(x[:4], replay), rotate_and_translate(x[4:], replay)])
+    assert torch.allclose(scores, ((x - moved) ** 2).flatten(1).mean(1).double(), atol=1e-6)
+
+
+def test_rotate_and_translate_is_identity_at_zero_and_an_integer_shift_without_rotation():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(5, 3, 10, 10, generator=gen)
+    assert torch.equal(rotate_and_translate(x, gen, degrees=0.0, translate=0.0), x)
+    out = rotate_and_translate(x, gen, degrees=0.0, translate=0.2)
+    for i in range(5):
+        padded = F.pad(x[i], (2, 2, 2, 2))
+        found = [(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3)
+                 if torch.equal(out[i], padded[:, 2 - dy:12 - dy, 2 - dx:12 - dx])]
+        assert found, f"sample {i} is not a shift of at most 2 pixels"
+
+
+def test_contrastive_views_are_valid_images_of_the_same_shape():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(8, 3, 16, 16, generator=gen)
+    out = ContrastiveViews()(x, gen)
+    assert out.shape == x.shape and out.min() >= 0 and out.max() <= 1
+    assert torch.allclose(resized_crop_and_flip(x, gen, scale=(1.0, 1.0), ratio=(1.0, 1.0), flip_p=0.0), x, atol=1e-5)
+    assert torch.allclose(gaussian_blur(x, gen, p=0.0), x, atol=1e-6)
+    flat = torch.full((2, 1, 9, 9), 0.3)
+    assert torch.allclose(gaussian_blur(flat, gen, p=1.0), flat, atol=1e-6)  # a blur keeps a flat image
+
+
+# --------------------------------------------------------------------------- D-ST
+
+
+def _naive_contrastive(z1, z2, labels, clean, t, base):
+    """The D-ST loss written out with Python loops."""
+    z = torch.cat([z1, z2])
+    n = len(z1)
+    total = 0.0
+    for i in range(2 * n):
+        others = [j for j in range(2 * n) if j != i]
+        denom = sum(math.exp(float(z[i] @ z[j]) / t) for j in others)
+        if bool(clean[i % n]):
+            pos = [j for j in others if labels[j % n] == labels[i % n]]
+        else:
+            pos = [j for j in others if j % n == i % n]
+        total += sum(float(z[i] @ z[j]) / t - math.log(denom) for j in pos) / len(pos)
+    return -(t / base) * total / (2 * n)
+
+
+def test_consistency_contrastive_loss_matches_the_written_out_formula():
+    gen = torch.Generator().manual_seed(0)
+    z1, z2 = F.normalize(torch.randn(5, 4, generator=gen), dim=1), F.normalize(torch.randn(5, 4, generator=gen), dim=1)
+    labels = torch.tensor([0, 1, 0, 1, 0])
+    clean = torch.tensor([True, True, False, True, False])
+    got = consistency_contrastive_loss(z1, z2, labels, clean, 0.1, 0.07).item()
+    assert got == pytest.approx(_naive_contrastive(z1, z2, labels, clean, 0.1, 0.07), rel=1e-5)
+
+
+def test_with_no_clean_sample_the_d_st_loss_is_simclr_nt_xent():
+    gen = torch.Generator().manual_seed(1)
+    z1, z2 = F.normalize(torch.randn(6, 8, generator=gen), dim=1), F.normalize(torch.randn(6, 8, generator=gen), dim=1)
+    labels = torch.zeros(6, dtype=torch.long)  # labels are ignored for non-clean anchors
+    d_st = consistency_contrastive_loss(z1, z2, labels, torch.zeros(6, dtype=torch.bool), 0.5, 0.5)
+    assert d_st.item() == pytest.approx(nt_xent(z1, z2, 0.5).item(), rel=1e-5)
+
+
+def test_mixed_cross_entropy_by_hand():
+    logits = torch.tensor([[2.0, 0.0], [0.0, 2.0], [1.0, 1.0]])
+    labels = torch.tensor([0, 0, 1])
+    flags = torch.tensor([CLEAN, POISON, SUSPICIOUS])
+    ce = lambda i: F.cross_entropy(logits[i:i + 1], labels[i:i + 1]).item()  # noqa: E731
+    assert mixed_cross_entropy(logits, labels, flags, 0.001).item() == pytest.approx(ce(0) - 0.001 * ce(1))
+    assert mixed_cross_entropy(logits, labels, torch.tensor([SUSPICIOUS] * 3), 0.001).item() == 0.0
+
+
+def test_warmup_cosine_schedule_points():
+    m = warmup_cosine(0.5, epochs=20, iters_per_epoch=4, warm_epochs=2)
+    cosine = lambda e: 5e-4 + (0.5 - 5e-4) * (1 + math.cos(math.pi * e / 20)) / 2  # noqa: E731
+    assert m(0) * 0.5 == pytest.approx(0.01)                                  # starts at 0.01
+    assert m(4) * 0.5 == pytest.approx(0.01 + 0.5 * (cosine(2) - 0.01))       # half-way through warm-up
+    assert m(8) * 0.5 == pytest.approx(cosine(3))                             # epoch 3: the cosine
+    assert m(79) * 0.5 == pytest.approx(5e-4)                                 # last epoch: lr * 1e-3
+    constant = warmup_cosine(5.0, epochs=10, iters_per_epoch=2, warm_epochs=10, decay=None)
+    assert constant(0) * 5 == pytest.approx(0.01) and constant(19) * 5 == pytest.approx(0.01 + 0.95 * 4.99)
+
+
+# --------------------------------------------------------------------------- DBD
+
+
+def test_nt_xent_by_hand():
+    z = torch.eye(2)  # two images, identical views: positive similarity 1, negatives 0, T = 1
+    assert nt_xent(z, z, 1.0).item() == pytest.approx(math.log((2 + math.e) / math.e))
+
+
+def test_symmetric_cross_entropy_by_hand():
+    logits, labels = torch.zeros(1, 2), torch.tensor([0])
+    expected = 0.1 * math.log(2) + 1.0 * (0.5 * -math.log(1e-4))  # RCE: the wrong class's log(1e-4)
+    assert symmetric_cross_entropy(logits, labels, 0.1, 1.0).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_sharpen_and_rampup():
+    assert torch.allclose(sharpen(torch.tensor([[0.25, 0.75]]), 0.5), torch.tensor([[0.1, 0.9]]))
+    assert [linear_rampup(p, 190) for p in (0, 95, 190, 300)] == [0.0, 0.5, 1.0, 1.0]
+
+
+def test_semi_split_labels_the_lowest_loss_share_and_repeats_it():
+    n = 10
+    data = ImageSet(torch.zeros(n, 1, 2, 2, dtype=torch.uint8), torch.arange(n) % 3, torch.arange(n) % 3,
+                    torch.zeros(n, dtype=torch.bool), torch.arange(100, 100 + n))
+    losses = torch.tensor([5.0, 0.1, 3.0, 0.2, 9.0, 0.3, 7.0, 8.0, 0.05, 6.0])
+    split = SemiSplit(data)
+    pool = split.update(losses, 0.4, iterations=3, batch=5)
+    assert torch.nonzero(split.labelled_mask).flatten().tolist() == [1, 3, 5, 8]
+    assert len(pool) == 15 and set(pool.index.tolist()) == {101, 103, 105, 108}
+    assert sorted(split.unlabelled.index.tolist()) == [100, 102, 104, 106, 107, 109]
+
+
+# --------------------------------------------------------------------------- end to end
+
+SD = ["--epochs", "2", "--epochs_intra", "2", "--batch_size", "64", "--progress", "false"]
+CASES = {
+    "d-br": (DBR, [*SD, "--epochs_relearn", "2"]),
+    "d-st": (DST, [*SD, "--epochs_extractor", "2", "--epochs_classifier", "2", "--warm_epochs", "1"]),
+    "dbd": (Decoupling, ["--epoch_self", "2", "--epoch_warmup", "2", "--epochs", "2", "--train_iteration", "5",
+                         "--batch_size_self", "128", "--progress", "false"]),
+}
+FILES = {
+    "d-br": ["log/train_notrans_df.csv", "log/finetune_notrans_df.csv", "data_produce/all.txt",
+             "data_produce/clean_samples.npy", "data_produce/poison_samples.npy", "data_produce/suspicious_samples.npy",
+             "d-br_samples.csv", "d-br_report.json"],
+    "d-st": ["log/train_extractor_df.csv", "data_produce/all.txt", "d-st_samples.csv", "d-st_report.json"],
+    "dbd": ["self_df.csv", "checkpoint/self.pt", "checkpoint/warmup.pt", "checkpoint/semi.pt"],
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_end_to_end_on_digits(name, digits_copy):
+    defense, argv = CASES[name]
+    result = defense.main(["--result_file", "badnet_digits", *argv])
+    out = digits_copy / "record" / "badnet_digits" / "defense" / name
+    for f in ("defense_result.pt", f"{name}_df.csv", f"{name}_df_summary.csv", "cost.json", *FILES[name]):
+        assert (out / f).exists(), f
+    cost = json.loads((out / "cost.json").read_text())
+    assert cost["clean_subset_size"] == 0 and cost["test_data_for_decisions"] is False
+    clf, record = load_defended(out, digits_copy / "record" / "badnet_digits")  # the plain layout, strictly
+    assert score(clf, record).acc == pytest.approx(result["final"]["test_acc"], abs=1e-6)
+    summary = pd.read_csv(out / f"{name}_df_summary.csv", index_col=0)
+    assert list(summary.index) == ["last", "valid_max", "exist_nan_value"]
+    df = pd.read_csv(out / f"{name}_df.csv", index_col=0)
+    if name == "dbd":
+        assert df["is_pretrain"].tolist() == [0, 0, 1, 1]
+        assert (df.loc[df["is_pretrain"] == 1, "labeled"] == int(len(record.bd_train.original_index) * 0.5)).all()
+        assert len(pd.read_csv(out / "self_df.csv")) == 2
+    else:
+        samples = pd.read_csv(out / f"{name}_samples.csv")
+        n = len(samples)
+        clean_idx = np.load(out / "data_produce" / "clean_samples.npy", allow_pickle=False)
+        poison_idx = np.load(out / "data_produce" / "poison_samples.npy", allow_pickle=False)
+        assert len(poison_idx) == int(samples["flagged"].sum()) >= int(n * 0.05)
+        assert len(clean_idx) >= int(n * 0.2) and not set(clean_idx) & set(poison_idx)
+        scores = np.loadtxt(out / "data_produce" / "all.txt")
+        assert np.allclose(np.sort(scores)[::-1][:len(poison_idx)].min(), samples.loc[samples["flagged"] == 1, "score"].min())
+        assert cost["sample_distinction"]["clean"] == len(clean_idx)
+        if name == "d-br":
+            assert df["epoch"].tolist() == [0, 1] and "unlearn_loss" in df
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_flags_are_never_read(name, digits_copy, monkeypatch):
+    defense, argv = CASES[name]
+    reference = defense.main(["--result_file", "badnet_digits", *argv])["model"].net.state_dict()
+    scramble_poison_flags(monkeypatch)
+    other = defense.main(["--result_file", "badnet_digits", *argv, "--overwrite", "true"])["model"].net.state_dict()
+    assert all(torch.equal(reference[k], other[k]) for k in reference)
+
+
+def test_dbd_resumes_a_killed_semi_phase_to_the_same_model(digits_copy, monkeypatch):
+    from burnkit.defenses import dbd as dbd_mod
+
+    argv = ["--result_file", "badnet_digits", *CASES["dbd"][1]]
+    uninterrupted = {k: v.clone() for k, v in Decoupling.main(argv)["model"].net.state_dict().items()}
+    real = dbd_mod.SemiSplit.update
+    calls = []
+
+    def killed_in_second_epoch(self, *a, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(dbd_mod.SemiSplit, "update", killed_in_second_epoch)
+    with pytest.raises(SystemExit):
+        Decoupling.main([*argv, "--overwrite", "true"])
+    counted = []
+    monkeypatch.setattr(dbd_mod.SemiSplit, "update", lambda self, *a, **kw: counted.append(1) or real(self, *a, **kw))
+    resumed = Decoupling.main(argv)["model"].net.state_dict()
+    assert len(counted) == 1  # SimCLR, warm-up and the first semi epoch came from their checkpoints
+    assert all(torch.equal(uninterrupted[k], resumed[k]) for k in uninterrupted)
+    df = pd.read_csv(digits_copy / "record/badnet_digits/defense/dbd/dbd_df.csv", index_col=0)
+    assert df["is_pretrain"].tolist() == [0, 0, 1, 1]
