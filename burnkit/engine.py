@@ -326,6 +326,10 @@ def fit(model: nn.Module, train_set: ImageSet, cfg: TrainConfig, *, device: torc
         model.to(memory_format=torch.channels_last)
     if len(train_set) == 0:
         raise BurnError("the training set is empty; check --ratio/--index or the poisoned subset")
+    if cfg.drop_last and len(train_set) < cfg.batch_size:
+        raise BurnError(f"the training set has {len(train_set)} samples, fewer than one batch of {cfg.batch_size}, and "
+                        "the last partial batch is dropped (BackdoorBench's attack training), so nothing would be "
+                        "trained; lower --batch_size")
     train_set = train_set.to(device) if device.type == "cuda" else train_set
     optimizer = optimizer or make_optimizer(model.parameters(), cfg)
     scheduler = scheduler if scheduler is not None else make_scheduler(optimizer, cfg)

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 import attack_models
-from attack_models import UnknownModelError
+from attack_models import ModelInputError, UnknownModelError
 
 from .datasets import DatasetInfo
 from .errors import BurnError
@@ -56,6 +56,10 @@ def build_classifier(model_name: str, info: DatasetInfo, num_classes: int | None
                                          in_channels=info.channels, image_size=info.img_size[0])
     except UnknownModelError as err:
         raise BurnError(str(err.args[0])) from None
+    except ModelInputError as err:
+        h, w = info.img_size[:2]
+        raise BurnError(f"model '{model_name}' cannot take {info.name}: it needs inputs of at least "
+                        f"{err.min_size}x{err.min_size} px and {info.name} images are {h}x{w}; choose another model") from None
     return Classifier(net, info.mean, info.std, model_name=model_name, num_classes=num_classes)
 
 
