@@ -43,7 +43,7 @@ from .config import as_dict, find_config_file, load_yaml, merge, option, build_p
 from .data import Augment, ImageSet, class_balanced_subset
 from .datasets import DatasetInfo, dataset_info, load_split, resolve_data_root
 from .defense import _close_logger, _make_logger, _pct
-from .engine import EvalSuite, FitResult, fit, resolve_device, seed_everything
+from .engine import EvalSuite, FitResult, fit, out_of_memory_as_error, resolve_device, seed_everything
 from .errors import BurnError, cli_errors
 from .registry import Registry
 from .models import Classifier, build_classifier
@@ -264,7 +264,7 @@ class Attack:
 
         log = MetricLog(record_dir, "attack")
         checkpoint = record_dir / "checkpoint" / "train_state.pt"
-        with _Timer() as train_time:
+        with _Timer() as train_time, out_of_memory_as_error(f"{cls.name} training {cfg.model}", device, cfg):
             fit_result = attack.train(model, train_set, suite, device, log, checkpoint)
         log.save()
         plot_metrics(log.rows, record_dir)

@@ -238,17 +238,52 @@ def iterate(imageset: ImageSet, batch_size: int, device: torch.device, *, shuffl
         yield imageset.batch(positions, device, augment, generator)
 
 
+def is_out_of_memory(err: BaseException) -> bool:
+    """A CUDA or CPU allocation failure (torch raises both as RuntimeError subclasses)."""
+    return isinstance(err, torch.OutOfMemoryError) or (
+        isinstance(err, RuntimeError) and ("out of memory" in str(err) or "can't allocate memory" in str(err)))
+
+
+@contextlib.contextmanager
+def out_of_memory_as_error(what: str, device: torch.device, cfg) -> Iterator[None]:
+    """Turn an allocation failure inside the block into a one-line :class:`BurnError` that names
+    the batch-size flags to lower (training batch sizes are part of an algorithm, so they are not
+    changed behind the user's back; evaluation adapts by itself, see :func:`predict`)."""
+    try:
+        yield
+    except RuntimeError as err:
+        if not is_out_of_memory(err):
+            raise
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        flags = [f"--{k} {getattr(cfg, k)}" for k in sorted(vars(cfg)) if k.endswith("batch_size")]
+        amp = "" if device.type != "cuda" or getattr(cfg, "amp", True) else " or pass --amp true"
+        raise BurnError(f"out of memory on {device} while running {what} ({', '.join(flags)}); lower "
+                        f"{' / '.join(f.split()[0] for f in flags) or 'the batch size'}{amp}") from None
+
+
 @torch.no_grad()
 def predict(model: nn.Module, imageset: ImageSet, device: torch.device, batch_size: int = 512,
             amp: bool = False) -> torch.Tensor:
-    """Logits (float32, CPU) for every sample, in order, with the model in eval mode."""
+    """Logits (float32, CPU) for every sample, in order, with the model in eval mode. If a batch
+    does not fit in memory, the batch size is halved until it does (the logits are the same)."""
     model = model.to(device)
     ctx = StepContext(device, amp, None)
-    outs = []
-    with eval_mode(model):
-        for batch in iterate(imageset, batch_size, device):
-            with ctx.autocast():
-                outs.append(model(_layout(batch.x, device)).float().cpu())
+    while True:
+        outs = []
+        try:
+            with eval_mode(model):
+                for batch in iterate(imageset, batch_size, device):
+                    with ctx.autocast():
+                        outs.append(model(_layout(batch.x, device)).float().cpu())
+            break
+        except RuntimeError as err:
+            if not is_out_of_memory(err) or batch_size == 1:
+                raise
+            del outs
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            batch_size //= 2
     if not outs:
         return torch.zeros(0, 0)
     return torch.cat(outs)

@@ -182,10 +182,12 @@ def optimize_masks(model: Classifier, clean: ImageSet, cfg: ANPConfig, run: Defe
                     set_perturbed(layers, True)
                     for _ in range(cfg.anp_steps):
                         loss_noise = F.cross_entropy(noisy_model(batch.x), batch.y)
-                        grads = torch.autograd.grad(loss_noise, noises)
+                        # allow_unused: BNs off the forward path (GoogLeNet's aux heads) get no gradient
+                        grads = torch.autograd.grad(loss_noise, noises, allow_unused=True)
                         with torch.no_grad():
                             for noise, grad in zip(noises, grads):
-                                noise.add_(noise_lr * grad.sign())  # ascent on the loss
+                                if grad is not None:
+                                    noise.add_(noise_lr * grad.sign())  # ascent on the loss
                     loss_robust = F.cross_entropy(noisy_model(batch.x), batch.y)
                 else:
                     loss_robust = torch.zeros((), device=device)
@@ -194,8 +196,8 @@ def optimize_masks(model: Classifier, clean: ImageSet, cfg: ANPConfig, run: Defe
                 loss_natural = F.cross_entropy(logits, batch.y)
                 loss = cfg.anp_alpha * loss_natural + (1 - cfg.anp_alpha) * loss_robust
                 optimizer.zero_grad(set_to_none=True)
-                for mask, grad in zip(masks, torch.autograd.grad(loss, masks)):
-                    mask.grad = grad
+                for mask, grad in zip(masks, torch.autograd.grad(loss, masks, allow_unused=True)):
+                    mask.grad = grad if grad is not None else torch.zeros_like(mask)
                 optimizer.step()
                 with torch.no_grad():
                     for mask in masks:
