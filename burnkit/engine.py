@@ -290,8 +290,9 @@ def predict(model: nn.Module, imageset: ImageSet, device: torch.device, batch_si
 
 
 def _loss_and_preds(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, torch.Tensor]:
-    # BackdoorBench averages per-batch mean losses; with equal batches that is the sample mean.
-    return F.cross_entropy(logits, labels.cpu()).item(), logits.argmax(1)
+    # BackdoorBench averages per-batch mean losses; with equal batches that is the sample mean
+    # (taken in float64, like the accuracies, so the CSV holds no float32 rounding).
+    return F.cross_entropy(logits.double(), labels.cpu()).item(), logits.argmax(1)
 
 
 def evaluate(model: nn.Module, suite: EvalSuite, device: torch.device, batch_size: int = 512,
@@ -304,7 +305,7 @@ def evaluate(model: nn.Module, suite: EvalSuite, device: torch.device, batch_siz
     if suite.bd_test is not None and len(suite.bd_test):
         bd_logits = predict(model, suite.bd_test, device, batch_size, amp)
         bd_loss, bd_preds = _loss_and_preds(bd_logits, suite.bd_test.labels)
-        ra_loss = F.cross_entropy(bd_logits, suite.bd_test.original_labels.cpu()).item()
+        ra_loss = F.cross_entropy(bd_logits.double(), suite.bd_test.original_labels.cpu()).item()
         asr = accuracy(bd_preds, suite.bd_test.labels)
         ra = accuracy(bd_preds, suite.bd_test.original_labels)
     return Metrics(acc, asr, ra, clean_loss, bd_loss, ra_loss)
