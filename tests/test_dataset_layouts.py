@@ -52,6 +52,15 @@ def write_cifar100(root: Path, rng) -> dict:
     return expected
 
 
+def _gtsrb_image(folder: Path, name: str, class_id: int, rng, expected: tuple[list, list]) -> str:
+    """One variable-size ``.ppm`` and its GT-csv row; its 32-px version goes to ``expected``."""
+    w, h = (int(v) for v in rng.integers(25, 48, 2))
+    Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / name)
+    expected[0].append(_resized(folder / name, (32, 32)))
+    expected[1].append(class_id)
+    return f"{name};{w};{h};5;5;{w - 5};{h - 5};{class_id}"
+
+
 def write_gtsrb(root: Path, rng) -> dict:
     """``Train/<c:05d>/GT-<c:05d>.csv`` + variable-size ``.ppm`` images for all 43 classes, and
     ``Test/*.ppm`` + ``Test/GT-final_test.csv`` (';'-separated, ClassId in column 7)."""
@@ -59,26 +68,13 @@ def write_gtsrb(root: Path, rng) -> dict:
     for c in range(43):
         folder = root / "Train" / f"{c:05d}"
         folder.mkdir(parents=True)
-        lines = [GT_HEADER]
-        for track in range(2):
-            w, h = (int(v) for v in rng.integers(25, 48, 2))
-            name = f"{track:05d}_00000.ppm"
-            Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / name)
-            lines.append(f"{name};{w};{h};5;5;{w - 5};{h - 5};{c}")
-            expected["train"][0].append(_resized(folder / name, (32, 32)))
-            expected["train"][1].append(c)
-        (folder / f"GT-{c:05d}.csv").write_text("\n".join(lines) + "\n")
+        rows = [_gtsrb_image(folder, f"{track:05d}_00000.ppm", c, rng, expected["train"]) for track in range(2)]
+        (folder / f"GT-{c:05d}.csv").write_text("\n".join([GT_HEADER, *rows]) + "\n")
     test = root / "Test"
     test.mkdir()
-    lines = [GT_HEADER]
-    for i, c in enumerate(rng.permutation(43).tolist() + [0, 5, 9]):
-        w, h = (int(v) for v in rng.integers(25, 48, 2))
-        name = f"{i:05d}.ppm"
-        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(test / name)
-        lines.append(f"{name};{w};{h};5;5;{w - 5};{h - 5};{c}")
-        expected["test"][0].append(_resized(test / name, (32, 32)))
-        expected["test"][1].append(c)
-    (test / "GT-final_test.csv").write_text("\n".join(lines) + "\n")
+    rows = [_gtsrb_image(test, f"{i:05d}.ppm", c, rng, expected["test"])
+            for i, c in enumerate(rng.permutation(43).tolist() + [0, 5, 9])]
+    (test / "GT-final_test.csv").write_text("\n".join([GT_HEADER, *rows]) + "\n")
     return {k: (np.stack(x), np.asarray(y)) for k, (x, y) in expected.items()}
 
 
