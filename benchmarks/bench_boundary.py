@@ -29,6 +29,7 @@ from burnkit.boundary import boundary_attack, scan
 from burnkit.datasets import dataset_info
 from burnkit.engine import device_description
 from burnkit.models import build_classifier, load_bb_state_dict
+from burnkit.safe_load import safe_torch_load
 from burnkit.records import read_attack_record
 
 
@@ -49,7 +50,7 @@ def load_model_and_samples(args):
     gen = torch.Generator().manual_seed(args.seed)
     what = f"{args.arch} (random init)"
     if args.weights:  # e.g. an attack's training checkpoint: {"model": Classifier state dict}
-        state = torch.load(args.weights, map_location="cpu", weights_only=False)
+        state = safe_torch_load(args.weights, what="--weights")
         state = state.get("model", state)
         load_bb_state_dict(clf, {k.removeprefix("net."): v for k, v in state.items()})
         what = f"{args.arch} weights from {args.weights}"

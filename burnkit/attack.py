@@ -39,9 +39,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .config import as_dict, find_config_file, load_yaml, merge, option, build_parser
-from .data import Augment, ImageSet, class_balanced_subset
-from .datasets import DatasetInfo, dataset_info, load_split, resolve_data_root
+from .config import as_dict, build_parser, check_yaml_keys, find_config_file, load_yaml, merge, option, parse_cli
+from .data import Augment, ImageSet, class_balanced_subset, imageset_digest
+from .datasets import DATASETS, DatasetInfo, dataset_info, load_split, resolve_data_root
 from .defense import _close_logger, _make_logger, _pct
 from .engine import EvalSuite, FitResult, fit, out_of_memory_as_error, resolve_device, seed_everything
 from .errors import BurnError, cli_errors
@@ -52,6 +52,10 @@ from .records import PoisonedSplit, atomic_torch_save, write_attack_record
 from .results import MetricLog, move_aside, plot_metrics, run_environment, write_json
 
 _REGISTRY = Registry("attack", "burnkit.attacks")
+# settings that do not change the trained model: a resumed run may change them
+RUN_ONLY_KEYS = frozenset({"device", "progress", "resume", "overwrite", "pin_memory", "non_blocking", "prefetch",
+                           "num_workers", "frequency_save", "yaml_path", "bd_yaml_path", "download", "dataset_path",
+                           "test_every", "save_folder_name", "attack", "resource_cache"})
 register_attack = _REGISTRY.register  # class decorator
 get_attack = _REGISTRY.get
 list_attacks = _REGISTRY.names
@@ -65,18 +69,18 @@ class AttackConfig(TrainingOptions):
     yaml_path: str | None = option(None, "prototype YAML (default config/attack/prototype/<dataset>.yaml)", cli_only=True)
     bd_yaml_path: str | None = option(None, "attack YAML (default config/attack/<attack>/default.yaml)", cli_only=True)
     save_folder_name: str | None = option(None, "record folder name under record/ (default: timestamped)")
-    dataset: str = option("cifar10", "cifar10, cifar100, gtsrb, tiny, mnist, fashion-mnist, digits")
+    dataset: str = option("cifar10", "cifar10, cifar100, gtsrb, tiny, mnist, fashion-mnist, digits", choices=tuple(DATASETS))
     dataset_path: str = option("./data", "clean data: <path>/<dataset>, the dataset folder, or an image-folder archive")
     download: bool = option(False, "let torchvision download a missing clean dataset (needs internet)")
     model: str = option("preactresnet18", "victim architecture (attack_models zoo)")
     epochs: int = option(100, "training epochs")
     random_seed: int = option(0, "seed for poison selection, subset, init and training")
     attack: str | None = option(None, "attack name (informational, as in BackdoorBench)")
-    attack_label_trans: str = option("all2one", "all2one or all2all")
-    attack_target: int = option(0, "target class (all2one)")
+    attack_label_trans: str = option("all2one", "all2one or all2all", choices=("all2one", "all2all"))
+    attack_target: int = option(0, "target class (all2one)", low=0)
     attack_label_shift_amount: int = option(1, "label shift (all2all)")
-    pratio: float = option(0.1, "poisoning ratio")
-    train_subset: int = option(0, "train on a class-balanced subset of this many samples (0 = all)")
+    pratio: float = option(0.1, "poisoning ratio", low=0, high=1)
+    train_subset: int = option(0, "train on a class-balanced subset of this many samples (0 = all)", low=0)
     resume: bool = option(True, "resume an interrupted training from its checkpoint")
 
     def validate(self) -> None:
@@ -172,7 +176,15 @@ class Attack:
         return fit(model, train_set, cfg.train_config(drop_last=True), device=device, eval_suite=suite,
                    augment=Augment(self.info.crop_padding, self.info.train_flip), seed=cfg.random_seed,
                    attack_columns=True, checkpoint=checkpoint, resume=cfg.resume, on_row=on_row,
-                   desc=self.name, progress=cfg.progress, eval_every=cfg.test_every)
+                   desc=self.name, progress=cfg.progress, eval_every=cfg.test_every,
+                   fingerprint=self.fingerprint(train_set))
+
+    def fingerprint(self, train_set: ImageSet) -> dict:
+        """What a training checkpoint must agree with to be resumed: every setting that changes the
+        trained model (not the device, paths, progress or scoring cadence) and a digest of the
+        poisoned training set, so a changed --epochs/--lr/--pratio/--model is refused, not continued."""
+        settings = {k: v for k, v in as_dict(self.cfg).items() if k not in RUN_ONLY_KEYS}
+        return {"attack": self.name, **settings, "train_set": imageset_digest(train_set)}
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -180,17 +192,17 @@ class Attack:
     def parse(cls, argv=None):
         prog = f"attack/{cls.name}.py"
         parser = build_parser(cls.config_cls, prog, cls.description or (cls.__doc__ or "").strip().split("\n")[0])
-        args, unknown = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
-        if unknown:
-            raise BurnError(f"unknown option(s) {' '.join(unknown)}; see {prog} --help")
-        cli = vars(args)
+        cli = parse_cli(parser, cls.config_cls, sys.argv[1:] if argv is None else argv, prog)
         dataset = cli.get("dataset") or "cifar10"
         proto = cli.get("yaml_path") or find_config_file(f"config/attack/prototype/{dataset}.yaml")
         values = load_yaml(proto) if proto else {}
+        check_yaml_keys(cls.config_cls, values, str(proto))
         so_far = {**values, **{k: v for k, v in cli.items() if v is not None}}
         attack_yaml = cli.get("bd_yaml_path") or find_config_file(*cls.attack_yaml_candidates(so_far))
         if attack_yaml:  # prototype < attack YAML (< CLI, in merge)
-            values.update(load_yaml(attack_yaml))
+            attack_values = load_yaml(attack_yaml)
+            check_yaml_keys(cls.config_cls, attack_values, str(attack_yaml))
+            values.update(attack_values)
         cfg, ignored = merge(cls.config_cls, values, cli, yaml_source=f"{proto} + {attack_yaml}")
         cfg.yaml_path, cfg.bd_yaml_path = (str(proto) if proto else None), (str(attack_yaml) if attack_yaml else None)
         return cfg, ignored
@@ -235,7 +247,7 @@ class Attack:
         if replaced is not None:
             logger.warning("--overwrite: the previous record was moved to %s", replaced)
         if ignored:
-            logger.info("YAML keys not used by %s: %s", cls.name, ", ".join(ignored))
+            logger.info("BackdoorBench YAML keys accepted but not used by %s: %s", cls.name, ", ".join(ignored))
         logger.info("attack %s -> %s on %s, model %s, device %s", cls.name, record_dir, cfg.dataset, cfg.model, device)
         attack.logger = logger
         rng = np.random.default_rng(cfg.random_seed)

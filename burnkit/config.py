@@ -6,11 +6,19 @@ start from the dataclass defaults, overlay the ONE YAML file, then every flag gi
 line (CLI wins). Unlike BackdoorBench, flags have no argparse defaults that silently beat the
 YAML (its FT-SAM/ANP bug, spec §9.4), and values are type-checked: ``5e-5`` (a string to PyYAML)
 becomes a float, ``--amp false`` a bool, ``--steplr_milestones 100,200`` a list of ints.
+
+One validation layer for every script: a value must have its field's type, numbers must be finite,
+a field's ``choices``/``low``/``above``/``high`` (declared with :func:`option`) are enforced, and a YAML
+key the config does not know is an error that suggests the nearest key - unless the config lists it in
+``YAML_COMPAT_KEYS`` (keys BackdoorBench's own YAML files carry but never read, spec §7), which are
+accepted and reported as unused.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
+import math
 import types
 import typing
 from pathlib import Path
@@ -25,11 +33,17 @@ FALSE = {"false", "0", "no", "n", "off", "none", "null"}
 
 
 def option(default: Any = None, help: str = "", short: str | None = None, choices=None, cli_only: bool = False,
-           bare: str = "true", group: str | None = None):
+           bare: str = "true", group: str | None = None, low: float | None = None, above: float | None = None,
+           high: float | None = None):
     """A config field with its help text (and an optional short flag such as ``-pm``). A bool flag
     given without a value means ``bare`` (BackdoorBench's store_true flags; "false" for store_false).
-    ``group`` lists the flag under that heading of ``--help``, after the ungrouped ones."""
-    meta = {"help": help, "short": short, "choices": choices, "cli_only": cli_only, "bare": bare, "group": group}
+    ``group`` lists the flag under that heading of ``--help``, after the ungrouped ones.
+
+    ``choices`` (strings, matched case-insensitively and stored in the spelling given here) and the
+    bounds ``low <= value``, ``above < value``, ``value <= high`` are checked for every value from
+    the YAML or the command line (for lists: every element)."""
+    meta = {"help": help, "short": short, "choices": choices, "cli_only": cli_only, "bare": bare, "group": group,
+            "low": low, "above": above, "high": high}
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda d=default: type(d)(d), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -89,7 +103,10 @@ def _coerce(value, tp):
     if tp is float:
         if isinstance(value, bool):
             raise ValueError(value)
-        return float(value)
+        number = float(value)
+        if not math.isfinite(number):
+            raise ValueError(value)
+        return number
     if tp is str:
         if isinstance(value, (dict, list)):
             raise ValueError(value)
@@ -126,15 +143,82 @@ def _type_name(tp) -> str:
     if origin in (list, tuple):
         inner = ", ".join(_type_name(a) for a in typing.get_args(tp) if a is not Ellipsis)
         return f"a list of {inner}"
-    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
+    return {bool: "true or false", int: "an integer", float: "a finite number", str: "a string"}.get(tp, str(tp))
+
+
+RULES = ("choices", "low", "above", "high")
+
+
+def field_rules(config_cls) -> dict[str, dict]:
+    """Per field, its ``choices``/bounds: a subclass that redeclares a field to change its default
+    keeps the rules a base class declared for it unless it declares its own."""
+    rules: dict[str, dict] = {}
+    for klass in reversed(config_cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        for f in dataclasses.fields(klass):
+            mine = {k: f.metadata.get(k) for k in RULES if f.metadata.get(k) is not None}
+            rules[f.name] = {**rules.get(f.name, {}), **mine}
+    return rules
+
+
+def check_field(name: str, rules: dict, value: Any, source: str) -> Any:
+    """Enforce a field's declared ``choices`` and bounds on an already coerced value; return the
+    value with choices in their canonical spelling."""
+    meta = rules
+    shown = f"--{name}" if source == "command line" else f"'{name}'"
+    if value is None:
+        return value
+    items = list(value) if isinstance(value, (list, tuple)) else [value]
+    choices = meta.get("choices")
+    out = []
+    for item in items:
+        if choices is not None and isinstance(item, str):
+            canonical = {str(c).lower(): c for c in choices}
+            if item.lower() not in canonical:
+                near = difflib.get_close_matches(item, [str(c) for c in choices], n=1)
+                hint = f" (did you mean {near[0]!r}?)" if near else ""
+                raise BurnError(f"{source}: {shown} must be one of {', '.join(map(str, choices))}, got {item!r}{hint}")
+            item = canonical[item.lower()]
+        if isinstance(item, (int, float)) and not isinstance(item, bool):
+            low, above, high = meta.get("low"), meta.get("above"), meta.get("high")
+            if (low is not None and item < low) or (above is not None and item <= above) or \
+                    (high is not None and item > high):
+                lower = f">= {low}" if low is not None else (f"> {above}" if above is not None else None)
+                upper = f"<= {high}" if high is not None else None
+                rule = " and ".join(r for r in (lower, upper) if r)
+                raise BurnError(f"{source}: {shown} must be {rule}, got {item!r}")
+        out.append(item)
+    if isinstance(value, (list, tuple)):
+        return type(value)(out)
+    return out[0]
+
+
+def suggest(name: str, known) -> str:
+    """`` (did you mean 'x'?)`` for the nearest of ``known``, or an empty string."""
+    near = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.6)
+    return f" (did you mean {near[0]!r}?)" if near else ""
+
+
+def compat_keys(config_cls) -> frozenset:
+    """BackdoorBench YAML keys ``config_cls`` accepts without using them (``YAML_COMPAT_KEYS``)."""
+    return frozenset(getattr(config_cls, "YAML_COMPAT_KEYS", ()))
 
 
 # --------------------------------------------------------------------------- parser and merge
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors (a flag without its value, ...) are one-line :class:`BurnError`s
+    rather than a usage dump; abbreviations are off, so ``--epoch`` is a typo, not ``--epochs``."""
+
+    def error(self, message):
+        raise BurnError(f"{message}; see {self.prog} --help")
+
+
 def build_parser(config_cls, prog: str, description: str = "") -> argparse.ArgumentParser:
     """An argparse parser with one ``--field`` per dataclass field, all defaulting to None."""
-    parser = argparse.ArgumentParser(prog=prog, description=description,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = _Parser(prog=prog, description=description, allow_abbrev=False,
+                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     hints = _hints(config_cls)
     fields = dataclasses.fields(config_cls)
     groups: dict[str, argparse._ArgumentGroup] = {}
@@ -156,6 +240,20 @@ def build_parser(config_cls, prog: str, description: str = "") -> argparse.Argum
     return parser
 
 
+def parse_cli(parser: argparse.ArgumentParser, config_cls, argv, prog: str) -> dict:
+    """``{field: raw string or None}`` from ``argv``; an unknown flag is an error naming the
+    nearest known one."""
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        first = unknown[0]
+        names = {f.name for f in dataclasses.fields(config_cls)}
+        hint = suggest(first.lstrip("-").split("=")[0], names) if first.startswith("-") else ""
+        hint = hint.replace(" (did you mean '", " (did you mean '--") if hint else ""
+        what = "unknown option" if first.startswith("-") else "unexpected argument"
+        raise BurnError(f"{what} {' '.join(unknown)}{hint}; see {prog} --help")
+    return vars(args)
+
+
 def load_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
@@ -173,20 +271,35 @@ def load_yaml(path: str | Path) -> dict:
     return data
 
 
+def check_yaml_keys(config_cls, yaml_values: dict, source: str) -> None:
+    """Every key must be a field of ``config_cls`` or one of its ``YAML_COMPAT_KEYS``."""
+    fields = {f.name for f in dataclasses.fields(config_cls)}
+    compat = compat_keys(config_cls)
+    for key in yaml_values:
+        if not isinstance(key, str):
+            raise BurnError(f"{source}: key {key!r} is not a name; YAML keys are option names such as 'lr'")
+        if key not in fields and key not in compat:
+            raise BurnError(f"{source}: unknown key '{key}'{suggest(key, fields)}; fix or remove it "
+                            "(see --help for the keys)")
+
+
 def merge(config_cls, yaml_values: dict, cli_values: dict, yaml_source: str = "YAML"):
     """BackdoorBench's rule: defaults < the one YAML < non-None CLI values. Returns
-    ``(config, ignored_yaml_keys)``; keys the config does not know are reported, not fatal,
-    because BackdoorBench's own YAML files carry unused keys (spec §7)."""
+    ``(config, ignored_yaml_keys)``. A YAML key the config does not know is an error (with the
+    nearest key as a hint), except the BackdoorBench keys the config declares in
+    ``YAML_COMPAT_KEYS``: those are returned as ignored, for the log."""
     hints = _hints(config_cls)
     fields = {f.name: f for f in dataclasses.fields(config_cls)}
+    rules = field_rules(config_cls)
     values: dict[str, Any] = {}
+    check_yaml_keys(config_cls, yaml_values, yaml_source)
     ignored = sorted(k for k in yaml_values if k not in fields)
     for key, raw in yaml_values.items():
         if key in fields and not fields[key].metadata.get("cli_only"):
-            values[key] = coerce(raw, hints[key], key, yaml_source)
+            values[key] = check_field(key, rules[key], coerce(raw, hints[key], key, yaml_source), yaml_source)
     for key, raw in cli_values.items():
         if raw is not None and key in fields:
-            values[key] = coerce(raw, hints[key], key, "command line")
+            values[key] = check_field(key, rules[key], coerce(raw, hints[key], key, "command line"), "command line")
     try:
         cfg = config_cls(**values)
     except TypeError as err:
@@ -203,10 +316,7 @@ def parse_config(config_cls, argv, prog: str, description: str = "", default_yam
     Returns ``(config, yaml_path or None, ignored_yaml_keys)``.
     """
     parser = build_parser(config_cls, prog, description)
-    args, unknown = parser.parse_known_args(argv)
-    if unknown:
-        raise BurnError(f"unknown option(s) {' '.join(unknown)}; see {prog} --help")
-    cli = vars(args)
+    cli = parse_cli(parser, config_cls, argv, prog)
     yaml_path = cli.get("yaml_path")
     if yaml_path is None and default_yaml is not None:
         yaml_path = default_yaml(cli)

@@ -117,6 +117,18 @@ class ImageSet:
         return self.images.permute(0, 2, 3, 1).cpu().numpy()
 
 
+def imageset_digest(imageset: ImageSet) -> str:
+    """SHA-1 over the images, labels, flags and indices: the identity of a training set, for
+    checkpoints that must only be resumed on the data they were made on."""
+    import hashlib
+
+    digest = hashlib.sha1()
+    for tensor in (imageset.images, imageset.labels, imageset.original_labels, imageset.poison, imageset.index):
+        digest.update(str(tuple(tensor.shape)).encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
 def concat(sets: list[ImageSet]) -> ImageSet:
     return ImageSet(*(torch.cat([getattr(s, f) for s in sets]) for f in
                       ("images", "labels", "original_labels", "poison", "index")))

@@ -8,13 +8,24 @@ arrays are cached as ``.npy`` files next to the data (or under ``~/.cache/burnki
 is read-only), so a run does not decode 60,000 files again.
 
 No checksum rejects a re-encoded copy: a JPEG re-encoding of CIFAR-10 is as good as the pickles.
+
+Nothing half-made is used as complete: an archive is unpacked into a temporary folder that is
+renamed into place only after every member was checked (names, sizes, count), with a marker that
+ties the folder to the archive's SHA-256; caches are keyed on the files they were decoded from
+(names, sizes, modification times), so a changed folder is decoded again; a listed file that is
+missing or unreadable is an error, never a smaller dataset.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import gzip
 import hashlib
+import json
 import os
+import shutil
 import tarfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,6 +94,8 @@ def load_split(name: str, root: str | Path | None, train: bool, download: bool =
         root: the dataset folder, BackdoorBench's ``<dataset_path>/<name>`` (ignored for digits).
         train: training split if True, else the test split.
         download: let torchvision download a missing standard dataset (needs internet).
+        cache: keep the decoded arrays as ``.npy`` files, keyed on the source files' names, sizes
+            and modification times (a changed folder is decoded again).
     """
     info = dataset_info(name)
     if name == "digits":
@@ -92,23 +105,31 @@ def load_split(name: str, root: str | Path | None, train: bool, download: bool =
     root = Path(root)
     if root.is_file() and _is_archive(root):
         root = extract_archive(root, Path("data") / name)
-    reader, source = _find_layout(name, root, train, download)
+    if not root.exists() and not download:
+        raise BurnError(f"{name} not found: {root} does not exist; pass --dataset_path (the folder holding "
+                        f"{name}, the dataset folder itself or an image-folder archive), or --download true "
+                        "with internet")
+    reader, source, inputs = _find_layout(name, root, train, download)
     split = "train" if train else "test"
-    cache_file = _cache_path(root, name, split, source)
-    if cache and cache_file is not None and cache_file.with_suffix(".labels.npy").exists():
-        try:
-            images = np.load(cache_file.with_suffix(".images.npy"), allow_pickle=False)
-            labels = np.load(cache_file.with_suffix(".labels.npy"), allow_pickle=False)
-            if images.ndim == 4 and len(images) == len(labels):
-                return images, labels
-        except (OSError, ValueError):
-            pass  # a broken cache is rebuilt below
+    if cache:
+        cached = _read_cache(root, name, split, source, inputs)
+        if cached is not None:
+            return cached
     images, labels = reader()
     images = _to_size(images, info.img_size)
     labels = np.asarray(labels, dtype=np.int64)
-    if cache and cache_file is not None:
-        _write_cache(cache_file, images, labels)
+    _check_labels(labels, info, root, split)
+    if cache:  # keyed on the files as they are now (a download may just have made them)
+        _write_cache(root, name, split, source, inputs, images, labels)
     return images, labels
+
+
+def _check_labels(labels: np.ndarray, info: DatasetInfo, root: Path, split: str) -> None:
+    if len(labels) == 0:
+        raise BurnError(f"the {split} split of {info.name} under {root} is empty")
+    if labels.min() < 0 or labels.max() >= info.num_classes:
+        raise BurnError(f"the {split} split under {root} has labels {int(labels.min())}..{int(labels.max())}, "
+                        f"but {info.name} has classes 0..{info.num_classes - 1}; check --dataset and --dataset_path")
 
 
 def resolve_data_root(dataset_path: str | Path, name: str) -> Path:
@@ -133,25 +154,27 @@ def resolve_data_root(dataset_path: str | Path, name: str) -> Path:
 # --------------------------------------------------------------------------- layouts
 
 def _find_layout(name: str, root: Path, train: bool, download: bool):
-    """Pick the reader for whatever layout is under ``root``; return (reader, source-id)."""
+    """Pick the reader for whatever layout is under ``root``; return (reader, source-id, inputs):
+    ``inputs`` are the files/folders the reader decodes (the cache key is taken over them)."""
     split = "train" if train else "test"
     if name in ("cifar10", "cifar100"):
         folder = _image_folder_split(root, train)
         if folder is not None:
-            return (lambda: _read_image_folder(folder)), f"folder:{folder}"
-        return (lambda: _torchvision(name, root, train, download)), f"torchvision:{root}"
+            return (lambda: _read_image_folder(folder, dataset_info(name))), f"folder:{folder}", [folder]
+        return ((lambda: _torchvision(name, root, train, download)), f"torchvision:{root}",
+                [root / CIFAR_FOLDERS[name]])
     if name in ("mnist", "fashion-mnist"):
         idx = _find_idx(root, name, train)
         if idx is not None:
-            return (lambda: _read_idx_pair(*idx)), f"idx:{idx[0]}"
+            return (lambda: _read_idx_pair(*idx)), f"idx:{idx[0]}", list(idx)
         folder = _image_folder_split(root, train)
         if folder is not None:
-            return (lambda: _read_image_folder(folder)), f"folder:{folder}"
-        return (lambda: _torchvision(name, root, train, download)), f"torchvision:{root}"
+            return (lambda: _read_image_folder(folder, dataset_info(name))), f"folder:{folder}", [folder]
+        return (lambda: _torchvision(name, root, train, download)), f"torchvision:{root}", [root]
     if name == "gtsrb":
-        return (lambda: _read_gtsrb(root, train)), f"gtsrb:{root}:{split}"
+        return (lambda: _read_gtsrb(root, train)), f"gtsrb:{root}:{split}", [root / ("Train" if train else "Test")]
     if name == "tiny":
-        return (lambda: _read_tiny(root, train, download)), f"tiny:{root}:{split}"
+        return (lambda: _read_tiny(root, train, download)), f"tiny:{root}:{split}", [root]
     raise BurnError(f"no reader for dataset '{name}'")  # pragma: no cover
 
 
@@ -164,12 +187,19 @@ def _image_folder_split(root: Path, train: bool) -> Path | None:
     return None
 
 
-def _read_image_folder(folder: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Class sub-folders in sorted order are labels 0..K-1 (torchvision ImageFolder's rule)."""
-    classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
+def _read_image_folder(folder: Path, info: DatasetInfo | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Class sub-folders in sorted order are labels 0..K-1 (torchvision ImageFolder's rule); with
+    ``info``, the folder must hold exactly that dataset's number of classes, each non-empty (a
+    partial copy is an error, not a smaller dataset)."""
+    classes = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if info is not None and len(classes) != info.num_classes:
+        raise BurnError(f"{folder} has {len(classes)} class folders but {info.name} has {info.num_classes}; "
+                        "the copy is incomplete or --dataset is wrong")
     images, labels = [], []
     for label, cls in enumerate(classes):
         files = sorted(p for p in (folder / cls).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        if info is not None and not files:
+            raise BurnError(f"class folder {folder / cls} holds no images; the copy is incomplete")
         for path in files:
             images.append(_open_rgb_or_l(path))
             labels.append(label)
@@ -242,9 +272,17 @@ def _read_cifar_batches(folder: Path, name: str, train: bool):
         path = folder / fname
         if not path.is_file():
             raise BurnError(f"{path} is missing; the CIFAR folder {folder} is incomplete")
-        entry = _CifarUnpickler.load(path)
-        images.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
-        labels.extend(entry.get(label_key, entry.get("labels", [])))
+        try:
+            entry = _CifarUnpickler.load(path)
+            data = np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+            batch_labels = list(entry.get(label_key, entry.get("labels", [])))
+        except Exception as err:  # truncated pickle, refused global, wrong shapes: all mean a bad file
+            raise BurnError(f"{path} is not a readable CIFAR batch ({str(err).splitlines()[0][:120] if str(err) else type(err).__name__}); "
+                            "download or copy it again") from None
+        if len(batch_labels) != len(data):
+            raise BurnError(f"{path} holds {len(data)} images but {len(batch_labels)} labels; the file is damaged")
+        images.append(data)
+        labels.extend(batch_labels)
     return np.concatenate(images), np.asarray(labels, dtype=np.int64)
 
 
@@ -364,13 +402,18 @@ def _digits(train: bool):
 # --------------------------------------------------------------------------- helpers
 
 def _open_rgb_or_l(path: Path, mode: str | None = None, size: tuple[int, int] | None = None):
-    with Image.open(path) as img:
-        if mode is None:
-            mode = "L" if img.mode in ("L", "1", "I;16", "I") else "RGB"
-        img = img.convert(mode)
-        if size is not None and img.size != size:
-            img = img.resize(size, Image.BILINEAR)
-        return np.asarray(img, dtype=np.uint8).copy()
+    try:
+        with Image.open(path) as img:
+            if mode is None:
+                mode = "L" if img.mode in ("L", "1", "I;16", "I") else "RGB"
+            img = img.convert(mode)
+            if size is not None and img.size != size:
+                img = img.resize(size, Image.BILINEAR)
+            return np.asarray(img, dtype=np.uint8).copy()
+    except FileNotFoundError:
+        raise BurnError(f"image {path} is listed by the dataset but missing; the copy is incomplete") from None
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        raise BurnError(f"image {path} is unreadable ({str(err).splitlines()[0][:120]}); the copy is damaged") from None
 
 
 def _stack(images: list[np.ndarray]) -> np.ndarray:
@@ -399,58 +442,252 @@ def _to_size(images: np.ndarray, img_size: tuple[int, int, int]) -> np.ndarray:
     return out
 
 
-def _cache_path(root: Path, name: str, split: str, source: str) -> Path | None:
-    tag = hashlib.sha1(source.encode()).hexdigest()[:10]
-    for folder in (root / ".burnkit_cache", Path.home() / ".cache" / "burnkit" / name):
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            probe = folder / ".write_probe"
-            probe.touch()
-            probe.unlink()
-            return folder / f"{name}-{split}-{tag}"
-        except OSError:
+CACHE_VERSION = "2"  # bump when decoding changes
+
+
+def _content_signature(inputs: list[Path]) -> str:
+    """SHA-1 over (relative name, size, mtime) of every file under ``inputs``: a cache built from
+    other files (a folder completed since, a replaced batch) gets another key."""
+    digest = hashlib.sha1(CACHE_VERSION.encode())
+    for base in inputs:
+        if base.is_file():
+            st = base.stat()
+            digest.update(f"{base.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
             continue
+        if not base.is_dir():
+            digest.update(f"{base}\0absent\n".encode())
+            continue
+        for dirpath, dirnames, filenames in os.walk(base):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            for fname in sorted(filenames):
+                if fname.startswith("."):
+                    continue
+                path = Path(dirpath) / fname
+                st = path.stat()
+                rel = path.relative_to(base).as_posix()
+                digest.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def _cache_folders(root: Path, name: str) -> list[Path]:
+    return [root / ".burnkit_cache", Path.home() / ".cache" / "burnkit" / name]
+
+
+def _cache_stem(name: str, split: str, source: str, inputs: list[Path]) -> str:
+    tag = hashlib.sha1(source.encode()).hexdigest()[:10]
+    return f"{name}-{split}-{tag}-{_content_signature(inputs)}"
+
+
+def _read_cache(root: Path, name: str, split: str, source: str, inputs: list[Path]):
+    stem = _cache_stem(name, split, source, inputs)
+    for folder in _cache_folders(root, name):
+        images_file, labels_file = folder / f"{stem}.images.npy", folder / f"{stem}.labels.npy"
+        if not labels_file.exists():
+            continue
+        try:  # plain arrays only: a cache file cannot carry code
+            images = np.load(images_file, allow_pickle=False)
+            labels = np.load(labels_file, allow_pickle=False)
+        except (OSError, ValueError):
+            continue  # a broken cache is rebuilt
+        if images.ndim == 4 and images.dtype == np.uint8 and len(images) == len(labels):
+            return images, labels.astype(np.int64, copy=False)
     return None
 
 
-def _write_cache(cache_file: Path, images: np.ndarray, labels: np.ndarray) -> None:
-    """Write both arrays through temporary names so a killed run leaves no half cache."""
-    for suffix, arr in ((".images.npy", images), (".labels.npy", labels)):
-        final = cache_file.with_suffix(suffix)
-        tmp = final.with_name(final.name + f".tmp{os.getpid()}")
-        with open(tmp, "wb") as f:
-            np.save(f, arr, allow_pickle=False)
-        os.replace(tmp, final)
+def _write_cache(root: Path, name: str, split: str, source: str, inputs: list[Path], images: np.ndarray,
+                 labels: np.ndarray) -> None:
+    """Write both arrays through temporary names so a killed run leaves no half cache; the labels
+    file, which a reader looks for first, is written last. Older caches of this split are removed."""
+    stem = _cache_stem(name, split, source, inputs)
+    prefix = stem.rsplit("-", 1)[0] + "-"
+    for folder in _cache_folders(root, name):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            for suffix, arr in ((".images.npy", images), (".labels.npy", labels)):
+                final = folder / f"{stem}{suffix}"
+                tmp = final.with_name(final.name + f".tmp{os.getpid()}")
+                with open(tmp, "wb") as f:
+                    np.save(f, arr, allow_pickle=False)
+                os.chmod(tmp, 0o666 & ~current_umask())
+                os.replace(tmp, final)
+        except OSError:
+            continue  # read-only data folder: try the user cache
+        for old in folder.glob(f"{prefix}*.npy"):
+            if not old.name.startswith(stem):
+                old.unlink(missing_ok=True)
+        return
+
+
+def current_umask() -> int:
+    """The process umask (read without changing it where /proc allows)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _is_archive(path: Path) -> bool:
     return path.name.endswith((".tar.gz", ".tgz", ".tar"))
 
 
-def extract_archive(archive: Path, dest: Path) -> Path:
-    """Unpack an image-folder archive (``train/<class>/*``, ``test/<class>/*``) into ``dest``.
+UNPACK_MARKER = ".burnkit_unpacked.json"
 
-    Members that would land outside ``dest`` (absolute paths, ``..``, links) are refused.
+
+def extract_archive(archive: Path, dest: Path) -> Path:
+    """Unpack an image-folder archive (``train/<class>/*``, ``test/<class>/*``) into ``dest``, once.
+
+    Every member is checked before anything is written (members that would land outside ``dest``,
+    absolute paths, ``..`` and links are refused), the archive is unpacked into a hidden temporary
+    folder, each file's size is verified, and only then is the folder renamed to ``dest`` with a
+    marker holding the archive's SHA-256 and file count. A run killed while unpacking leaves only
+    the temporary folder, which the next run removes; a ``dest`` made from another archive, or one
+    that lost files since, is an error, never a smaller dataset. Returns the folder holding
+    ``train/`` (``dest`` or its single wrapping sub-folder).
     """
-    if (dest / "train").is_dir() and (dest / "test").is_dir():
-        return dest
-    dest.mkdir(parents=True, exist_ok=True)
+    archive, dest = Path(archive), Path(dest)
+    identity = {"archive_sha256": _sha256(archive)}
+    found = _unpacked_root(dest, identity, archive)
+    if found is not None:
+        return found
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with _locked(dest.parent / f".{dest.name}.lock"):  # two processes of one compare unpack once
+        found = _unpacked_root(dest, identity, archive)
+        if found is not None:
+            return found
+        if dest.exists():
+            _adopt_existing(dest, archive, identity)
+            return _unpacked_root(dest, identity, archive)
+        for stale in dest.parent.glob(f".{dest.name}.partial-*"):  # left by a killed run
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = dest.parent / f".{dest.name}.partial-{os.getpid()}"
+        try:
+            files = _unpack_verified(archive, tmp)
+            _write_marker(tmp, identity, files, _train_root(tmp, archive))
+            os.rename(tmp, dest)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+    return _unpacked_root(dest, identity, archive)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    except OSError as err:
+        raise BurnError(f"cannot read archive {path}: {err.strerror or err}") from None
+    return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _read_marker(dest: Path) -> dict | None:
+    marker = dest / UNPACK_MARKER
+    if not marker.is_file():
+        return None
+    try:
+        data = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _unpacked_root(dest: Path, identity: dict, archive: Path) -> Path | None:
+    """``dest``'s train root when it is a complete unpack of this archive; None when it is absent
+    or has no marker; an error when it came from another archive or lost files."""
+    marker = _read_marker(dest)
+    if marker is None:
+        return None
+    if marker.get("archive_sha256") != identity["archive_sha256"]:
+        raise BurnError(f"{dest} was unpacked from another archive than {archive}; delete {dest} to unpack "
+                        f"this one, or pass --dataset_path {dest} to use the folder")
+    count = 0
+    for _, dirnames, filenames in os.walk(dest):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]  # our caches live in .burnkit_cache
+        count += sum(1 for f in filenames if not f.startswith("."))
+    if count < int(marker.get("files", 0)):
+        raise BurnError(f"{dest} holds {count} files but {archive} has {marker.get('files')}; files were "
+                        f"removed since it was unpacked - delete {dest} to unpack the archive again")
+    return dest / marker.get("root", ".")
+
+
+def _safe_members(tar: tarfile.TarFile, archive: Path, dest: Path) -> list[tarfile.TarInfo]:
+    members, base = [], dest.resolve()
+    for m in tar.getmembers():
+        target = (dest / m.name).resolve()
+        inside = target == base or base in target.parents
+        if not (m.isfile() or m.isdir()) or not inside or Path(m.name).is_absolute():
+            raise BurnError(f"archive {archive} has an unsafe member '{m.name}'; refusing to unpack it")
+        members.append(m)
+    return members
+
+
+# what a damaged archive raises while being read
+TAR_ERRORS = (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile)
+
+
+def _unpack_verified(archive: Path, tmp: Path) -> int:
+    """Unpack into ``tmp``; check every file's size against its member; return the file count."""
     try:
         with tarfile.open(archive) as tar:
-            members = []
-            for m in tar.getmembers():
-                target = (dest / m.name).resolve()
-                if not (m.isfile() or m.isdir()) or not str(target).startswith(str(dest.resolve())):
-                    raise BurnError(f"archive {archive} has an unsafe member '{m.name}'; refusing to unpack")
-                members.append(m)
-            tar.extractall(dest, members=members, filter="data")
-    except (tarfile.TarError, OSError) as err:
-        raise BurnError(f"could not unpack {archive}: {err}") from None
-    # tolerate one wrapping folder (cifar10/train/...)
-    if not (dest / "train").is_dir():
-        subs = [p for p in dest.iterdir() if p.is_dir() and (p / "train").is_dir()]
-        if len(subs) == 1:
-            return subs[0]
-        raise BurnError(f"archive {archive} has no train/<class>/ folder; expected an image-folder archive")
-    return dest
+            members = _safe_members(tar, archive, tmp)  # reads the whole archive: truncation shows here
+            tmp.mkdir(parents=True)
+            tar.extractall(tmp, members=members, filter="data")
+    except TAR_ERRORS as err:
+        raise BurnError(f"archive {archive} is truncated or corrupt ({str(err).splitlines()[0][:120] or type(err).__name__}); "
+                        "copy or download it again") from None
+    except OSError as err:
+        raise BurnError(f"could not unpack {archive} into {tmp.parent}: {err.strerror or err}") from None
+    files = 0
+    for m in members:
+        if m.isfile():
+            path = tmp / m.name
+            if not path.is_file() or path.stat().st_size != m.size:
+                raise BurnError(f"unpacking {archive} produced a wrong {m.name}; copy the archive again")
+            files += 1
+    return files
 
+
+def _train_root(folder: Path, archive: Path) -> str:
+    """``.`` when ``folder/train`` exists, else the single wrapping folder that has ``train/``."""
+    if (folder / "train").is_dir():
+        return "."
+    subs = [p for p in folder.iterdir() if p.is_dir() and (p / "train").is_dir()]
+    if len(subs) == 1:
+        return subs[0].name
+    raise BurnError(f"archive {archive} has no train/<class>/ folder; expected an image-folder archive")
+
+
+def _write_marker(folder: Path, identity: dict, files: int, root: str) -> None:
+    (folder / UNPACK_MARKER).write_text(json.dumps({**identity, "files": files, "root": root}) + "\n")
+
+
+def _adopt_existing(dest: Path, archive: Path, identity: dict) -> None:
+    """A ``dest`` without a marker (unpacked by hand, or by an older burnkit): use it only if it
+    holds every file of the archive with the right size."""
+    try:
+        with tarfile.open(archive) as tar:
+            expected = {m.name: m.size for m in _safe_members(tar, archive, dest) if m.isfile()}
+    except TAR_ERRORS as err:
+        raise BurnError(f"archive {archive} is truncated or corrupt ({str(err).splitlines()[0][:120] or type(err).__name__}); "
+                        "copy or download it again") from None
+    wrong = [n for n, size in expected.items() if not (dest / n).is_file() or (dest / n).stat().st_size != size]
+    if wrong:
+        raise BurnError(f"{dest} exists but does not match {archive} ({len(wrong)} of {len(expected)} files missing "
+                        f"or different, e.g. {wrong[0]}); delete {dest} so the archive is unpacked again")
+    _write_marker(dest, identity, len(expected), _train_root(dest, archive))

@@ -32,7 +32,7 @@ import torch
 
 from .config import as_dict, find_config_file, option, parse_config
 from .data import Augment, ImageSet
-from .datasets import DatasetInfo, dataset_info
+from .datasets import DATASETS, DatasetInfo, dataset_info
 from .engine import (EvalSuite, FitResult, Metrics, TrainConfig, evaluate, fit, out_of_memory_as_error,
                      resolve_device, seed_everything)
 from .errors import BurnError, cli_errors
@@ -59,7 +59,8 @@ class DefenseConfig(TrainingOptions):
     result_file: str | None = option(None, "attack record folder under record/ (or a path to it)")
     output_name: str | None = option(None, "output folder under record/<result_file>/defense/ (default: the defense's name); lets variants of one defense share a record", cli_only=True)
     yaml_path: str | None = option(None, "the one YAML of defaults (default config/defense/<name>/<dataset>.yaml)")
-    dataset: str | None = option(None, "cifar10, cifar100, gtsrb, tiny, mnist, fashion-mnist, digits (default: the record's)")
+    dataset: str | None = option(None, "cifar10, cifar100, gtsrb, tiny, mnist, fashion-mnist, digits (default: the record's)",
+                                 choices=tuple(DATASETS))
     dataset_path: str | None = option(None, "clean data: <path>/<dataset>, the dataset folder, or an image-folder archive")
     download: bool = option(False, "let torchvision download a missing clean dataset (needs internet)")
     checkpoint_load: str | None = option(None, "accepted for BackdoorBench compatibility (unused, as there)")
@@ -68,7 +69,7 @@ class DefenseConfig(TrainingOptions):
     model: str | None = option(None, "model name; must match the record's when given")
     batch_size: int = option(256, "batch size")
     random_seed: int = option(0, "seed for the clean subset, shuffling and augmentation")
-    ratio: float = option(0.05, "share of the clean training split given to the defender")
+    ratio: float = option(0.05, "share of the clean training split given to the defender", above=0, high=1)
     index: str | None = option(None, "file of clean-train indices (one per line); overrides --ratio")
 
     def validate(self) -> None:
@@ -267,7 +268,7 @@ class Defense:
         if replaced is not None:
             logger.warning("--overwrite: the previous result was moved to %s", replaced)
         if ignored_keys:
-            logger.info("YAML keys not used by %s: %s", self.name, ", ".join(ignored_keys))
+            logger.info("BackdoorBench YAML keys accepted but not used by %s: %s", self.name, ", ".join(ignored_keys))
         if not self.needs_clean_subset and cfg.index:
             logger.warning("%s uses no clean data: --index %s is ignored", self.name, cfg.index)
         logger.info("defense %s on %s (%s, %s) device %s", self.name, record_dir, record.model_name,

@@ -335,7 +335,7 @@ def fit(model: nn.Module, train_set: ImageSet, cfg: TrainConfig, *, device: torc
         on_row: Callable[[dict], None] | None = None,
         attack_columns: bool = False, checkpoint: str | Path | None = None, resume: bool = True,
         desc: str = "train", progress: bool = True, eval_before: bool = False,
-        eval_every: int = 1) -> FitResult:
+        eval_every: int = 1, fingerprint: dict | None = None) -> FitResult:
     """Train ``model`` on ``train_set`` for ``cfg.epochs`` epochs and score every epoch.
 
     Args:
@@ -352,6 +352,8 @@ def fit(model: nn.Module, train_set: ImageSet, cfg: TrainConfig, *, device: torc
         eval_before: add a row for the untrained model (epoch -1) first.
         eval_every: score ``eval_suite`` only every N epochs and after the last (the other rows keep
             their training columns); scoring the test sets can cost as much as a small model's epoch.
+        fingerprint: what the run depends on (settings, data digest); saved in the checkpoint, and a
+            checkpoint with another fingerprint is refused instead of silently continued.
 
     Returns:
         FitResult with one row per epoch (BackdoorBench's columns), wall time and epochs run.
@@ -378,16 +380,21 @@ def fit(model: nn.Module, train_set: ImageSet, cfg: TrainConfig, *, device: torc
     start_epoch = 0
     trained_before_s = 0.0  # training time of the interrupted sessions a resumed run continues
     ckpt_path = Path(checkpoint) if checkpoint else None
+    fingerprint = plain_fingerprint(fingerprint)
     if ckpt_path is not None and resume and ckpt_path.exists():
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)  # our own file
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if scheduler is not None and state.get("scheduler") is not None:
-            scheduler.load_state_dict(state["scheduler"])
-        if scaler is not None and state.get("scaler") is not None:
-            scaler.load_state_dict(state["scaler"])
-        generator.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
+        state = load_checkpoint(ckpt_path, fingerprint)
+        try:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            if scheduler is not None and state.get("scheduler") is not None:
+                scheduler.load_state_dict(state["scheduler"])
+            if scaler is not None and state.get("scaler") is not None:
+                scaler.load_state_dict(state["scaler"])
+            generator.set_state(state["generator"])
+            torch.set_rng_state(state["torch_rng"])
+        except (RuntimeError, KeyError, ValueError, TypeError) as err:
+            raise BurnError(f"checkpoint {ckpt_path} does not fit this run ({str(err).splitlines()[0][:160]}); "
+                            f"{RESUME_FIX}") from None
         rows = state["rows"]
         start_epoch = state["epoch"] + 1
         trained_before_s = float(state.get("train_s", 0.0))
@@ -441,7 +448,7 @@ def fit(model: nn.Module, train_set: ImageSet, cfg: TrainConfig, *, device: torc
             tqdm.write(f"[{desc}] epoch {epoch + 1}/{cfg.epochs} " + _fmt(row))
         if ckpt_path is not None:
             _save_checkpoint(ckpt_path, model, optimizer, scheduler, scaler, generator, rows, epoch,
-                             trained_before_s + time.perf_counter() - started)
+                             trained_before_s + time.perf_counter() - started, fingerprint)
     wall = time.perf_counter() - started
     return FitResult(rows, wall, cfg.epochs - start_epoch, start_epoch,
                      extra={"epoch_times_s": epoch_times, "train_s_all_sessions": trained_before_s + wall})
@@ -454,17 +461,62 @@ def _scheduler_step(scheduler, loss: float) -> None:
         scheduler.step()
 
 
+CHECKPOINT_VERSION = 2
+CHECKPOINT_KEYS = ("version", "fingerprint", "model", "optimizer", "scheduler", "scaler", "generator",
+                   "torch_rng", "rows", "epoch", "train_s")
+RESUME_FIX = "re-run with the flags it was made with to resume, or pass --resume false to start over"
+
+
+def plain_fingerprint(fingerprint: dict | None) -> dict:
+    """``fingerprint`` as JSON-like builtins (tuples -> lists), so that it survives weights-only
+    loading and compares equal after a round trip."""
+    def plain(v):
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {str(k): plain(x) for k, x in v.items()}
+        if v is None or isinstance(v, (bool, int, float, str)):
+            return v
+        return str(v)
+
+    return plain(fingerprint or {})
+
+
+def describe_difference(saved: dict, now: dict, limit: int = 4) -> str:
+    """``"epochs 6 -> 10, lr 0.01 -> 0.05"``: the keys on which two fingerprints differ."""
+    keys = [k for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
+    parts = [f"{k} {saved.get(k, 'unset')!r} -> {now.get(k, 'unset')!r}" for k in keys[:limit]]
+    return ", ".join(parts) + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+def load_checkpoint(path: Path, fingerprint: dict) -> dict:
+    """Read a training checkpoint weights-only and check that it belongs to this run."""
+    from .safe_load import safe_torch_load
+
+    state = safe_torch_load(path, what="training checkpoint", fix=RESUME_FIX)
+    if not isinstance(state, dict) or any(k not in state for k in CHECKPOINT_KEYS) or \
+            state.get("version") != CHECKPOINT_VERSION:
+        raise BurnError(f"training checkpoint {path} is not a checkpoint of this burnkit version; {RESUME_FIX}")
+    if state["fingerprint"] != fingerprint:
+        raise BurnError(f"training checkpoint {path} was made with other settings "
+                        f"({describe_difference(state['fingerprint'], fingerprint)}); {RESUME_FIX}")
+    if not isinstance(state["rows"], list) or not isinstance(state["epoch"], int):
+        raise BurnError(f"training checkpoint {path} is malformed; {RESUME_FIX}")
+    return state
+
+
 def _save_checkpoint(path: Path, model, optimizer, scheduler, scaler, generator, rows, epoch,
-                     train_s: float = 0.0) -> None:
+                     train_s: float = 0.0, fingerprint: dict | None = None) -> None:
     from .records import atomic_torch_save
 
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_torch_save({
+        "version": CHECKPOINT_VERSION, "fingerprint": fingerprint or {},
         "model": model.state_dict(), "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "scaler": scaler.state_dict() if scaler is not None else None,
         "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
-        "rows": rows, "epoch": epoch, "train_s": train_s,
+        "rows": rows, "epoch": epoch, "train_s": float(train_s),
     }, path)
 
 

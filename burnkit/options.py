@@ -14,6 +14,8 @@ from .errors import BurnError
 
 
 GROUP = "training, device and BackdoorBench-compatibility options"
+OPTIMIZERS = ("sgd", "adam", "adadelta")  # BackdoorBench silently runs Adam for any other name; here it is an error
+SCHEDULERS = ("CosineAnnealingLR", "StepLR", "MultiStepLR", "CyclicLR", "ReduceLROnPlateau")
 
 
 @dataclass
@@ -25,26 +27,28 @@ class TrainingOptions:
     pin_memory: bool = option(True, "accepted for BackdoorBench compatibility (no DataLoader is used)", short="-pm", group=GROUP)
     non_blocking: bool = option(True, "accepted for BackdoorBench compatibility", short="-nb", group=GROUP)
     prefetch: bool = option(False, "accepted for BackdoorBench compatibility", short="-pf", group=GROUP)
-    num_workers: int = option(4, "accepted for BackdoorBench compatibility (batches are tensor slices)", group=GROUP)
-    frequency_save: int = option(0, "accepted for BackdoorBench compatibility", group=GROUP)
-    epochs: int = option(10, "training epochs", group=GROUP)
-    batch_size: int = option(128, "batch size", group=GROUP)
-    lr: float = option(0.01, "learning rate", group=GROUP)
-    client_optimizer: str = option("sgd", "sgd, adam or adadelta", group=GROUP)
-    sgd_momentum: float = option(0.9, "SGD momentum", group=GROUP)
-    wd: float = option(5e-4, "weight decay", group=GROUP)
-    adam_betas: tuple[float, float] = option((0.9, 0.999), "Adam betas", group=GROUP)
-    lr_scheduler: str | None = option("CosineAnnealingLR", "CosineAnnealingLR, StepLR, MultiStepLR, CyclicLR, ReduceLROnPlateau or None", group=GROUP)
-    cos_t_max: int | None = option(None, "CosineAnnealingLR T_max (BackdoorBench default: 100)", group=GROUP)
-    steplr_stepsize: int = option(1, "StepLR step size", group=GROUP)
-    steplr_gamma: float = option(0.1, "StepLR/MultiStepLR decay", group=GROUP)
-    steplr_milestones: list[int] | None = option(None, "MultiStepLR milestones, e.g. 30,60", group=GROUP)
-    random_seed: int = option(0, "seed", group=GROUP)
+    num_workers: int = option(4, "accepted for BackdoorBench compatibility (batches are tensor slices)", group=GROUP,
+                              low=0)
+    frequency_save: int = option(0, "accepted for BackdoorBench compatibility", group=GROUP, low=0)
+    epochs: int = option(10, "training epochs", group=GROUP, low=0)
+    batch_size: int = option(128, "batch size", group=GROUP, low=1)
+    lr: float = option(0.01, "learning rate", group=GROUP, low=0)
+    client_optimizer: str = option("sgd", "sgd, adam or adadelta", group=GROUP, choices=OPTIMIZERS)
+    sgd_momentum: float = option(0.9, "SGD momentum", group=GROUP, low=0)
+    wd: float = option(5e-4, "weight decay", group=GROUP, low=0)
+    adam_betas: tuple[float, float] = option((0.9, 0.999), "Adam betas", group=GROUP, low=0, high=1)
+    lr_scheduler: str | None = option("CosineAnnealingLR", "CosineAnnealingLR, StepLR, MultiStepLR, CyclicLR, ReduceLROnPlateau or None",
+                                      group=GROUP, choices=SCHEDULERS)
+    cos_t_max: int | None = option(None, "CosineAnnealingLR T_max (BackdoorBench default: 100)", group=GROUP, low=1)
+    steplr_stepsize: int = option(1, "StepLR step size", group=GROUP, low=1)
+    steplr_gamma: float = option(0.1, "StepLR/MultiStepLR decay", group=GROUP, low=0)
+    steplr_milestones: list[int] | None = option(None, "MultiStepLR milestones, e.g. 30,60", group=GROUP, low=0)
+    random_seed: int = option(0, "seed", group=GROUP, low=0, high=2**63 - 1)
     progress: bool = option(True, "show progress bars", group=GROUP)
     overwrite: bool = option(False, "replace a finished output of the same name; the old folder is kept, renamed "
                                     "<name>.replaced-<time> (default: refuse, so nothing finished is lost)", group=GROUP)
     test_every: int = option(1, "score the test sets every N epochs/iterations and after the last (burnkit extra; "
-                                "N > 1 saves CPU time, 1 is BackdoorBench's behaviour)", group=GROUP)
+                                "N > 1 saves CPU time, 1 is BackdoorBench's behaviour)", group=GROUP, low=1)
 
     def validate(self) -> None:
         if self.epochs < 0:

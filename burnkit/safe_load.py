@@ -43,15 +43,19 @@ def _numpy_allowlist() -> list:
 NUMPY_SAFE_GLOBALS = _numpy_allowlist()
 
 
-def safe_torch_load(path: str | Path, what: str = "file"):
+def safe_torch_load(path: str | Path, what: str = "file", fix: str | None = None):
     """``torch.load`` a record with weights-only unpickling and the NumPy allowlist.
 
+    Every ``.pt`` file the package reads goes through here - records, defense results and our own
+    checkpoints alike, since a record folder is shared as a whole and can carry any file.
     Raises :class:`BurnError` for a missing, truncated or non-torch file and for a file that
     needs any global outside the allowlist (the offending names are listed, never imported).
+    ``fix`` replaces the default advice at the end of the message.
     """
     path = Path(path)
     if not path.is_file():
         raise BurnError(f"{what} not found: {path}")
+    advice = fix or "re-create it or check that the copy is complete"
     try:
         with torch.serialization.safe_globals(NUMPY_SAFE_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True)
@@ -60,14 +64,12 @@ def safe_torch_load(path: str | Path, what: str = "file"):
         if unsafe:
             raise BurnError(
                 f"{what} {path} refers to code outside the safe allowlist ({', '.join(unsafe)}); "
-                "it was not loaded. Only load records from sources you trust, and re-create this "
-                "one with an attack script if it should be plain data"
+                f"it was not loaded (nothing in it ran). Only use files from sources you trust; {fix or 're-create this one with the script that makes it if it should be plain data'}"
             ) from None
-        raise BurnError(f"{what} {path} could not be unpickled ({_first_line(err)}); "
-                        "re-create it or check that the copy is complete") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
-        raise BurnError(f"{what} {path} is corrupt or not a torch file ({_first_line(err)}); "
-                        "re-create it or check that the copy is complete") from None
+        raise BurnError(f"{what} {path} could not be unpickled ({_first_line(err)}); {advice}") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, TypeError, AttributeError,
+            IndexError, KeyError, MemoryError) as err:
+        raise BurnError(f"{what} {path} is corrupt or not a torch file ({_first_line(err)}); {advice}") from None
 
 
 def _unsafe_globals(path: Path) -> list[str]:

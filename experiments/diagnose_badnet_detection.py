@@ -11,9 +11,10 @@ import sys
 import torch
 
 from burnkit.records import read_attack_record
+from burnkit.safe_load import safe_torch_load
 from burnkit.metrics import auroc
 rec = sys.argv[1]
-scan = torch.load(f"record/{rec}/defense/burn/checkpoint/burn_scan.pt", weights_only=False)
+scan = safe_torch_load(f"record/{rec}/defense/burn/checkpoint/burn_scan.pt", what="BURN scan")
 r = scan["result"]; logits0 = scan["logits0"]
 d = read_attack_record(f"record/{rec}").load_data("./data").bd_train
 flags, lab, orig, l2, adv = d.poison, d.labels, d.original_labels, r["l2"], r["adv_label"]

@@ -11,9 +11,10 @@ from burnkit.data import Augment
 from burnkit.engine import EvalSuite, evaluate, fit, seed_everything
 from burnkit.models import build_classifier, load_bb_state_dict
 from burnkit.records import read_attack_record
+from burnkit.safe_load import safe_torch_load
 from burnkit.defenses.burn import BurnConfig, select, finetune_set, frozen_bn_step
 rec = sys.argv[1]
-scan = torch.load(f"record/{rec}/defense/burn/checkpoint/burn_scan.pt", weights_only=False)
+scan = safe_torch_load(f"record/{rec}/defense/burn/checkpoint/burn_scan.pt", what="BURN scan")
 r = scan["result"]
 record = read_attack_record(f"record/{rec}")
 d = record.load_data("./data")

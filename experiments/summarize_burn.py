@@ -15,6 +15,7 @@ import torch
 from burnkit.defense import resolve_record_dir
 from burnkit.metrics import auroc
 from burnkit.records import read_attack_record
+from burnkit.safe_load import safe_torch_load
 
 
 def summarize(result_file: str, dataset_path: str = "./data") -> dict:
@@ -36,7 +37,7 @@ def summarize(result_file: str, dataset_path: str = "./data") -> dict:
         row["total_s"] = cost.get("wall_time_s_all_sessions", cost["wall_time_s"])  # resumed runs: every session
         row["device"] = cost["device"]
     else:  # still running: distances from the scan checkpoint, flags from the record
-        scan = torch.load(out / "checkpoint" / "burn_scan.pt", weights_only=False)
+        scan = safe_torch_load(out / "checkpoint" / "burn_scan.pt", what="BURN scan")
         flags = read_attack_record(record_dir).load_data(dataset_path).bd_train.poison
         l2 = scan["result"]["l2"]
         row.update({"auroc_l2": auroc(l2, flags), "mean_l2_clean": float(l2[~flags].mean()),

@@ -10,6 +10,7 @@ from burnkit.attacks.blended import Blended, noise_trigger
 from burnkit.attacks.triggers import blend, stamp
 from burnkit.datasets import dataset_info
 from burnkit.records import read_attack_record
+from burnkit.safe_load import safe_torch_load
 
 
 def _attack(cls, dataset="cifar10", **cli):
@@ -130,8 +131,8 @@ def test_killed_attack_resumes_to_the_same_record(tmp_path, monkeypatch):
     monkeypatch.setattr(engine, "_save_checkpoint", real_save)
     resumed = make_record(tmp_path / "b", "badnet", "r", short)
 
-    a = torch.load(straight / "attack_result.pt", weights_only=False)["model"]
-    b = torch.load(resumed / "attack_result.pt", weights_only=False)["model"]
+    a = safe_torch_load(straight / "attack_result.pt")["model"]
+    b = safe_torch_load(resumed / "attack_result.pt")["model"]
     assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
     csv_a, csv_b = pd.read_csv(straight / "attack_df.csv"), pd.read_csv(resumed / "attack_df.csv")
     assert csv_b["epoch"].tolist() == [0, 1, 2]

@@ -17,6 +17,7 @@ from burnkit.attacks.trojannn import (add_trigger, default_mask_image, neuron_ac
                                       select_neurons)
 from burnkit.datasets import dataset_info, load_split
 from burnkit.records import read_attack_record
+from burnkit.safe_load import safe_torch_load
 from burnkit.resources import (crafted_path, lc_adv_path, lf_pattern_path, load_clean_model, ssba_codec_path,
                                ssba_paths)
 from burnkit.resources.__main__ import main as resources_main
@@ -139,7 +140,7 @@ def _record(work, attack, name, extra=()):
 
 def _check_common(record, record_dir, train_y, test_y, target=0, all2all=False):
     data = record.load_data()
-    flags = torch.load(record_dir / "train_poison_index_list.pickle", weights_only=False)
+    flags = safe_torch_load(record_dir / "train_poison_index_list.pickle")
     poisoned = np.flatnonzero(flags == 1)
     assert (data.bd_train.poison.numpy() == (flags == 1)).all()
     expected = (train_y[poisoned] + 1) % 10 if all2all else np.full(len(poisoned), target)
@@ -189,7 +190,7 @@ def test_trojannn_record_uses_model_yaml_and_saves_trigger(resource_workdir, dig
     (train_x, train_y), (test_x, test_y) = digits_split
     record, record_dir = _record(resource_workdir, "trojannn", "trojannn_digits", ["--mask_update_iters", "20"])
     data, poisoned, test_index = _check_common(record, record_dir, train_y, test_y)
-    info = torch.load(record_dir / "info.pickle", weights_only=False)
+    info = safe_torch_load(record_dir / "info.pickle")
     assert info["bd_yaml_path"].endswith("trojannn/smallcnn.yaml") and info["selected_layer_name"] == "classifier"
     trigger = np.asarray(Image.open(record_dir / "trojannn_trigger.png"))[..., None]
     assert (data.bd_test.numpy_images() == add_trigger(test_x[test_index], trigger)).all()

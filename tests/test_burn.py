@@ -15,6 +15,7 @@ from burnkit.defenses.burn import (Burn, BurnConfig, composite_score, detection_
                                    linear_schedule, prediction_divergence, schedule, select, selection_quality,
                                    share_count)
 from burnkit.errors import BurnError
+from burnkit.safe_load import safe_torch_load
 
 FAST = ["--iterations", "2", "--epochs", "1", "--batch_size", "64", "--max_iter", "20", "--candidates", "4",
         "--progress", "false", "--kp_start", "0.02", "--kp_end", "0.04", "--kc_start", "0.1",
@@ -173,8 +174,7 @@ def test_resume_after_kill_ends_with_the_same_model(digits_copy, monkeypatch):
     monkeypatch.setattr(burn_mod, "finetune_set", killed_at_iteration_2)
     with pytest.raises(SystemExit):
         _run("--resume", "false", "--overwrite", "true")  # the finished output is moved aside
-    state = torch.load(digits_copy / "record/badnet_digits/defense/burn/checkpoint/burn_state.pt",
-                       weights_only=False)
+    state = safe_torch_load(digits_copy / "record/badnet_digits/defense/burn/checkpoint/burn_state.pt")
     assert state["completed"] == 1
     monkeypatch.setattr(burn_mod, "finetune_set", real)
     calls.clear()

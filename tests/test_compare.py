@@ -235,7 +235,7 @@ def test_submitit_local_runs_cells_and_failures_are_retried(digits_workdir, tmp_
     state = json.loads((out / "state.json").read_text())["cells"]
     good, bad = state["defense/blended_digits/ft-sub"], state["defense/blended_digits/ft-bad"]
     assert good["status"] == "done" and bad["status"] == "failed" and bad["exit_code"] == 2
-    assert "--lr must be non-negative" in bad["tail"]
+    assert "--lr must be >= 0" in bad["tail"]
     assert "--output_name ft-sub" in Path(good["log"]).read_text()  # a variant gets its own folder
     record = state["attack/badnet-bad_digits_smallcnn_s0"]
     assert record["status"] == "failed" and record["exit_code"] == 2 and "pratio" in record["tail"]

@@ -27,11 +27,11 @@ def _write(tmp_path, text):
 
 
 def test_cli_beats_yaml_beats_defaults(tmp_path):
-    path = _write(tmp_path, "lr: 5e-5\nepochs: 3\nbetas: [0.5, 0.9]\nunused_key: 1\n")
+    path = _write(tmp_path, "lr: 5e-5\nepochs: 3\nbetas: [0.5, 0.9]\n")
     cfg, yaml_path, ignored = parse_config(_Cfg, ["--yaml_path", path, "--epochs", "7", "--amp", "true"], "prog")
     assert cfg.lr == 5e-5 and isinstance(cfg.lr, float)  # PyYAML reads 5e-5 as a string
     assert cfg.epochs == 7 and cfg.amp is True and cfg.betas == (0.5, 0.9) and cfg.name == "x"
-    assert ignored == ["unused_key"]
+    assert ignored == []
 
 
 def test_yaml_value_is_not_overridden_by_flag_defaults(tmp_path):
@@ -48,7 +48,10 @@ def test_list_flags_and_null(tmp_path):
 
 
 @pytest.mark.parametrize("text, message", [
-    ("lr: fast\n", "'lr' must be a number"),
+    ("lr: fast\n", "'lr' must be a finite number"),
+    ("lr: .nan\n", "'lr' must be a finite number"),
+    ("iteratons: 5\nepochs: 1\n", "unknown key 'iteratons'"),
+    ("epoch: 5\n", "unknown key 'epoch' \\(did you mean 'epochs'\\?\\)"),
     ("epochs: 2.5\n", "'epochs' must be an integer"),
     ("amp: maybe\n", "'amp' must be true or false"),
     ("- a\n- b\n", "must hold a mapping"),

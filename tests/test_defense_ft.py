@@ -64,7 +64,7 @@ def _cli(args, cwd):
 @pytest.mark.parametrize("args, message", [
     (["--result_file", "nope"], "no attack record"),
     (["--result_file", "badnet_digits", "--dataset", "cifar10"], "contradicts the record"),
-    (["--result_file", "badnet_digits", "--ratio", "2"], "--ratio must be in"),
+    (["--result_file", "badnet_digits", "--ratio", "2"], "--ratio must be > 0 and <= 1"),
     (["--result_file", "badnet_digits", "--epochs", "many"], "'epochs' must be an integer"),
     (["--result_file", "badnet_digits", "--yaml_path", "broken.yaml"], "not valid YAML"),
     (["--result_file", "badnet_digits", "--index", "missing.txt"], "--index file missing.txt not found"),

@@ -114,7 +114,7 @@ def test_record_works_after_move_and_with_python_int_keys(bb_cifar_record, tmp_p
     base = bb_cifar_record[0]
     moved = tmp_path / "elsewhere" / "record" / "renamed"
     shutil.copytree(base / "record" / "bb_badnet", moved)
-    raw = torch.load(moved / "attack_result.pt", weights_only=False)
+    raw = safe_torch_load(moved / "attack_result.pt")
     for split in ("bd_train", "bd_test"):  # WaNet-style records use Python int keys
         dd = raw[split]["bd_data_container"]["data_dict"]
         raw[split]["bd_data_container"]["data_dict"] = {int(k): v for k, v in dd.items()}
@@ -128,7 +128,7 @@ def test_record_works_after_move_and_with_python_int_keys(bb_cifar_record, tmp_p
 
 def test_record_without_bd_train_is_accepted(bb_cifar_record):
     base = bb_cifar_record[0]
-    raw = torch.load(base / "record" / "bb_badnet" / "attack_result.pt", weights_only=False)
+    raw = safe_torch_load(base / "record" / "bb_badnet" / "attack_result.pt")
     raw["bd_train"] = None
     torch.save(raw, base / "record" / "bb_badnet" / "attack_result.pt")
     data = read_attack_record(base / "record" / "bb_badnet").load_data()
@@ -180,7 +180,7 @@ def test_bad_records_give_clear_errors(bb_cifar_record, tmp_path):
         read_attack_record(tmp_path / "record" / "missing")
     with pytest.raises(BurnError, match="contradicts the record"):
         read_attack_record(rec, dataset="cifar100")
-    raw = torch.load(rec / "attack_result.pt", weights_only=False)
+    raw = safe_torch_load(rec / "attack_result.pt")
     bad = dict(raw, num_classes=43)
     torch.save(bad, rec / "attack_result.pt")
     with pytest.raises(BurnError, match="43 classes"):

@@ -326,7 +326,7 @@ class DynamicAttack(Attack):
 
         return fit(model, train_set, self.train_config(), device=device, step=self.step, seed=cfg.random_seed,
                    epoch_end=epoch_end, on_row=on_row, checkpoint=checkpoint if self.resumable else None,
-                   resume=cfg.resume, desc=self.name, progress=cfg.progress)
+                   resume=cfg.resume, desc=self.name, progress=cfg.progress, fingerprint=self.fingerprint(train_set))
 
     # -- the record ----------------------------------------------------------------------------
 

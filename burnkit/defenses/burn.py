@@ -50,6 +50,7 @@ from ..metrics import auroc
 from ..models import Classifier
 from ..records import atomic_torch_save
 from ..results import atomic_write_text, write_json
+from ..safe_load import safe_torch_load
 
 PD_OUTPUTS = ("logits", "probs")
 STATE_VERSION = 1
@@ -215,10 +216,11 @@ def _plain(v):
 
 
 def _load(path: Path, expected: dict, what: str):
+    """A checkpoint of this run, read weights-only (a record folder can carry any file), or None."""
     if not path.exists():
         return None
-    state = torch.load(path, map_location="cpu", weights_only=False)  # our own checkpoint file
-    if state.get("version") != STATE_VERSION or state.get("fingerprint") != expected:
+    state = safe_torch_load(path, what=f"the {what} checkpoint", fix="pass --resume false to start over")
+    if not isinstance(state, dict) or state.get("version") != STATE_VERSION or state.get("fingerprint") != expected:
         raise BurnError(f"the {what} checkpoint {path} was made with other settings or another record; "
                         "pass --resume false to start over")
     return state

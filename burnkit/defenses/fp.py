@@ -33,6 +33,7 @@ import contextlib
 import math
 import shutil
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -51,6 +52,8 @@ from ..results import MetricLog, atomic_write_text
 
 @dataclass
 class FinePruningConfig(DefenseConfig):
+    # BackdoorBench's FP YAMLs carry these keys without reading them (spec §7.2): accepted, unused
+    YAML_COMPAT_KEYS: ClassVar[tuple[str, ...]] = ("poison_rate", "target_type", "target_label", "trigger_type")
     epochs: int = option(100, "fine-tuning epochs after pruning")
     batch_size: int = option(256, "batch size")
     lr: float = option(0.01, "fine-tuning learning rate")

@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import copy
 from dataclasses import dataclass, replace
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
@@ -54,6 +55,8 @@ ATTENTION_EPS = 1e-6  # NAD's guard against an all-zero attention map
 
 @dataclass
 class NADConfig(DefenseConfig):
+    # BackdoorBench's NAD YAMLs carry these keys without reading them (spec §7.3): accepted, unused
+    YAML_COMPAT_KEYS: ClassVar[tuple[str, ...]] = ("momentum", "weight_decay")
     te_epochs: int = option(10, "epochs of the teacher fine-tuning and of the student distillation")
     epochs: int = option(100, "accepted for BackdoorBench compatibility (NAD uses te_epochs)")
     batch_size: int = option(256, "batch size")

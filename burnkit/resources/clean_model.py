@@ -10,6 +10,7 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -24,6 +25,10 @@ from .base import ResourceConfig, Session
 
 @dataclass
 class CleanModelConfig(ResourceConfig):
+    # the prototype YAML's loader keys (no DataLoader here): accepted, unused
+    YAML_COMPAT_KEYS: ClassVar[tuple[str, ...]] = ("num_workers", "pin_memory", "non_blocking", "prefetch",
+                                                   "frequency_save")
+
     epochs: int = option(100, "training epochs")
     lr: float = option(0.01, "learning rate")
     client_optimizer: str = option("sgd", "sgd, adam or adadelta")
