@@ -7,16 +7,20 @@ so the files keep BackdoorBench's key names.
 """
 from __future__ import annotations
 
+import contextlib
+import copy
 from collections import OrderedDict
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import attack_models
 from attack_models import ModelInputError, UnknownModelError
 
 from .datasets import DatasetInfo
 from .errors import BurnError
+from .records import cpu_state_dict
 
 
 class Classifier(nn.Module):
@@ -44,8 +48,36 @@ class Classifier(nn.Module):
         return self.net(self.normalize(x01))
 
     def bb_state_dict(self) -> "OrderedDict[str, torch.Tensor]":
-        """The network's state dict with CPU tensors and BackdoorBench's key names."""
-        return OrderedDict((k, v.detach().cpu().clone()) for k, v in self.net.state_dict().items())
+        """The network's state dict with CPU tensors and BackdoorBench's key names, keeping the
+        ``_metadata`` (module versions) that ``model.cpu().state_dict()`` carries in its records."""
+        return cpu_state_dict(self.net.state_dict(), clone=True)
+
+
+class _Hardsigmoid(nn.Module):
+    """``relu6(x + 3) / 6``: the values and gradient of ``nn.Hardsigmoid``, twice differentiable."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu6(x + 3.0) / 6.0
+
+
+@contextlib.contextmanager
+def twice_differentiable(net: nn.Module):
+    """Within the block, every ``nn.Hardsigmoid`` of ``net`` (MobileNetV3's squeeze-excitation gate),
+    whose backward PyTorch cannot differentiate again, computes the same function as
+    ``relu6(x + 3) / 6``, which it can. For algorithms that differentiate gradients (I-BAU's
+    hypergradient); the module has no parameters, so the state dict is untouched."""
+    swapped = []
+    for name, module in list(net.named_modules()):
+        if isinstance(module, nn.Hardsigmoid):
+            parent_name, _, attr = name.rpartition(".")
+            parent = net.get_submodule(parent_name) if parent_name else net
+            setattr(parent, attr, _Hardsigmoid())
+            swapped.append((parent, attr, module))
+    try:
+        yield net
+    finally:
+        for parent, attr, module in swapped:
+            setattr(parent, attr, module)
 
 
 def build_classifier(model_name: str, info: DatasetInfo, num_classes: int | None = None) -> Classifier:
@@ -82,6 +114,10 @@ def load_bb_state_dict(clf: Classifier, state_dict, source: str = "record") -> N
     if set(state) != set(own) and len(state) == len(own) and all(
             tuple(a.shape) == tuple(b.shape) for a, b in zip(state.values(), own.values())):
         state = OrderedDict(zip(own.keys(), state.values()))
+    # module versions: the record's when it carries them under these names, else this build's
+    state._metadata = copy.deepcopy(getattr(own, "_metadata", OrderedDict()))
+    state._metadata.update({k.removeprefix("module."): v for k, v in getattr(state_dict, "_metadata", {}).items()
+                            if k.removeprefix("module.") in state._metadata})
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     if missing or unexpected:

@@ -12,6 +12,7 @@ accepted; ``bd_train`` may be ``None``.
 """
 from __future__ import annotations
 
+import copy
 import os
 import tempfile
 from collections import OrderedDict
@@ -306,7 +307,7 @@ def write_attack_record(record_dir: str | Path, *, model_name: str, num_classes:
     save = {
         "model_name": model_name,
         "num_classes": int(num_classes),
-        "model": OrderedDict((k, v.detach().cpu()) for k, v in state_dict.items()),
+        "model": cpu_state_dict(state_dict),
         "data_path": data_path or f"./data/{clean_data}",
         "img_size": tuple(int(v) for v in info.img_size),
         "clean_data": clean_data,
@@ -346,7 +347,7 @@ def write_defense_result(out_dir: str | Path, model_name: str, num_classes: int,
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     payload = {"model_name": model_name, "num_classes": int(num_classes),
-               "model": OrderedDict((k, v.detach().cpu()) for k, v in state_dict.items())}
+               "model": cpu_state_dict(state_dict)}
     path = out_dir / "defense_result.pt"
     atomic_torch_save(payload, path)
     return path
@@ -366,6 +367,16 @@ def read_defense_result(path: str | Path) -> dict:
         elif not key.endswith(".weight_mask"):
             state[key] = value
     return {"model_name": str(raw["model_name"]), "num_classes": int(raw["num_classes"]), "model": state}
+
+
+def cpu_state_dict(state_dict, clone: bool = False) -> "OrderedDict[str, torch.Tensor]":
+    """A copy of ``state_dict`` with detached CPU tensors and the same ``_metadata``: some modules
+    (torchvision's MNASNet) refuse a state dict without their version number."""
+    out = OrderedDict((k, v.detach().cpu().clone() if clone else v.detach().cpu()) for k, v in state_dict.items())
+    metadata = getattr(state_dict, "_metadata", None)
+    if metadata is not None:
+        out._metadata = copy.deepcopy(metadata)
+    return out
 
 
 def atomic_torch_save(obj, path: Path) -> None:

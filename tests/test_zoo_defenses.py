@@ -111,3 +111,45 @@ def test_training_out_of_memory_is_one_line_naming_the_flags():
     with pytest.raises(ValueError):  # anything else passes through untouched
         with out_of_memory_as_error("x", torch.device("cpu"), cfg):
             raise ValueError("not memory")
+
+
+def test_state_dicts_keep_module_versions_mnasnet_needs(tmp_path):
+    """torchvision's MNASNet refuses a state dict without its ``_metadata`` version; records and
+    defense results keep it (as BackdoorBench's ``model.cpu().state_dict()`` does), and a state dict
+    that lost it (a prefix stripped, keys renamed) is loaded with this build's versions."""
+    from collections import OrderedDict
+
+    from burnkit.models import load_bb_state_dict
+    from burnkit.records import read_defense_result, write_defense_result
+
+    torch.manual_seed(0)
+    clf = build_classifier("mnasnet1_0", dataset_info("cifar10"))
+    path = write_defense_result(tmp_path, "mnasnet1_0", 10, clf.bb_state_dict())
+    raw = torch.load(path, weights_only=True)
+    assert raw["model"]._metadata[""]["version"] == 2  # MNASNet._version
+    fresh = attack_models.create_model("mnasnet1_0")
+    fresh.load_state_dict(raw["model"])  # what a BackdoorBench consumer does
+    bare = OrderedDict((f"module.{k}", v) for k, v in read_defense_result(path)["model"].items())  # no _metadata
+    other = build_classifier("mnasnet1_0", dataset_info("cifar10"))
+    load_bb_state_dict(other, bare)
+    assert all(torch.equal(a, b) for a, b in zip(other.net.state_dict().values(), clf.net.state_dict().values()))
+
+
+def test_twice_differentiable_mobilenet_v3_for_hypergradients():
+    from burnkit.models import twice_differentiable
+
+    torch.manual_seed(0)
+    net = attack_models.create_model("mobilenet_v3_large").eval()
+    x = torch.rand(2, 3, 32, 32, requires_grad=True)
+    with pytest.raises(RuntimeError, match="hardsigmoid_backward is not implemented"):
+        g, = torch.autograd.grad(net(x).square().sum(), x, create_graph=True)
+        torch.autograd.grad(g.sum(), list(net.parameters())[-1])
+    before = net(x).detach()
+    gates = sum(isinstance(m, nn.Hardsigmoid) for m in net.modules())
+    with twice_differentiable(net):
+        assert gates == 8 and not any(isinstance(m, nn.Hardsigmoid) for m in net.modules())
+        torch.testing.assert_close(net(x), before, rtol=0, atol=0)  # the same function
+        g, = torch.autograd.grad(net(x).square().sum(), x, create_graph=True)
+        second = torch.autograd.grad(g.sum(), list(net.parameters())[-1])[0]
+        assert torch.isfinite(second).all()
+    assert sum(isinstance(m, nn.Hardsigmoid) for m in net.modules()) == gates  # restored
