@@ -164,6 +164,26 @@ def test_dataset_fit_is_checked_with_a_clear_error(dataset, name, ok):
     assert out.shape == (2, info.num_classes)
 
 
+@pytest.mark.parametrize("dataset", ["cifar10", "cifar100", "gtsrb", "tiny", "mnist"])
+def test_every_model_takes_every_dataset_it_can_and_refuses_the_others(dataset):
+    """Shapes only (meta tensors): 32 px, 64 px and 28 px single-channel inputs."""
+    info = dataset_info(dataset)
+    taken = []
+    for name in list_models():
+        if min_input_size(name) > info.img_size[0]:
+            with pytest.raises(BurnError, match=f"cannot take {dataset}"):
+                build_classifier(name, info)
+            continue
+        with torch.device("meta"):
+            clf = build_classifier(name, info)
+            assert clf(torch.zeros(2, info.channels, *info.img_size[:2])).shape == (2, info.num_classes)
+        taken.append(name)
+    refused = {"cifar10": {"alexnet", "inception_v3"}, "tiny": {"inception_v3"},
+               "mnist": {"alexnet", "inception_v3", "vgg11", "vgg16", "vgg19", "vgg19_bn", "densenet121",
+                         "densenet161", "convnext_tiny"}}
+    assert set(list_models()) - set(taken) == refused.get(dataset, refused["cifar10"])
+
+
 def test_one_channel_adapts_only_the_stem():
     for name in ("resnet18", "googlenet", "mobilenet_v3_large", "vit_b_16", "squeezenet1_0"):
         with torch.device("meta"):
