@@ -49,7 +49,7 @@ from .registry import Registry
 from .models import Classifier, build_classifier
 from .options import TrainingOptions
 from .records import PoisonedSplit, atomic_torch_save, write_attack_record
-from .results import MetricLog, move_aside, plot_metrics, run_environment, write_json
+from .results import MetricLog, check_writable_folder, move_aside, plot_metrics, run_environment, write_json
 
 _REGISTRY = Registry("attack", "burnkit.attacks")
 # settings that do not change the trained model: a resumed run may change them
@@ -85,6 +85,11 @@ class AttackConfig(TrainingOptions):
 
     def validate(self) -> None:
         super().validate()
+        name = self.save_folder_name
+        if name is not None and (not name.strip() or Path(name).name != name or name in (".", "..")
+                                 or "\\" in name):
+            raise BurnError(f"--save_folder_name must be a plain folder name (the record goes to record/<name>), "
+                            f"got {name!r}")
         if self.attack_label_trans not in ("all2one", "all2all"):
             raise BurnError(f"attack_label_trans must be all2one or all2all, got {self.attack_label_trans!r}")
         if not 0.0 <= self.pratio <= 1.0:
@@ -231,6 +236,7 @@ class Attack:
         if replace_old and not cfg.overwrite:
             raise BurnError(f"{record_dir} already holds an attack record; choose another --save_folder_name, or pass "
                             "--overwrite true to replace it (the old folder, defenses included, is kept, renamed)")
+        check_writable_folder(record_dir, "the record folder")
         device = resolve_device(cfg.device)
         root = resolve_data_root(cfg.dataset_path, cfg.dataset)
         train_x, train_y = load_split(cfg.dataset, root, train=True, download=cfg.download)
@@ -300,8 +306,8 @@ class Attack:
             if args.get(key) is None:  # BackdoorBench's code opens this path: point it at a copy in the record
                 save_png(record_dir / filename, image)
                 args[key] = f"./record/{name}/{filename}"
-        torch.save(backdoorbench_info(args), record_dir / "info.pickle")
-        torch.save(indicator_train, record_dir / "train_poison_index_list.pickle")
+        atomic_torch_save(backdoorbench_info(args), record_dir / "info.pickle")
+        atomic_torch_save(indicator_train, record_dir / "train_poison_index_list.pickle")
         final = log.last()
         provenance = {"attack": cls.name, "record": str(record_dir), "config": args,
                       "train_subset_size": int(len(plan.train_positions)),

@@ -207,7 +207,7 @@ def compat_keys(config_cls) -> frozenset:
 
 # --------------------------------------------------------------------------- parser and merge
 
-class _Parser(argparse.ArgumentParser):
+class OneLineArgumentParser(argparse.ArgumentParser):
     """argparse whose usage errors (a flag without its value, ...) are one-line :class:`BurnError`s
     rather than a usage dump; abbreviations are off, so ``--epoch`` is a typo, not ``--epochs``."""
 
@@ -217,7 +217,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser(config_cls, prog: str, description: str = "") -> argparse.ArgumentParser:
     """An argparse parser with one ``--field`` per dataclass field, all defaulting to None."""
-    parser = _Parser(prog=prog, description=description, allow_abbrev=False,
+    parser = OneLineArgumentParser(prog=prog, description=description, allow_abbrev=False,
                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     hints = _hints(config_cls)
     fields = dataclasses.fields(config_cls)

@@ -33,6 +33,7 @@ import numpy as np
 from PIL import Image
 
 from .errors import BurnError
+from .fileio import publish
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".tif", ".tiff", ".webp"}
 
@@ -508,27 +509,13 @@ def _write_cache(root: Path, name: str, split: str, source: str, inputs: list[Pa
                 tmp = final.with_name(final.name + f".tmp{os.getpid()}")
                 with open(tmp, "wb") as f:
                     np.save(f, arr, allow_pickle=False)
-                os.chmod(tmp, 0o666 & ~current_umask())
-                os.replace(tmp, final)
+                publish(tmp, final)
         except OSError:
             continue  # read-only data folder: try the user cache
         for old in folder.glob(f"{prefix}*.npy"):
             if not old.name.startswith(stem):
                 old.unlink(missing_ok=True)
         return
-
-
-def current_umask() -> int:
-    """The process umask (read without changing it where /proc allows)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 def _is_archive(path: Path) -> bool:

@@ -23,7 +23,7 @@ import logging
 import random
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
@@ -40,7 +40,7 @@ from .registry import Registry
 from .models import Classifier, build_classifier, load_bb_state_dict
 from .options import TrainingOptions
 from .records import AttackRecord, read_attack_record, write_defense_result
-from .results import MetricLog, move_aside, plot_metrics, run_environment, write_json
+from .results import MetricLog, check_writable_folder, move_aside, plot_metrics, run_environment, write_json
 
 _REGISTRY = Registry("defense", "burnkit.defenses")
 register_defense = _REGISTRY.register  # class decorator
@@ -238,6 +238,16 @@ class Defense:
         cfg.dataset = record.clean_data
         if cfg.model and cfg.model != record.model_name:
             raise BurnError(f"--model {cfg.model} contradicts the record's model {record.model_name}; drop --model")
+        out_dir = record_dir / "defense" / (cfg.output_name or self.name)
+        finished = (out_dir / "defense_result.pt").exists()
+        if finished and not cfg.overwrite:
+            raise BurnError(f"{out_dir} already holds a finished {self.name} result; pass --overwrite true to "
+                            "replace it (the old folder is kept, renamed) or --output_name NEW for a second one")
+        check_writable_folder(out_dir, "the output folder")
+        if cfg.log:
+            check_writable_folder(cfg.log, "--log")
+        if cfg.checkpoint_save:
+            check_writable_folder(cfg.checkpoint_save, "--checkpoint_save")
         device = resolve_device(cfg.device)
         info = dataset_info(record.clean_data)
         seed_everything(cfg.random_seed)
@@ -252,13 +262,7 @@ class Defense:
                            loaded.clean_test, loaded.bd_test, subset_idx)
 
         # -- inputs are valid: from here on we write ------------------------------------------
-        out_dir = record_dir / "defense" / (cfg.output_name or self.name)
-        replaced = None
-        if (out_dir / "defense_result.pt").exists():
-            if not cfg.overwrite:
-                raise BurnError(f"{out_dir} already holds a finished {self.name} result; pass --overwrite true to "
-                                "replace it (the old folder is kept, renamed) or --output_name NEW for a second one")
-            replaced = move_aside(out_dir)
+        replaced = move_aside(out_dir) if finished else None
         out_dir.mkdir(parents=True, exist_ok=True)
         logger = _make_logger(self.name, Path(cfg.log) if cfg.log else out_dir / "log")
         run = DefenseRun(self.name, cfg, out_dir, device, data, record, logger)

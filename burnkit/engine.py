@@ -414,7 +414,7 @@ def fit(model: nn.Module, train_set: ImageSet, cfg: TrainConfig, *, device: torc
         ctx.epoch = epoch
         epoch_start = time.perf_counter()
         model.train()
-        losses, correct, counts = [], _Counts(), 0
+        losses, correct = [], _Counts()
         bar = tqdm(total=n_batches, desc=f"{desc} {epoch + 1}/{cfg.epochs}", leave=False,
                    disable=not progress, dynamic_ncols=True)
         for batch in iterate(train_set, cfg.batch_size, device, shuffle=True, generator=generator,

@@ -7,6 +7,7 @@ still show their traceback.
 """
 from __future__ import annotations
 
+import errno
 import sys
 from contextlib import contextmanager
 
@@ -16,6 +17,8 @@ class BurnError(Exception):
 
 
 EXIT_USAGE = 2
+# a full or read-only disk, a quota, missing permissions: the user's environment, not a bug
+ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
 @contextmanager
@@ -26,6 +29,13 @@ def cli_errors(prog: str):
     except BurnError as err:
         message = " ".join(str(err).split())  # one line, whatever the message held
         print(f"{prog}: error: {message}", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE) from None
+    except OSError as err:
+        if err.errno not in ENVIRONMENT_ERRNOS:
+            raise  # anything else is a bug: keep its traceback
+        where = f" {err.filename}" if err.filename else ""
+        print(f"{prog}: error: cannot write{where}: {err.strerror}; free space or fix the permissions, then run "
+              "the same command again (finished files are complete; an interrupted run resumes)", file=sys.stderr)
         raise SystemExit(EXIT_USAGE) from None
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)

@@ -13,8 +13,6 @@ accepted; ``bd_train`` may be ``None``.
 from __future__ import annotations
 
 import copy
-import os
-import tempfile
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +24,7 @@ from PIL import Image
 from .data import ImageSet
 from .datasets import DatasetInfo, dataset_info, load_split, resolve_data_root
 from .errors import BurnError
+from .fileio import atomic_torch_save  # noqa: F401  (re-exported: callers import it from here)
 from .safe_load import safe_torch_load
 
 RECORD_KEYS = ("model_name", "num_classes", "model", "data_path", "img_size", "clean_data", "bd_train", "bd_test")
@@ -139,40 +138,82 @@ def read_attack_record(record_dir: str | Path, dataset: str | None = None) -> At
     if missing:
         raise BurnError(f"{path} is not a complete BackdoorBench attack record: missing {', '.join(missing)}; "
                         "re-create it with an attack script")
-    clean_data = str(raw["clean_data"])
+    check = _FieldCheck(path)
+    clean_data = check.text(raw["clean_data"], "clean_data")
     info = dataset_info(clean_data)
     if dataset is not None and dataset != clean_data:
         raise BurnError(f"--dataset {dataset} contradicts the record, which was made on {clean_data}; "
                         f"pass --dataset {clean_data}")
-    num_classes = int(raw["num_classes"])
+    num_classes = check.integer(raw["num_classes"], "num_classes")
     if num_classes != info.num_classes:
         raise BurnError(f"the record says {num_classes} classes but {clean_data} has {info.num_classes}; "
                         "the record is inconsistent - check clean_data/num_classes or re-create it")
-    img_size = tuple(int(v) for v in raw["img_size"])
+    img_size = check.int_tuple(raw["img_size"], "img_size", 3)
     if img_size != info.img_size:
         raise BurnError(f"the record's image size {img_size} contradicts {clean_data} {info.img_size}; "
                         f"check --dataset (the record says {clean_data})")
+    model_name = check.text(raw["model_name"], "model_name")
+    data_path = check.text(raw["data_path"], "data_path")
     state = raw["model"]
-    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+    if not isinstance(state, dict) or not state or not all(isinstance(k, str) and torch.is_tensor(v)
+                                                           for k, v in state.items()):
         raise BurnError(f"{path}: 'model' is not a state dict of tensors; re-create the record")
     if raw["bd_test"] is None:
         raise BurnError(f"{path} has no bd_test split, so ASR cannot be measured; re-create the record")
     return AttackRecord(
         record_dir=record_dir,
-        model_name=str(raw["model_name"]),
+        model_name=model_name,
         num_classes=num_classes,
         state_dict=OrderedDict(state),
-        data_path=str(raw["data_path"]),
+        data_path=data_path,
         img_size=img_size,
         clean_data=clean_data,
         bd_train=None if raw["bd_train"] is None else restrict_to_trained(
-            _parse_state(raw["bd_train"], "bd_train", record_dir), raw.get(TRAIN_SUBSET_KEY), record_dir),
-        bd_test=_parse_state(raw["bd_test"], "bd_test", record_dir),
+            _parse_state(raw["bd_train"], "bd_train", record_dir, num_classes), raw.get(TRAIN_SUBSET_KEY), record_dir),
+        bd_test=_parse_state(raw["bd_test"], "bd_test", record_dir, num_classes),
         extra={k: v for k, v in raw.items() if k not in RECORD_KEYS},
     )
 
 
-def _parse_state(state, split: str, record_dir: Path) -> PoisonState:
+class _FieldCheck:
+    """Type checks of a record's top-level fields, each failure one line naming the field."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def fail(self, field: str, want: str, value) -> BurnError:
+        shown = repr(value) if not torch.is_tensor(value) and len(repr(value)) < 60 else type(value).__name__
+        return BurnError(f"{self.path}: '{field}' must be {want}, got {shown}; the record is corrupt, re-create it")
+
+    def text(self, value, field: str) -> str:
+        if not isinstance(value, str) or not value:
+            raise self.fail(field, "a non-empty string", value)
+        return value
+
+    def integer(self, value, field: str) -> int:
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise self.fail(field, "an integer", value)
+        return int(value)
+
+    def int_tuple(self, value, field: str, length: int) -> tuple[int, ...]:
+        if not isinstance(value, (list, tuple, torch.Size, np.ndarray)) or len(value) != length or \
+                any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) for v in value):
+            raise self.fail(field, f"{length} integers", value)
+        return tuple(int(v) for v in value)
+
+
+def _int_array(value, split: str, key: str, bad) -> np.ndarray:
+    """A 1-D array of integers (``original_index_array``), whatever sequence type holds it."""
+    try:
+        arr = np.asarray(value)
+    except (TypeError, ValueError):
+        raise bad(f"'{key}' is not an array") from None
+    if arr.ndim != 1 or not (np.issubdtype(arr.dtype, np.integer) or (arr.size == 0 and arr.dtype != object)):
+        raise bad(f"'{key}' must be a 1-D array of integers, got {arr.dtype} with shape {arr.shape}")
+    return arr.astype(np.int64)
+
+
+def _parse_state(state, split: str, record_dir: Path, num_classes: int) -> PoisonState:
     def bad(what: str):
         return BurnError(f"record {record_dir}: {split} {what}; the record is corrupt, re-create it")
 
@@ -182,20 +223,42 @@ def _parse_state(state, split: str, record_dir: Path) -> PoisonState:
         if key not in state:
             raise bad(f"lacks '{key}'")
     container = state["bd_data_container"]
-    if not isinstance(container, dict) or "data_dict" not in container:
+    if not isinstance(container, dict) or not isinstance(container.get("data_dict"), dict):
         raise bad("has no bd_data_container.data_dict")
-    original_index = np.asarray(state["original_index_array"]).astype(np.int64).ravel()
-    indicator = np.asarray(state["poison_indicator"]).astype(np.float64).ravel()
-    save_folder = str(state.get("save_folder_path") or container.get("save_folder_path") or "")
+    original_index = _int_array(state["original_index_array"], split, "original_index_array", bad)
+    try:
+        indicator = np.asarray(state["poison_indicator"], dtype=np.float64).ravel()
+    except (TypeError, ValueError):
+        raise bad("'poison_indicator' is not numeric") from None
+    if np.asarray(state["poison_indicator"]).ndim != 1 or not np.isin(indicator, (0.0, 1.0)).all():
+        raise bad("'poison_indicator' must be a 1-D array of 0/1 values")
+    save_folder = state.get("save_folder_path") or container.get("save_folder_path") or ""
+    if not isinstance(save_folder, str):
+        raise bad("'save_folder_path' is not a string")
     folder_name = Path(save_folder.replace("\\", "/")).name or SPLIT_FOLDERS[split]
+    if folder_name in ("..", ".") or folder_name != Path(folder_name).name:
+        folder_name = SPLIT_FOLDERS[split]
     entries: dict[int, PoisonEntry] = {}
     for key, value in container["data_dict"].items():
         try:
+            if isinstance(key, bool):
+                raise TypeError
             idx = int(key)
-            stored = str(value["path"])
-            bd_label, original_label = (int(v) for v in list(value["other_info"])[:2])
+            if idx != key:
+                raise ValueError
+            stored = value["path"]
+            other = list(value["other_info"])[:2]
+            if not isinstance(stored, str) or len(other) != 2 or any(
+                    isinstance(v, bool) or not isinstance(v, (int, np.integer)) for v in other):
+                raise TypeError
+            bd_label, original_label = (int(v) for v in other)
         except (TypeError, KeyError, ValueError):
             raise bad(f"has a malformed data_dict entry for key {key!r} (RAM-mode records are not supported)") from None
+        if not 0 <= idx < len(indicator):
+            raise bad(f"has a data_dict entry for index {idx}, outside the {len(indicator)} samples of the split")
+        for name, label in (("backdoor", bd_label), ("original", original_label)):
+            if not 0 <= label < num_classes:
+                raise bad(f"gives sample {idx} the {name} label {label}, outside the {num_classes} classes")
         entries[idx] = PoisonEntry(_resolve_png(record_dir, folder_name, original_label, idx, stored),
                                    stored, bd_label, original_label)
     if len(original_index) and (original_index.min() < 0 or original_index.max() >= len(indicator)):
@@ -377,15 +440,3 @@ def cpu_state_dict(state_dict, clone: bool = False) -> "OrderedDict[str, torch.T
     if metadata is not None:
         out._metadata = copy.deepcopy(metadata)
     return out
-
-
-def atomic_torch_save(obj, path: Path) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)

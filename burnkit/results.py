@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from .fileio import atomic_write_bytes
+
 NAN = "nan_value"
 ACC_LIKE = ("train_acc", "train_acc_clean_only", "train_asr_bd_only", "train_ra_bd_only",
             "test_acc", "test_asr", "test_ra")
@@ -124,16 +126,27 @@ def plot_metrics(rows: list[dict], folder: str | Path, prefix: str = "", x_key: 
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    atomic_write_bytes(path, text.encode())
+
+
+def check_writable_folder(folder: str | Path, what: str) -> None:
+    """Fail early, with one line, when ``folder`` cannot be created or written: a path component
+    is a file, or the nearest existing folder refuses writes (tried for real, so read-only mounts
+    are caught even for root). Leaves nothing behind."""
+    from .errors import BurnError
+
+    folder = Path(folder)
+    probe = folder
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise BurnError(f"{what} {folder} cannot be created: {probe} is a file, not a folder; move the file "
+                        "away or choose another path")
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        os.rmdir(tempfile.mkdtemp(dir=probe, prefix=".burnkit-write-probe-"))
+    except OSError as err:
+        raise BurnError(f"{what} {folder} is not writable ({err.strerror or err} in {probe}); fix the "
+                        "permissions or choose another folder") from None
 
 
 def move_aside(folder: str | Path) -> Path:

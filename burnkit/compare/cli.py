@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import signal
 import sys
+import threading
 import time
 
+from ..config import OneLineArgumentParser
 from ..errors import BurnError, cli_errors
 from .experiment import EXECUTORS, load_experiment
 from .report import write_report
@@ -19,7 +22,7 @@ PROG = "burn-compare"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description="Run the missing cells of an attacks x defenses x seeds "
+    parser = OneLineArgumentParser(prog=PROG, allow_abbrev=False, description="Run the missing cells of an attacks x defenses x seeds "
                                      "matrix (resumable), then write CSV/Markdown/HTML tables and plots.")
     parser.add_argument("experiment", help="experiment YAML (see docs/compare.md)")
     parser.add_argument("--executor", choices=EXECUTORS, help="where cells run (default: the YAML's, else local)")
@@ -30,8 +33,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _terminate(signum, frame):
+    raise KeyboardInterrupt  # `kill PID`: stop the running cells and record them as interrupted
+
+
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if on_main_thread else None
+    try:
+        return _main(sys.argv[1:] if argv is None else list(argv))
+    finally:
+        if on_main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: list[str]) -> int:
     started = time.perf_counter()
     with cli_errors(PROG):
         args = build_parser().parse_args(argv)

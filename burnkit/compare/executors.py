@@ -7,12 +7,16 @@ flight is the scheduler's job (``--jobs``), the same for all executors.
 """
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import queue
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -42,22 +46,102 @@ class CellOutcome:
     gpu: str | None = None
 
 
-def run_cell(task: CellTask, gpu: str | None = None) -> CellOutcome:
-    """Run one cell's script to completion; stdout and stderr go to the cell's log file."""
+CHILD = Path(__file__).with_name("child.py")
+
+
+def pid_path(log_path: str | Path) -> Path:
+    """``<log>.pid``: which process runs a cell right now, for recovery after a killed compare."""
+    return Path(str(log_path) + ".pid")
+
+
+def process_start_time(pid: int) -> str | None:
+    """The kernel's start time of ``pid`` (field 22 of /proc/<pid>/stat), or None if it is gone;
+    with the pid it identifies a process even after the pid is reused."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[-1].split()[19]
+
+
+def run_cell(task: CellTask, gpu: str | None = None, on_start=None) -> CellOutcome:
+    """Run one cell's script to completion; stdout and stderr go to the cell's log file.
+
+    The script runs through :mod:`child` so that it dies with the process that started it, and a
+    ``<log>.pid`` file names it while it runs (``on_start(popen)`` lets a local executor stop it)."""
     env = {**os.environ, **dict(task.env)}
     if gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = gpu
     log_path = Path(task.log_path)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
+    argv = [sys.executable, str(CHILD), str(os.getpid()), "--", *task.argv]
+    pidfile = pid_path(log_path)
     with open(log_path, "w") as log:
         log.write(f"# {time.strftime('%Y-%m-%d %H:%M:%S')} on {socket.gethostname()}"
                   f"{'' if gpu is None else f' CUDA_VISIBLE_DEVICES={gpu}'}\n$ cd {shlex.quote(task.cwd)} && "
                   f"{shlex.join(task.argv)}\n")
         log.flush()
-        code = subprocess.run(list(task.argv), cwd=task.cwd, env=env, stdout=log, stderr=subprocess.STDOUT,
-                              stdin=subprocess.DEVNULL).returncode
+        proc = subprocess.Popen(argv, cwd=task.cwd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL)
+        try:
+            pidfile.write_text(json.dumps({"pid": proc.pid, "host": socket.gethostname(), "cell": task.cell_id,
+                                           "start": process_start_time(proc.pid)}) + "\n")
+            if on_start is not None:
+                on_start(proc)
+            code = proc.wait()
+        finally:
+            if proc.poll() is None:  # interrupted while waiting: the cell does not outlive us
+                stop_process(proc.pid)
+                proc.wait()
+            pidfile.unlink(missing_ok=True)
     return CellOutcome(task.cell_id, code, time.perf_counter() - started, log_tail(log_path), socket.gethostname(), gpu)
+
+
+def stop_process(pid: int, grace_s: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL after ``grace_s`` seconds if the process is still there."""
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline:
+        if process_start_time(pid) is None or _is_zombie(pid):
+            return
+        time.sleep(0.05)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def recover_orphans(log_dir: Path, echo=print) -> list[str]:
+    """Stop cells that an earlier, killed compare left running (their ``.pid`` files name a live
+    process on this host with the recorded start time); remove stale ``.pid`` files. Returns the
+    cell ids that were stopped."""
+    stopped = []
+    host = socket.gethostname()
+    for pidfile in sorted(Path(log_dir).glob("*.log.pid")):
+        try:
+            facts = json.loads(pidfile.read_text())
+            pid, start = int(facts["pid"]), facts.get("start")
+        except (OSError, ValueError, KeyError, TypeError):
+            pidfile.unlink(missing_ok=True)
+            continue
+        if facts.get("host") != host:
+            continue  # a cell on another machine (Slurm): not ours to judge
+        if start is not None and process_start_time(pid) == start and not _is_zombie(pid):
+            echo(f"stopping {facts.get('cell', pidfile.stem)} (pid {pid}), left running by an earlier compare "
+                 "that was killed; it will be resumed")
+            stop_process(pid)
+            stopped.append(str(facts.get("cell", pidfile.stem)))
+        pidfile.unlink(missing_ok=True)
+    return stopped
 
 
 def log_tail(path: Path, lines: int = TAIL_LINES) -> str:
@@ -91,6 +175,7 @@ class LocalExecutor:
         self.gpus = visible_gpus() if gpus is None else list(gpus)
         self.pool = ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="cell")
         self.slots: queue.Queue[int] = queue.Queue()
+        self.running: dict[int, subprocess.Popen] = {}
         for slot in range(jobs):
             self.slots.put(slot)
 
@@ -103,12 +188,20 @@ class LocalExecutor:
     def _run(self, task: CellTask) -> CellOutcome:
         slot = self.slots.get()
         try:
-            return run_cell(task, self.gpus[slot % len(self.gpus)] if self.gpus else None)
+            return run_cell(task, self.gpus[slot % len(self.gpus)] if self.gpus else None,
+                            on_start=lambda proc: self.running.__setitem__(slot, proc))
         finally:
+            self.running.pop(slot, None)
             self.slots.put(slot)
 
-    def close(self) -> None:
-        self.pool.shutdown(wait=True)
+    def close(self, interrupted: bool = False) -> None:
+        """Wait for the pool; when compare is interrupted, stop the cells still running first."""
+        if interrupted:
+            for proc in list(self.running.values()):
+                stop_process(proc.pid)
+            self.pool.shutdown(wait=True, cancel_futures=True)
+        else:
+            self.pool.shutdown(wait=True)
 
 
 class SubmititExecutor:
@@ -138,8 +231,8 @@ class SubmititExecutor:
         job = self.executor.submit(run_cell, task)
         return self.watchers.submit(job.result)
 
-    def close(self) -> None:
-        self.watchers.shutdown(wait=True)
+    def close(self, interrupted: bool = False) -> None:
+        self.watchers.shutdown(wait=True, cancel_futures=interrupted)
 
 
 class RayExecutor:
@@ -177,7 +270,7 @@ class RayExecutor:
     def submit(self, task: CellTask) -> Future:
         return self.remote.remote(task).future()
 
-    def close(self) -> None:
+    def close(self, interrupted: bool = False) -> None:
         if self.started:
             self.ray.shutdown()
 

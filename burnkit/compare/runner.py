@@ -18,7 +18,7 @@ from pathlib import Path
 
 from ..errors import BurnError
 from ..results import write_json
-from .executors import CellTask, make_executor
+from .executors import CellTask, make_executor, recover_orphans
 from .experiment import Experiment, cell_env
 
 
@@ -93,6 +93,11 @@ def run_experiment(exp: Experiment, executor: str, jobs: int, echo=print) -> Run
                 entry.update(status="done", exit_code=None, tail=None)
         else:
             pending.append(cell)
+    for cell_id in recover_orphans(exp.output / "logs", echo):
+        state.cell(cell_id).update(status="interrupted", tail="stopped: left running by a killed compare")
+    for entry in state.data["cells"].values():  # an earlier compare died while these ran
+        if entry.get("status") == "running":
+            entry["status"] = "interrupted"
     state.save()
     echo(f"{exp.name}: {len(exp.cells)} cells, {len(report.skipped)} already done, {len(pending)} to run "
          f"({executor}, {jobs} at a time)")
@@ -102,6 +107,7 @@ def run_experiment(exp: Experiment, executor: str, jobs: int, echo=print) -> Run
     engine = make_executor(executor, jobs, exp)
     echo(f"executor: {engine.describe()}")
     running = {}
+    interrupted = True
     total = len(pending)
     finished_records: set[str] = set()
     failed_records: set[str] = set()
@@ -138,12 +144,13 @@ def run_experiment(exp: Experiment, executor: str, jobs: int, echo=print) -> Run
         for cell in pending:  # defenses whose record cannot be made in this run
             _mark(state, cell, status="blocked", tail=f"record {cell.record} is missing")
             report.blocked.append(cell.cell_id)
+        interrupted = False
     finally:
         for future, cell in running.items():  # interrupted: whatever was running is not done
             future.cancel()
             _mark(state, cell, status="interrupted")
         state.save()
-        engine.close()
+        engine.close(interrupted=interrupted)
     report.wall_time_s = time.perf_counter() - started
     return report
 

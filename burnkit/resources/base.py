@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +11,7 @@ import torch
 
 from ..config import as_dict, option
 from ..data import ImageSet, class_balanced_subset
+from ..fileio import publish, temp_path
 from ..datasets import DatasetInfo, dataset_info, load_split, resolve_data_root
 from ..engine import resolve_device, seed_everything
 from ..errors import BurnError
@@ -87,13 +87,11 @@ def imageset(images: np.ndarray, labels: np.ndarray) -> ImageSet:
 
 def save_npy(path: Path, array: np.ndarray) -> Path:
     """``np.save`` through a temporary file, so a killed run never leaves a truncated array."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
+    tmp = temp_path(path)
     try:
         with open(tmp, "wb") as f:
             np.save(f, array, allow_pickle=False)
-        os.replace(tmp, path)
+        publish(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

@@ -12,12 +12,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-import torch
-
 from ..config import option
 from ..data import Augment, ImageSet
 from ..engine import EvalSuite, TrainConfig, evaluate, fit
 from ..errors import BurnError
+from ..fileio import atomic_torch_save
 from ..models import build_classifier
 from . import clean_model_path
 from .base import ResourceConfig, Session
@@ -61,7 +60,6 @@ def generate_clean_model(cfg: CleanModelConfig) -> dict:
                  seed=cfg.random_seed, desc="clean_model", progress=cfg.progress)
     acc = evaluate(model, suite, run.device).acc
     path = clean_model_path(cfg.resource_cache, cfg.dataset, cfg.model)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(model.bb_state_dict(), path)
+    atomic_torch_save(model.bb_state_dict(), path)
     return run.finish([path], "clean_model", clean_test_acc=acc, train_samples=int(len(keep)),
                       train_time_s=round(result.wall_time_s, 2))

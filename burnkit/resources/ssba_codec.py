@@ -32,6 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..fileio import atomic_torch_save
 from ..config import option
 from ..engine import StepOutput, TrainConfig, eval_mode, fit, iterate
 from ..errors import BurnError
@@ -175,7 +176,7 @@ def generate_ssba(cfg: SsbaConfig) -> dict:
     save_npy(train_path, train_bd)
     save_npy(test_path, test_bd)
     codec_path = ssba_codec_path(cfg.resource_cache, cfg.dataset)
-    torch.save({"state_dict": codec.cpu().state_dict(), "bits": bits,
+    atomic_torch_save({"state_dict": codec.cpu().state_dict(), "bits": bits,
                 "shape": list(train_x.shape[1:]), "n_bits": cfg.n_bits, "eps": cfg.eps, "width": cfg.width},
                codec_path)
     codec.to(run.device)
