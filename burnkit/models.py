@@ -62,10 +62,13 @@ class _Hardsigmoid(nn.Module):
 
 @contextlib.contextmanager
 def twice_differentiable(net: nn.Module):
-    """Within the block, every ``nn.Hardsigmoid`` of ``net`` (MobileNetV3's squeeze-excitation gate),
-    whose backward PyTorch cannot differentiate again, computes the same function as
-    ``relu6(x + 3) / 6``, which it can. For algorithms that differentiate gradients (I-BAU's
-    hypergradient); the module has no parameters, so the state dict is untouched."""
+    """Within the block, ``net`` runs through operations PyTorch can differentiate twice, computing
+    the same function: every ``nn.Hardsigmoid`` (MobileNetV3's squeeze-excitation gate) as
+    ``relu6(x + 3) / 6``, and attention (ViT) with the math kernel of ``scaled_dot_product_attention``
+    instead of the fused ones, whose backward has no derivative. For algorithms that differentiate
+    gradients (I-BAU's hypergradient); no parameter changes, so the state dict is untouched."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
     swapped = []
     for name, module in list(net.named_modules()):
         if isinstance(module, nn.Hardsigmoid):
@@ -74,10 +77,21 @@ def twice_differentiable(net: nn.Module):
             setattr(parent, attr, _Hardsigmoid())
             swapped.append((parent, attr, module))
     try:
-        yield net
+        with sdpa_kernel(SDPBackend.MATH):
+            yield net
     finally:
         for parent, attr, module in swapped:
             setattr(parent, attr, module)
+
+
+def architecture_name(net: nn.Module) -> str:
+    """The class name a user recognises in messages: BackdoorBench's ViT, ``Sequential(Resize, vit)``,
+    is a ``VisionTransformer``."""
+    if isinstance(net, nn.Sequential):
+        inner = [m for m in net if next(m.parameters(), None) is not None]
+        if len(inner) == 1:
+            return type(inner[0]).__name__
+    return type(net).__name__
 
 
 def build_classifier(model_name: str, info: DatasetInfo, num_classes: int | None = None) -> Classifier:

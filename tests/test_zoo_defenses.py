@@ -45,9 +45,14 @@ def test_nad_points_in_torchvision_models(name, expected):
 
 
 @pytest.mark.parametrize("name", ["vit_b_16", "vit_l_32"])
-def test_nad_refuses_a_vit_in_one_line(name):
-    with pytest.raises(BurnError, match="NAD distils attention maps of 3 convolutional stages .* does not apply"):
+def test_nad_and_anp_refuse_a_vit_in_one_line(name):
+    from burnkit.defenses.anp import make_noisy
+
+    with pytest.raises(BurnError, match="NAD distils attention maps of 3 convolutional stages but VisionTransformer "
+                                        "has 1 .* does not apply"):
         attention_points(_meta(name), (3, 32, 32))
+    with pytest.raises(BurnError, match="ANP prunes BatchNorm channels, but model VisionTransformer has no BatchNorm2d"):
+        make_noisy(_meta(name))
 
 
 @pytest.mark.parametrize("name,layer,width", [("vit_b_16", "1.heads.head", 768), ("googlenet", "fc", 1024),
@@ -153,3 +158,28 @@ def test_twice_differentiable_mobilenet_v3_for_hypergradients():
         second = torch.autograd.grad(g.sum(), list(net.parameters())[-1])[0]
         assert torch.isfinite(second).all()
     assert sum(isinstance(m, nn.Hardsigmoid) for m in net.modules()) == gates  # restored
+
+
+def test_twice_differentiable_attention_for_hypergradients():
+    """A small torchvision ViT (the zoo's architecture at toy width): the fused attention kernels
+    have no second derivative; inside the block the math kernel computes the same logits and has."""
+    from torchvision.models import VisionTransformer
+
+    from burnkit.models import twice_differentiable
+
+    torch.manual_seed(0)
+    net = VisionTransformer(image_size=16, patch_size=8, num_layers=1, num_heads=2, hidden_dim=16, mlp_dim=32,
+                            num_classes=3).eval()
+    x = torch.rand(2, 3, 16, 16, requires_grad=True)
+    head = net.heads.head.weight
+
+    def second_derivative():
+        g, = torch.autograd.grad(net(x).square().sum(), x, create_graph=True)
+        return torch.autograd.grad(g.sum(), head)[0]
+
+    with pytest.raises(RuntimeError, match="derivative for .*scaled_dot_product.* is not implemented"):
+        second_derivative()
+    before = net(x).detach()
+    with twice_differentiable(net):
+        torch.testing.assert_close(net(x), before)
+        assert torch.isfinite(second_derivative()).all()

@@ -41,7 +41,7 @@ from ..data import ImageSet
 from ..defense import Defense, DefenseConfig, DefenseData, DefenseRun, register_defense
 from ..engine import Metrics, eval_mode
 from ..errors import BurnError
-from ..models import Classifier
+from ..models import Classifier, architecture_name
 from ..results import MetricLog, atomic_write_text, plot_metrics
 
 
@@ -133,7 +133,7 @@ def make_noisy(net: nn.Module) -> list[tuple[str, NoisyBatchNorm2d]]:
     """Replace every BatchNorm2d of ``net`` in place by a NoisyBatchNorm2d with the same state."""
     layers = batchnorm_layers(net)
     if not layers:
-        raise BurnError(f"ANP prunes BatchNorm channels, but model {type(net).__name__} has no BatchNorm2d; "
+        raise BurnError(f"ANP prunes BatchNorm channels, but model {architecture_name(net)} has no BatchNorm2d; "
                         "use another defense for this model")
     noisy = []
     for name, bn in layers:

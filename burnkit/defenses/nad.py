@@ -45,7 +45,7 @@ from ..data import Batch
 from ..defense import Defense, DefenseConfig, DefenseData, DefenseRun, register_defense
 from ..engine import StepContext, StepOutput, eval_mode, make_optimizer
 from ..errors import BurnError
-from ..models import Classifier, load_bb_state_dict
+from ..models import Classifier, architecture_name, load_bb_state_dict
 from ..records import read_defense_result
 from ..results import MetricLog, plot_metrics
 from ..safe_load import safe_torch_load
@@ -138,7 +138,7 @@ def attention_points(net: nn.Module, input_shape: tuple[int, int, int], count: i
             stage_ends.append(name)
             last_hw = shape[2:]
     if len(stage_ends) < count:
-        raise BurnError(f"NAD distils attention maps of {count} convolutional stages but {type(net).__name__} has "
+        raise BurnError(f"NAD distils attention maps of {count} convolutional stages but {architecture_name(net)} has "
                         f"{len(stage_ends)} (4-D outputs of different spatial sizes among its top-level layers); "
                         "NAD does not apply to this model")
     return stage_ends[-count:]
