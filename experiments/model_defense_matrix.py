@@ -50,6 +50,7 @@ BUDGETS = {  # one epoch / round / iteration each, on the 10-image clean subset 
     "sau": ["--n_rounds", "1", "--adv_steps", "2"],
 }
 TINY_WNIDS = [f"n{9000000 + i:08d}" for i in range(10)]
+REVISION = git_revision()  # the code the cells of this invocation ran
 
 
 def build_data(work: Path, tarball: Path) -> None:
@@ -160,6 +161,7 @@ def matrix(work: Path, models: list[str], defenses: list[str]) -> dict:
                     cell = {"status": "no record", "message": attack_cell["message"], "wall_s": 0.0}
                 else:
                     cell = run_defense(defense, attack_cell["record"])
+                cell["git"] = REVISION
                 path.write_text(json.dumps(cell, indent=1) + "\n")
                 results[model]["defenses"][defense] = cell
                 print(f"[matrix] {model} x {defense}: {cell['status']} ({cell['wall_s']}s) {cell['message']}",
@@ -177,11 +179,13 @@ def write_table(results: dict, defenses: list[str], path: Path, command: str, st
 
     lines = ["| model | data | " + " | ".join(defenses) + " |", "|---|---|" + "---|" * len(defenses)]
     counts = {"ok": 0, "refused": 0, "FAILED": 0, "no record": 0}
+    revisions: dict[str, int] = {}
     for model, row in results.items():
         cells = []
         for defense in defenses:
             cell = row["defenses"][defense]
             counts[cell["status"]] = counts.get(cell["status"], 0) + 1
+            revisions[str(cell.get("git"))] = revisions.get(str(cell.get("git")), 0) + 1
             if cell["status"] == "ok":
                 cells.append(f"ok ({cell['wall_s']:.0f} s)")
             elif cell["status"] == "no record":
@@ -199,9 +203,10 @@ def write_table(results: dict, defenses: list[str], path: Path, command: str, st
         "This shows that each combination runs, not how well it defends: the records are 1-epoch models on "
         f"{TRAIN_PER_CLASS * 10} training images ({TEST_PER_CLASS * 10} test images).",
         "",
-        f"Made by `{command}` (git {git_revision()}, torch {torch.__version__}, {platform.node()}, "
-        f"{time.strftime('%Y-%m-%d')}, {round((time.perf_counter() - started) / 60, 1)} min for the cells run in "
-        "this invocation).",
+        f"Made by `{command}` (torch {torch.__version__}, {platform.node()}, {time.strftime('%Y-%m-%d')}; "
+        f"{round((time.perf_counter() - started) / 60, 1)} min for the cells run in the last invocation; cells "
+        f"computed at git {', '.join(f'{rev} ({n})' for rev, n in revisions.items())}). A re-run skips finished "
+        "cells; delete `<dir>/cells/<model>__<defense>.json` to recompute one.",
         "",
         "Data: `cifar10` = 3 train / 1 test JPEG per class from `shared/data/cifar10-jpeg.tar.gz`; `tiny` = the same "
         "images upsampled to 64 px in Tiny-ImageNet's official layout (for AlexNet, which needs >= 63 px). "
