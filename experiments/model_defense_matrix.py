@@ -8,8 +8,9 @@ with budgets cut to one epoch/round/iteration. A cell is ``ok`` (the defense wro
 the one-line error a user would see (``BurnError``: a refusal where the method does not apply), or
 ``FAILED`` with the exception (a bug). This measures that every combination runs, not how well.
 
-Resumable: every finished cell is ``<work>/cells/<model>__<defense>.json``; a re-run skips them
-(``FAILED`` cells are retried). The table goes to ``--table`` (markdown).
+Every cell runs in its own process (a cell the kernel kills for memory is a ``FAILED`` cell, not the
+end of the matrix). Resumable: every finished cell is ``<work>/cells/<model>__<defense>.json``; a
+re-run skips them (``FAILED`` cells are retried). The table goes to ``--table`` (markdown).
 
     cd /work/wt12 && OMP_NUM_THREADS=1 PYTHONPATH=. nice python experiments/model_defense_matrix.py \\
         --work /work/runs/wt12/matrix --table docs/model-defense-matrix.md
@@ -21,6 +22,8 @@ import contextlib
 import json
 import os
 import platform
+import subprocess
+import sys
 import tarfile
 import time
 import traceback
@@ -39,7 +42,8 @@ DEFENSES = ["burn", "ft", "fp", "nad", "anp", "i-bau", "ft-sam", "sau"]
 TRAIN_PER_CLASS, TEST_PER_CLASS = 3, 1
 COMMON = ["--batch_size", "8", "--ratio", "0.34", "--progress", "false", "--overwrite", "true", "--device", "cpu"]
 BUDGETS = {  # one epoch / round / iteration each, on the 10-image clean subset (ratio 0.34 of 30)
-    "burn": ["--iterations", "1", "--epochs", "1", "--max_iter", "5", "--candidates", "4", "--kp_start", "0.1",
+    "burn": ["--iterations", "1", "--epochs", "1", "--scan_batch_size", "8", "--max_iter", "5", "--candidates", "4",
+             "--kp_start", "0.1",
              "--kp_end", "0.2", "--kc_start", "0.2", "--kc_end", "0.4"],
     "ft": ["--epochs", "1"],
     "fp": ["--epochs", "1", "--once_prune_ratio", "0.05"],
@@ -140,6 +144,22 @@ def run_defense(defense: str, record: str) -> dict:
     return cell
 
 
+def run_isolated(work: Path, model: str, defense: str, record: str) -> dict:
+    """One cell in a child process, so that a cell the kernel kills for memory (a large model on a
+    shared CPU machine gets SIGKILL, not a Python error) is reported and the matrix goes on."""
+    out = work / "cells" / f".{model}__{defense}.child.json"
+    out.unlink(missing_ok=True)
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--work", str(work), "--cell", defense,
+                           record, str(out)], cwd=work)
+    if proc.returncode == 0 and out.is_file():
+        cell = json.loads(out.read_text())
+        out.unlink()
+        return cell
+    how = f"killed by signal {-proc.returncode}" if proc.returncode < 0 else f"exit status {proc.returncode}"
+    hint = " (SIGKILL: the kernel's out-of-memory killer)" if proc.returncode == -9 else ""
+    return {"status": "FAILED", "message": f"the cell's process ended with {how}{hint}", "wall_s": None, "final": None}
+
+
 def matrix(work: Path, models: list[str], defenses: list[str]) -> dict:
     cells_dir = work / "cells"
     cells_dir.mkdir(parents=True, exist_ok=True)
@@ -160,7 +180,7 @@ def matrix(work: Path, models: list[str], defenses: list[str]) -> dict:
                 if attack_cell["status"] != "ok":
                     cell = {"status": "no record", "message": attack_cell["message"], "wall_s": 0.0}
                 else:
-                    cell = run_defense(defense, attack_cell["record"])
+                    cell = run_isolated(work, model, defense, attack_cell["record"])
                 cell["git"] = REVISION
                 path.write_text(json.dumps(cell, indent=1) + "\n")
                 results[model]["defenses"][defense] = cell
@@ -235,8 +255,15 @@ def main(argv=None) -> None:
     p.add_argument("--models", default="", help="comma list (default: every zoo model + resnext29, senet18)")
     p.add_argument("--defenses", default=",".join(DEFENSES))
     p.add_argument("--table", type=Path, default=None, help="markdown output (default <work>/matrix.md)")
+    p.add_argument("--cell", nargs=3, metavar=("DEFENSE", "RECORD", "OUT"), help=argparse.SUPPRESS)  # child mode
     args = p.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    if args.cell:
+        defense, record, out = args.cell
+        with contextlib.chdir(args.work):
+            cell = run_defense(defense, record)
+        Path(out).write_text(json.dumps(cell, default=str) + "\n")
+        return
     started = time.perf_counter()
     args.work.mkdir(parents=True, exist_ok=True)
     tarball = args.tarball if args.tarball.is_file() else Path("/work/shared/data/cifar10-jpeg.tar.gz")
