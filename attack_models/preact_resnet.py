@@ -66,6 +66,6 @@ def preactresnet18(num_classes: int = 10, in_channels: int = 3, image_size: int 
     return PreActResNet([2, 2, 2, 2], num_classes, in_channels)
 
 
-@register_model("preactresnet34", last_layer="linear")
+@register_model("preactresnet34", last_layer="linear", backdoorbench=False)
 def preactresnet34(num_classes: int = 10, in_channels: int = 3, image_size: int = 32) -> PreActResNet:
     return PreActResNet([3, 4, 6, 3], num_classes, in_channels)

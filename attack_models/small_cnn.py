@@ -35,6 +35,6 @@ class SmallCNN(nn.Module):
         return self.classifier(torch.flatten(self.pool(self.features(x)), 1))
 
 
-@register_model("smallcnn", last_layer="classifier")
+@register_model("smallcnn", last_layer="classifier", min_size=8, backdoorbench=False)
 def smallcnn(num_classes: int = 10, in_channels: int = 3, image_size: int = 32) -> SmallCNN:
     return SmallCNN(num_classes, in_channels)

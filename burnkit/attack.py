@@ -12,8 +12,12 @@ images). Everything else follows BackdoorBench's BadNets-family semantics (spec 
   or all of them (all2all);
 * labels: all2one -> ``attack_target``; all2all -> ``(y + attack_label_shift_amount) % K``;
 * optional ``--train_subset N``: train on a class-balanced, seeded subset of N training samples
-  (CPU-scale experiments); the record's ``bd_train.original_index_array`` then lists the subset,
-  which BackdoorBench's loader handles like its ``bd_test`` subset.
+  (CPU-scale experiments). The record stays a whole-split record for BackdoorBench's consumers
+  (``bd_train.original_index_array`` = ``arange(N_train)``, the poison indicator flags exactly the
+  poisoned samples, all of them inside the subset), because its detection scripts and MCR assume
+  that position = original index. The subset the model was trained on is the extra top-level key
+  ``train_subset_index`` (BackdoorBench's loader ignores extra keys); burnkit's reader restricts
+  ``bd_train`` to it, so BURN and detection reports see the training set the model saw.
 
 Output: ``record/<save_folder_name>/`` with ``attack_result.pt``, the PNG folders,
 ``attack_df.csv`` + summary, ``info.pickle``, ``train_poison_index_list.pickle``, a log, plots and
@@ -22,6 +26,7 @@ epoch; re-running the same command after a kill resumes.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 import sys
@@ -32,12 +37,14 @@ from typing import ClassVar
 
 import numpy as np
 import torch
+from PIL import Image
 
 from .config import as_dict, build_parser, check_yaml_keys, find_config_file, load_yaml, merge, option, parse_cli
 from .data import Augment, ImageSet, class_balanced_subset, imageset_digest
 from .datasets import DATASETS, DatasetInfo, dataset_info, load_split, resolve_data_root
 from .defense import _close_logger, _make_logger, _pct, attach_log_file
-from .engine import EvalSuite, FitResult, fit, load_checkpoint, plain_fingerprint, resolve_device, seed_everything
+from .engine import (EvalSuite, FitResult, fit, load_checkpoint, out_of_memory_as_error, plain_fingerprint, resolve_device,
+                     seed_everything)
 from .errors import BurnError, cli_errors
 from .registry import Registry
 from .models import Classifier, build_classifier
@@ -156,7 +163,7 @@ class Attack:
             raise BurnError(f"pratio {cfg.pratio} asks for {count} poisoned samples but only {len(pool)} "
                             f"{'target-class ' if self.clean_label else ''}samples are available; lower pratio to at most "
                             f"{len(pool) / max(1, len(positions)):.4f}")
-        train_poison = np.sort(rng.choice(pool, size=count, replace=False)) if count else np.zeros(0, np.int64)
+        train_poison = np.sort(backdoorbench_poison_draw(pool, count, cfg.random_seed))
         if cfg.attack_label_trans == "all2one":
             test_poison = np.flatnonzero(test_y != cfg.attack_target)
         else:
@@ -172,7 +179,8 @@ class Attack:
             log.append(row)
             log.save()
 
-        return fit(model, train_set, cfg.train_config(), device=device, eval_suite=suite,
+        # BackdoorBench's BadNets-family trainer drops the last partial batch (spec §6.1)
+        return fit(model, train_set, cfg.train_config(drop_last=True), device=device, eval_suite=suite,
                    augment=Augment(self.info.crop_padding, self.info.train_flip), seed=cfg.random_seed,
                    attack_columns=True, checkpoint=checkpoint, resume=cfg.resume, on_row=on_row,
                    desc=self.name, progress=cfg.progress, eval_every=cfg.test_every,
@@ -280,20 +288,28 @@ class Attack:
         if replaced is not None:
             logger.warning("--overwrite: the previous record was moved to %s", replaced)
         log = MetricLog(record_dir, "attack")
-        with _Timer() as train_time:
+        with _Timer() as train_time, out_of_memory_as_error(f"{cls.name} training {cfg.model}", device, cfg):
             fit_result = attack.train(model, train_set, suite, device, log, checkpoint)
         log.save()
         plot_metrics(log.rows, record_dir)
 
         data = PoisonedData(train_x, train_y, test_x, test_y, plan, train_bd, train_bd_labels, test_bd, test_bd_labels)
         bd_train_split, bd_test_split = attack.record_splits(model, data, device, record_dir)
+        bd_train_split, extra = whole_split_record(bd_train_split, len(train_y))
+        if extra:
+            logger.info("--train_subset: bd_train covers all %d training indices for BackdoorBench's consumers; the %d "
+                        "trained on are stored as train_subset_index", len(train_y), len(extra["train_subset_index"]))
         indicator_train = bd_train_split.poison_indicator
         args = as_dict(cfg)
         args.update({"num_classes": info.num_classes, "input_height": info.img_size[0], "input_width": info.img_size[1],
                      "input_channel": info.img_size[2], "img_size": tuple(info.img_size),
                      "dataset_path": f"./data/{cfg.dataset}", "save_path": f"./record/{name}",
-                     "terminal_info": list(sys.argv)})
-        atomic_torch_save(args, record_dir / "info.pickle")
+                     "terminal_info": list(sys.argv), "device": str(device)})
+        for key, (filename, image) in attack.trigger_images().items():
+            if args.get(key) is None:  # BackdoorBench's code opens this path: point it at a copy in the record
+                save_png(record_dir / filename, image)
+                args[key] = f"./record/{name}/{filename}"
+        atomic_torch_save(backdoorbench_info(args), record_dir / "info.pickle")
         atomic_torch_save(indicator_train, record_dir / "train_poison_index_list.pickle")
         final = log.last()
         provenance = {"attack": cls.name, "record": str(record_dir), "config": args,
@@ -311,7 +327,7 @@ class Attack:
         # attack_result.pt marks the record as finished (defenses, compare, resume), so it is written last
         write_attack_record(record_dir, model_name=cfg.model, num_classes=info.num_classes,
                             state_dict=model.bb_state_dict(), clean_data=cfg.dataset,
-                            bd_train=bd_train_split, bd_test=bd_test_split)
+                            bd_train=bd_train_split, bd_test=bd_test_split, extra=extra)
         shutil.rmtree(record_dir / "checkpoint", ignore_errors=True)
         logger.info("record written: acc %s asr %s ra %s (wall %.1fs) -> %s", _pct(final.get("test_acc")),
                     _pct(final.get("test_asr")), _pct(final.get("test_ra")), provenance["wall_time_s"], record_dir)
@@ -347,6 +363,45 @@ class Attack:
 
     def save_artifacts(self, record_dir: Path) -> None:
         """Write attack-specific extra files into the record (e.g. ``trojannn_trigger.png``)."""
+
+    def trigger_images(self) -> dict[str, tuple[str, np.ndarray]]:
+        """``{info key: (file name, H x W x C uint8 image)}`` for triggers BackdoorBench's attack code
+        reads from a path argument (``patch_mask_path``, ``attack_trigger_img_path``). When the
+        argument was not given, the trigger is saved in the record and ``info.pickle`` names it."""
+        return {}
+
+
+def backdoorbench_info(args: dict) -> dict:
+    """``info.pickle``'s dict as BackdoorBench's attack code reads it: no ``None`` values, because its
+    merge drops unset flags and its code tests presence (``cos_t_max`` present means ``T_max``);
+    only builtins, so ``torch.load(weights_only=True)`` reads it. burnkit's extra keys
+    (``train_subset``, ``test_every``, ...) stay for provenance; BackdoorBench ignores them."""
+    return {k: v for k, v in args.items() if v is not None}
+
+
+def save_png(path: Path, image: np.ndarray) -> None:
+    image = np.asarray(image, dtype=np.uint8)
+    Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image).save(path)
+
+
+def whole_split_record(split: PoisonedSplit, n_train: int) -> tuple[PoisonedSplit, dict]:
+    """``bd_train`` over the whole training split, plus ``{"train_subset_index": ...}`` when the model
+    was trained on a subset (``--train_subset``; see the module docstring)."""
+    full = np.arange(n_train, dtype=np.int64)
+    trained = np.asarray(split.original_index, dtype=np.int64)
+    if np.array_equal(trained, full):
+        return split, {}
+    return dataclasses.replace(split, original_index=full), {"train_subset_index": trained}
+
+
+def backdoorbench_poison_draw(pool: np.ndarray, count: int, seed: int) -> np.ndarray:
+    """BackdoorBench's poison draw (spec §6): ``np.random.seed(seed)`` then
+    ``np.random.choice(pool, count, replace=False)`` with NumPy's legacy generator. A private
+    ``RandomState`` seeded alike gives the same stream without touching global state, so a record
+    of ours poisons the same indices as BackdoorBench's for the same seed, attack and ratio."""
+    if count == 0:
+        return np.zeros(0, dtype=np.int64)
+    return np.random.RandomState(seed % 2**32).choice(np.asarray(pool, dtype=np.int64), size=count, replace=False)
 
 
 def _check_poisoned(images: np.ndarray, n: int, info: DatasetInfo, split: str) -> None:

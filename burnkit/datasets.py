@@ -312,7 +312,7 @@ def read_idx(path: Path) -> np.ndarray:
     data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
     if data.size != int(np.prod(dims)):
         raise BurnError(f"{path} is truncated: expected {int(np.prod(dims))} bytes of data")
-    return data.reshape(tuple(int(d) for d in dims))
+    return data.reshape(tuple(int(d) for d in dims)).copy()  # writable (frombuffer's view is read-only)
 
 
 def _read_idx_pair(images_path: Path, labels_path: Path):
@@ -361,8 +361,10 @@ def _read_tiny(root: Path, train: bool, download: bool):
     """Tiny-ImageNet as BackdoorBench reads it: ImageFolder on tiny-imagenet-200/{train,val}.
 
     The val split must already be sorted into class folders (BackdoorBench does that after its
-    download); the flat official ``val/images`` + ``val_annotations.txt`` layout is also read.
-    Labels follow the sorted wnid order of the train folder.
+    download); the flat official ``val/images`` + ``val_annotations.txt`` layout is also read, in
+    the order ImageFolder gives the sorted folders (class by class, file names sorted), so test
+    indices are BackdoorBench's. Labels follow the sorted wnid order of the train folder
+    (ImageFolder's rule; ``wnids.txt``'s own order is not used).
     """
     base = root / "tiny-imagenet-200"
     if not base.is_dir() and (root / "train").is_dir():
@@ -378,13 +380,11 @@ def _read_tiny(root: Path, train: bool, download: bool):
     annotations = val / "val_annotations.txt"
     if annotations.exists() and (val / "images").is_dir():
         lookup = {w: i for i, w in enumerate(wnids)}
-        images, labels = [], []
-        for line in sorted(annotations.read_text().splitlines()):
-            parts = line.split("\t")
-            if len(parts) >= 2 and parts[1] in lookup:
-                images.append(_open_rgb_or_l(val / "images" / parts[0], mode="RGB"))
-                labels.append(lookup[parts[1]])
-        return _stack(images), np.asarray(labels, dtype=np.int64)
+        rows = [parts[:2] for parts in (line.split("\t") for line in annotations.read_text().splitlines())
+                if len(parts) >= 2]
+        rows = sorted((lookup[wnid], fname) for fname, wnid in rows if wnid in lookup)
+        images = [_open_rgb_or_l(val / "images" / fname, mode="RGB") for _, fname in rows]
+        return _stack(images), np.asarray([label for label, _ in rows], dtype=np.int64)
     return _read_image_folder(val)
 
 

@@ -37,8 +37,8 @@ import torch
 from .config import as_dict, find_config_file, option, parse_config
 from .data import Augment, ImageSet
 from .datasets import DATASETS, DatasetInfo, dataset_info
-from .engine import (EvalSuite, FitResult, Metrics, TrainConfig, evaluate, fit, resolve_device,
-                     seed_everything, test_due)
+from .engine import (EvalSuite, FitResult, Metrics, TrainConfig, evaluate, fit, out_of_memory_as_error,
+                     resolve_device, seed_everything, test_due)
 from .errors import BurnError, cli_errors
 from .registry import Registry
 from .models import Classifier, build_classifier, load_bb_state_dict
@@ -352,7 +352,7 @@ class Defense:
         logger.info("attacked model: acc %s asr %s ra %s", _pct(run.before.acc), _pct(run.before.asr), _pct(run.before.ra))
 
         seed_everything(cfg.random_seed)
-        with run.timed("repair"):
+        with run.timed("repair"), out_of_memory_as_error(f"{self.name} on {record.model_name}", device, cfg):
             model = self.repair(model, data, cfg, run)
         if not run.metrics.rows:  # defenses that do not train still report their final metrics
             run.metrics.append({"epoch": 0, **run.evaluate(model).row()})

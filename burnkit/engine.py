@@ -249,25 +249,61 @@ def iterate(imageset: ImageSet, batch_size: int, device: torch.device, *, shuffl
         yield imageset.batch(positions, device, augment, generator)
 
 
+def is_out_of_memory(err: BaseException) -> bool:
+    """A CUDA or CPU allocation failure (torch raises both as RuntimeError subclasses)."""
+    return isinstance(err, torch.OutOfMemoryError) or (
+        isinstance(err, RuntimeError) and ("out of memory" in str(err) or "can't allocate memory" in str(err)))
+
+
+@contextlib.contextmanager
+def out_of_memory_as_error(what: str, device: torch.device, cfg) -> Iterator[None]:
+    """Turn an allocation failure inside the block into a one-line :class:`BurnError` that names
+    the batch-size flags to lower (training batch sizes are part of an algorithm, so they are not
+    changed behind the user's back; evaluation adapts by itself, see :func:`predict`)."""
+    try:
+        yield
+    except RuntimeError as err:
+        if not is_out_of_memory(err):
+            raise
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        flags = [f"--{k} {getattr(cfg, k)}" for k in sorted(vars(cfg)) if k.endswith("batch_size")]
+        amp = "" if device.type != "cuda" or getattr(cfg, "amp", True) else " or pass --amp true"
+        raise BurnError(f"out of memory on {device} while running {what} ({', '.join(flags)}); lower "
+                        f"{' / '.join(f.split()[0] for f in flags) or 'the batch size'}{amp}") from None
+
+
 @torch.no_grad()
 def predict(model: nn.Module, imageset: ImageSet, device: torch.device, batch_size: int = 512,
             amp: bool = False) -> torch.Tensor:
-    """Logits (float32, CPU) for every sample, in order, with the model in eval mode."""
+    """Logits (float32, CPU) for every sample, in order, with the model in eval mode. If a batch
+    does not fit in memory, the batch size is halved until it does (the logits are the same)."""
     model = model.to(device)
     ctx = StepContext(device, amp, None)
-    outs = []
-    with eval_mode(model):
-        for batch in iterate(imageset, batch_size, device):
-            with ctx.autocast():
-                outs.append(model(_layout(batch.x, device)).float().cpu())
+    while True:
+        outs = []
+        try:
+            with eval_mode(model):
+                for batch in iterate(imageset, batch_size, device):
+                    with ctx.autocast():
+                        outs.append(model(_layout(batch.x, device)).float().cpu())
+            break
+        except RuntimeError as err:
+            if not is_out_of_memory(err) or batch_size == 1:
+                raise
+            del outs
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            batch_size //= 2
     if not outs:
         return torch.zeros(0, 0)
     return torch.cat(outs)
 
 
 def _loss_and_preds(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, torch.Tensor]:
-    # BackdoorBench averages per-batch mean losses; with equal batches that is the sample mean.
-    return F.cross_entropy(logits, labels.cpu()).item(), logits.argmax(1)
+    # BackdoorBench averages per-batch mean losses; with equal batches that is the sample mean
+    # (taken in float64, like the accuracies, so the CSV holds no float32 rounding).
+    return F.cross_entropy(logits.double(), labels.cpu()).item(), logits.argmax(1)
 
 
 def evaluate(model: nn.Module, suite: EvalSuite, device: torch.device, batch_size: int = 512,
@@ -280,7 +316,7 @@ def evaluate(model: nn.Module, suite: EvalSuite, device: torch.device, batch_siz
     if suite.bd_test is not None and len(suite.bd_test):
         bd_logits = predict(model, suite.bd_test, device, batch_size, amp)
         bd_loss, bd_preds = _loss_and_preds(bd_logits, suite.bd_test.labels)
-        ra_loss = F.cross_entropy(bd_logits, suite.bd_test.original_labels.cpu()).item()
+        ra_loss = F.cross_entropy(bd_logits.double(), suite.bd_test.original_labels.cpu()).item()
         asr = accuracy(bd_preds, suite.bd_test.labels)
         ra = accuracy(bd_preds, suite.bd_test.original_labels)
     return Metrics(acc, asr, ra, clean_loss, bd_loss, ra_loss)
@@ -344,6 +380,10 @@ def fit(model: nn.Module, train_set: ImageSet, cfg: TrainConfig, *, device: torc
         model.to(memory_format=torch.channels_last)
     if len(train_set) == 0:
         raise BurnError("the training set is empty; check --ratio/--index or the poisoned subset")
+    if cfg.drop_last and len(train_set) < cfg.batch_size:
+        raise BurnError(f"the training set has {len(train_set)} samples, fewer than one batch of {cfg.batch_size}, and "
+                        "the last partial batch is dropped (BackdoorBench's attack training), so nothing would be "
+                        "trained; lower --batch_size")
     train_set = train_set.to(device) if device.type == "cuda" else train_set
     optimizer = optimizer or make_optimizer(model.parameters(), cfg)
     scheduler = scheduler if scheduler is not None else make_scheduler(optimizer, cfg)

@@ -17,7 +17,8 @@ def accuracy(predictions: torch.Tensor, labels: torch.Tensor) -> float | None:
     """Share of ``predictions == labels``; ``None`` on an empty set (BackdoorBench's ``all_acc``)."""
     if labels.numel() == 0:
         return None
-    return (predictions.cpu() == labels.cpu()).float().mean().item()
+    # counted in integers and divided in float64: 29/200 is written 0.145, not float32's 0.14499999582767487
+    return int((predictions.cpu() == labels.cpu()).sum()) / labels.numel()
 
 
 def attack_success_rate(predictions: torch.Tensor, bd_labels: torch.Tensor) -> float | None:

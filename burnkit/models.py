@@ -7,16 +7,20 @@ so the files keep BackdoorBench's key names.
 """
 from __future__ import annotations
 
+import contextlib
+import copy
 from collections import OrderedDict
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import attack_models
-from attack_models import UnknownModelError
+from attack_models import ModelInputError, UnknownModelError
 
 from .datasets import DatasetInfo
 from .errors import BurnError
+from .records import cpu_state_dict
 
 
 class Classifier(nn.Module):
@@ -44,8 +48,50 @@ class Classifier(nn.Module):
         return self.net(self.normalize(x01))
 
     def bb_state_dict(self) -> "OrderedDict[str, torch.Tensor]":
-        """The network's state dict with CPU tensors and BackdoorBench's key names."""
-        return OrderedDict((k, v.detach().cpu().clone()) for k, v in self.net.state_dict().items())
+        """The network's state dict with CPU tensors and BackdoorBench's key names, keeping the
+        ``_metadata`` (module versions) that ``model.cpu().state_dict()`` carries in its records."""
+        return cpu_state_dict(self.net.state_dict(), clone=True)
+
+
+class _Hardsigmoid(nn.Module):
+    """``relu6(x + 3) / 6``: the values and gradient of ``nn.Hardsigmoid``, twice differentiable."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu6(x + 3.0) / 6.0
+
+
+@contextlib.contextmanager
+def twice_differentiable(net: nn.Module):
+    """Within the block, ``net`` runs through operations PyTorch can differentiate twice, computing
+    the same function: every ``nn.Hardsigmoid`` (MobileNetV3's squeeze-excitation gate) as
+    ``relu6(x + 3) / 6``, and attention (ViT) with the math kernel of ``scaled_dot_product_attention``
+    instead of the fused ones, whose backward has no derivative. For algorithms that differentiate
+    gradients (I-BAU's hypergradient); no parameter changes, so the state dict is untouched."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    swapped = []
+    for name, module in list(net.named_modules()):
+        if isinstance(module, nn.Hardsigmoid):
+            parent_name, _, attr = name.rpartition(".")
+            parent = net.get_submodule(parent_name) if parent_name else net
+            setattr(parent, attr, _Hardsigmoid())
+            swapped.append((parent, attr, module))
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            yield net
+    finally:
+        for parent, attr, module in swapped:
+            setattr(parent, attr, module)
+
+
+def architecture_name(net: nn.Module) -> str:
+    """The class name a user recognises in messages: BackdoorBench's ViT, ``Sequential(Resize, vit)``,
+    is a ``VisionTransformer``."""
+    if isinstance(net, nn.Sequential):
+        inner = [m for m in net if next(m.parameters(), None) is not None]
+        if len(inner) == 1:
+            return type(inner[0]).__name__
+    return type(net).__name__
 
 
 def build_classifier(model_name: str, info: DatasetInfo, num_classes: int | None = None) -> Classifier:
@@ -56,6 +102,10 @@ def build_classifier(model_name: str, info: DatasetInfo, num_classes: int | None
                                          in_channels=info.channels, image_size=info.img_size[0])
     except UnknownModelError as err:
         raise BurnError(str(err.args[0])) from None
+    except ModelInputError as err:
+        h, w = info.img_size[:2]
+        raise BurnError(f"model '{model_name}' cannot take {info.name}: it needs inputs of at least "
+                        f"{err.min_size}x{err.min_size} px and {info.name} images are {h}x{w}; choose another model") from None
     return Classifier(net, info.mean, info.std, model_name=model_name, num_classes=num_classes)
 
 
@@ -78,6 +128,10 @@ def load_bb_state_dict(clf: Classifier, state_dict, source: str = "record") -> N
     if set(state) != set(own) and len(state) == len(own) and all(
             tuple(a.shape) == tuple(b.shape) for a, b in zip(state.values(), own.values())):
         state = OrderedDict(zip(own.keys(), state.values()))
+    # module versions: the record's when it carries them under these names, else this build's
+    state._metadata = copy.deepcopy(getattr(own, "_metadata", OrderedDict()))
+    state._metadata.update({k.removeprefix("module."): v for k, v in getattr(state_dict, "_metadata", {}).items()
+                            if k.removeprefix("module.") in state._metadata})
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     if missing or unexpected:

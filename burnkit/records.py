@@ -12,6 +12,7 @@ accepted; ``bd_train`` may be ``None``.
 """
 from __future__ import annotations
 
+import copy
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,7 @@ from .safe_load import safe_torch_load
 RECORD_KEYS = ("model_name", "num_classes", "model", "data_path", "img_size", "clean_data", "bd_train", "bd_test")
 DEFENSE_KEYS = ("model_name", "num_classes", "model")
 SPLIT_FOLDERS = {"bd_train": "bd_train_dataset", "bd_test": "bd_test_dataset"}
+TRAIN_SUBSET_KEY = "train_subset_index"  # burnkit's extra key: the indices a --train_subset model trained on
 
 
 # --------------------------------------------------------------------------- reading
@@ -166,7 +168,8 @@ def read_attack_record(record_dir: str | Path, dataset: str | None = None) -> At
         data_path=data_path,
         img_size=img_size,
         clean_data=clean_data,
-        bd_train=None if raw["bd_train"] is None else _parse_state(raw["bd_train"], "bd_train", record_dir, num_classes),
+        bd_train=None if raw["bd_train"] is None else restrict_to_trained(
+            _parse_state(raw["bd_train"], "bd_train", record_dir, num_classes), raw.get(TRAIN_SUBSET_KEY), record_dir),
         bd_test=_parse_state(raw["bd_test"], "bd_test", record_dir, num_classes),
         extra={k: v for k, v in raw.items() if k not in RECORD_KEYS},
     )
@@ -266,6 +269,24 @@ def _parse_state(state, split: str, record_dir: Path, num_classes: int) -> Poiso
     return PoisonState(original_index, indicator, entries, save_folder)
 
 
+def restrict_to_trained(state: PoisonState, trained, record_dir: Path) -> PoisonState:
+    """``bd_train`` limited to the ``train_subset_index`` a burnkit ``--train_subset`` record stores
+    (the samples the model was trained on); unchanged when the record has none (BackdoorBench's)."""
+    if trained is None:
+        return state
+    trained = np.asarray(trained)
+    n = len(state.poison_indicator)
+    if trained.ndim != 1 or trained.dtype.kind not in "iu" or (len(trained) and (trained.min() < 0 or trained.max() >= n)) \
+            or len(np.unique(trained)) != len(trained):
+        raise BurnError(f"record {record_dir}: {TRAIN_SUBSET_KEY} is not a list of distinct training indices "
+                        f"in 0..{n - 1}; the record is corrupt, re-create it")
+    outside = np.setdiff1d(state.poisoned_indices, trained)
+    if len(outside):
+        raise BurnError(f"record {record_dir}: sample {int(outside[0])} is poisoned but not in {TRAIN_SUBSET_KEY}; "
+                        "the record is corrupt, re-create it")
+    return PoisonState(trained.astype(np.int64), state.poison_indicator, state.entries, state.save_folder_path)
+
+
 def _resolve_png(record_dir: Path, folder: str, original_label: int, idx: int, stored: str) -> Path | None:
     """Rebuild the PNG path from the record folder first (spec §9.2), then try the stored path."""
     candidates = [record_dir / folder / str(original_label) / f"{idx}.png"]
@@ -336,13 +357,14 @@ class PoisonedSplit:
 
 def write_attack_record(record_dir: str | Path, *, model_name: str, num_classes: int, state_dict,
                         clean_data: str, bd_train: PoisonedSplit | None, bd_test: PoisonedSplit,
-                        data_path: str | None = None) -> Path:
+                        data_path: str | None = None, extra: dict | None = None) -> Path:
     """Write PNGs and ``attack_result.pt`` in exactly BackdoorBench's layout (spec §1.3-1.4, §10).
 
     Stored paths are the relative strings BackdoorBench writes (``./record/<name>/bd_..._dataset/
     <label>/<idx>.png``), keys are Python ints (equivalent to ``numpy.int64`` for lookups), arrays
     are int64/float64. The file is written through a temporary name, so a crash never leaves a
-    half record.
+    half record. ``extra`` adds top-level keys (BackdoorBench's ``**kwargs``, spec §1.3; its loader
+    ignores them), e.g. ``train_subset_index``.
     """
     record_dir = Path(record_dir)
     record_dir.mkdir(parents=True, exist_ok=True)
@@ -351,12 +373,13 @@ def write_attack_record(record_dir: str | Path, *, model_name: str, num_classes:
     save = {
         "model_name": model_name,
         "num_classes": int(num_classes),
-        "model": OrderedDict((k, v.detach().cpu()) for k, v in state_dict.items()),
+        "model": cpu_state_dict(state_dict),
         "data_path": data_path or f"./data/{clean_data}",
         "img_size": tuple(int(v) for v in info.img_size),
         "clean_data": clean_data,
         "bd_train": None if bd_train is None else _write_split(record_dir, name, "bd_train", bd_train),
         "bd_test": _write_split(record_dir, name, "bd_test", bd_test),
+        **(extra or {}),
     }
     atomic_torch_save(save, record_dir / "attack_result.pt")
     return record_dir / "attack_result.pt"
@@ -390,7 +413,7 @@ def write_defense_result(out_dir: str | Path, model_name: str, num_classes: int,
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     payload = {"model_name": model_name, "num_classes": int(num_classes),
-               "model": OrderedDict((k, v.detach().cpu()) for k, v in state_dict.items())}
+               "model": cpu_state_dict(state_dict)}
     path = out_dir / "defense_result.pt"
     atomic_torch_save(payload, path)
     return path
@@ -410,3 +433,13 @@ def read_defense_result(path: str | Path) -> dict:
         elif not key.endswith(".weight_mask"):
             state[key] = value
     return {"model_name": str(raw["model_name"]), "num_classes": int(raw["num_classes"]), "model": state}
+
+
+def cpu_state_dict(state_dict, clone: bool = False) -> "OrderedDict[str, torch.Tensor]":
+    """A copy of ``state_dict`` with detached CPU tensors and the same ``_metadata``: some modules
+    (torchvision's MNASNet) refuse a state dict without their version number."""
+    out = OrderedDict((k, v.detach().cpu().clone() if clone else v.detach().cpu()) for k, v in state_dict.items())
+    metadata = getattr(state_dict, "_metadata", None)
+    if metadata is not None:
+        out._metadata = copy.deepcopy(metadata)
+    return out

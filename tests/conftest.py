@@ -16,17 +16,37 @@ import torch
 
 torch.set_num_threads(int(os.environ.get("BURN_TEST_THREADS", "1")))  # tiny tensors: 1 thread is fastest
 
-def _shared_dir() -> Path:
-    """``../shared`` beside the checkout (CI's layout), or $BURN_SHARED_DIR."""
+def _shared_dir(marker: str = "data/cifar10-jpeg.tar.gz") -> Path:
+    """``../shared`` beside the checkout (CI's layout), or $BURN_SHARED_DIR: the first that holds
+    ``marker``."""
     candidates = [os.environ.get("BURN_SHARED_DIR"), Path(__file__).resolve().parents[2] / "shared", "/work/shared"]
     for candidate in candidates:
-        if candidate and (Path(candidate) / "data" / "cifar10-jpeg.tar.gz").exists():
+        if candidate and (Path(candidate) / marker).exists():
             return Path(candidate)
     return Path(__file__).resolve().parents[2] / "shared"
 
 
 SHARED = _shared_dir()
 CIFAR_TARBALL = SHARED / "data" / "cifar10-jpeg.tar.gz"
+BB_MODEL_KEYS = _shared_dir("spec/bb-model-keys.json") / "spec" / "bb-model-keys.json"
+
+
+def pytest_addoption(parser):
+    parser.addoption("--run-slow", action="store_true", default=False,
+                     help="also run the tests marked slow (e.g. ViT-L forward passes)")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: minutes-long checks, run with --run-slow")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--run-slow"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with python -m pytest --run-slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
 
 DIGITS_TRAINING = ["--dataset", "digits", "--model", "smallcnn", "--epochs", "20", "--lr", "0.05",
                    "--cos_t_max", "20", "--progress", "false"]

@@ -53,5 +53,8 @@ class BadNet(Attack):
     def apply_trigger(self, images, labels, indices, train):
         return stamp(images, self.trigger)
 
+    def trigger_images(self):
+        return {"patch_mask_path": ("trigger_image.png", self.trigger)}
+
     def provenance(self):
         return {"trigger": self.cfg.patch_mask_path or "3x3 white square, bottom-right (32x32, resized)"}

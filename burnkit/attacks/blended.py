@@ -61,5 +61,8 @@ class Blended(Attack):
         alpha = self.cfg.attack_train_blended_alpha if train else self.cfg.attack_test_blended_alpha
         return blend(images, self.trigger, alpha)
 
+    def trigger_images(self):
+        return {"attack_trigger_img_path": ("blended_trigger.png", self.trigger)}
+
     def provenance(self):
         return {"trigger": self.cfg.attack_trigger_img_path or f"seeded uniform noise (seed {NOISE_SEED})"}

@@ -47,7 +47,7 @@ from ..data import ImageSet
 from ..defense import Defense, DefenseData, DefenseRun, SelectionConfig, register_defense, split_heldout
 from ..engine import Metrics, eval_mode, predict, test_due
 from ..errors import BurnError
-from ..models import Classifier
+from ..models import Classifier, architecture_name
 from ..metrics import accuracy
 from ..results import NOT_SCORED, MetricLog, atomic_write_text, plot_metrics
 
@@ -140,7 +140,7 @@ def make_noisy(net: nn.Module) -> list[tuple[str, NoisyBatchNorm2d]]:
     """Replace every BatchNorm2d of ``net`` in place by a NoisyBatchNorm2d with the same state."""
     layers = batchnorm_layers(net)
     if not layers:
-        raise BurnError(f"ANP prunes BatchNorm channels, but model {type(net).__name__} has no BatchNorm2d; "
+        raise BurnError(f"ANP prunes BatchNorm channels, but model {architecture_name(net)} has no BatchNorm2d; "
                         "use another defense for this model")
     noisy = []
     for name, bn in layers:
@@ -189,10 +189,12 @@ def optimize_masks(model: Classifier, clean: ImageSet, cfg: ANPConfig, run: Defe
                     set_perturbed(layers, True)
                     for _ in range(cfg.anp_steps):
                         loss_noise = F.cross_entropy(noisy_model(batch.x), batch.y)
-                        grads = torch.autograd.grad(loss_noise, noises)
+                        # allow_unused: BNs off the forward path (GoogLeNet's aux heads) get no gradient
+                        grads = torch.autograd.grad(loss_noise, noises, allow_unused=True)
                         with torch.no_grad():
                             for noise, grad in zip(noises, grads):
-                                noise.add_(noise_lr * grad.sign())  # ascent on the loss
+                                if grad is not None:
+                                    noise.add_(noise_lr * grad.sign())  # ascent on the loss
                     loss_robust = F.cross_entropy(noisy_model(batch.x), batch.y)
                 else:
                     loss_robust = torch.zeros((), device=device)
@@ -201,8 +203,8 @@ def optimize_masks(model: Classifier, clean: ImageSet, cfg: ANPConfig, run: Defe
                 loss_natural = F.cross_entropy(logits, batch.y)
                 loss = cfg.anp_alpha * loss_natural + (1 - cfg.anp_alpha) * loss_robust
                 optimizer.zero_grad(set_to_none=True)
-                for mask, grad in zip(masks, torch.autograd.grad(loss, masks)):
-                    mask.grad = grad
+                for mask, grad in zip(masks, torch.autograd.grad(loss, masks, allow_unused=True)):
+                    mask.grad = grad if grad is not None else torch.zeros_like(mask)
                 optimizer.step()
                 with torch.no_grad():
                     for mask in masks:

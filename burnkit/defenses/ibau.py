@@ -41,7 +41,7 @@ from ..data import Augment, Batch, ImageSet
 from ..defense import Defense, DefenseConfig, DefenseData, DefenseRun, register_defense
 from ..engine import eval_mode, iterate, make_optimizer
 from ..errors import BurnError
-from ..models import Classifier
+from ..models import Classifier, twice_differentiable
 
 Tensors = Sequence[torch.Tensor]
 
@@ -196,7 +196,7 @@ def unlearn_ibau(model: Classifier, data: DefenseData, cfg: IBAUConfig, run: Def
                           augment=run.augment))
     optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad],
                                cfg.train_config(lr_scheduler=None))
-    with eval_mode(model):
+    with eval_mode(model), twice_differentiable(model.net):  # the hypergradient differentiates gradients
         for round_ in range(cfg.n_rounds):
             with run.timed("perturbation"):
                 delta = universal_perturbation(model, data.clean_subset, cfg, device, generator, run.augment)

@@ -14,12 +14,14 @@ Attention map of a feature map ``f`` (N x C x H x W): ``a = sum_c |f_c|^p``, fla
 L2-normalised per sample; ``AT(fs, ft) = mean((a(fs) - a(ft))^2)``.
 
 Feature points, found generically (:func:`attention_points`): walk the network's top-level
-children, expanding a child that is a flat ``nn.Sequential`` of leaf layers (a VGG-style
-``features`` block) into its layers; among the modules whose output is a 4-D map, group
+children, expanding a child that is an ``nn.Sequential`` whose children change the spatial size (a
+VGG-, DenseNet-, EfficientNet- or SqueezeNet-style ``features`` block) into its children; among the
+modules whose output is a 4-D map, group
 consecutive ones with the same spatial size into a stage and take the output of each stage's last
 module; l1, l2, l3 are the last three stages. For PreActResNet-18 this gives ``layer3``, ``layer4``
 and ``avgpool``, BackdoorBench's points; for the small CNN the last two conv stages and the global
-pool; for VGG the last conv stage, the last max-pool and ``avgpool``. As in BackdoorBench, a
+pool; for VGG the last conv stage, the last max-pool and ``avgpool``. A network without three
+convolutional stages (a ViT's token sequence) is refused in one line. As in BackdoorBench, a
 1x1 point (the pooled features) has a constant normalised attention map, so its AT term is 0.
 
 Unlike BackdoorBench (spec §9.3), both CSVs carry real epoch numbers. As there, ``--amp`` applies to
@@ -44,7 +46,7 @@ from ..data import Batch
 from ..defense import Defense, DefenseConfig, DefenseData, DefenseRun, register_defense
 from ..engine import StepContext, StepOutput, eval_mode, make_optimizer
 from ..errors import BurnError
-from ..models import Classifier, load_bb_state_dict
+from ..models import Classifier, architecture_name, load_bb_state_dict
 from ..records import read_defense_result
 from ..results import MetricLog, plot_metrics
 from ..safe_load import safe_torch_load
@@ -92,15 +94,15 @@ def attention_loss(student: torch.Tensor, teacher: torch.Tensor, p: float = 2.0)
     return (attention_map(student, p) - attention_map(teacher, p)).pow(2).mean()
 
 
-def _stage_candidates(net: nn.Module) -> list[tuple[str, nn.Module]]:
+def _stage_candidates(net: nn.Module, shapes: dict[str, tuple]) -> list[tuple[str, nn.Module]]:
+    """Top-level children; a top-level ``nn.Sequential`` whose children change the spatial size (a
+    VGG/DenseNet/EfficientNet-style ``features`` block) is replaced by its children, while one that
+    stays at one size (a ResNet ``layer3``) is kept whole, under its own name."""
     out = []
     for name, child in net.named_children():
-        flat = isinstance(child, nn.Sequential) and len(child) > 0 and all(
-            len(list(c.children())) == 0 for c in child)
-        if flat:
-            out.extend((f"{name}.{sub}", m) for sub, m in child.named_children())
-        else:
-            out.append((name, child))
+        subs = [(f"{name}.{sub}", m) for sub, m in child.named_children()] if isinstance(child, nn.Sequential) else []
+        sizes = {shapes[n][2:] for n, _ in subs if len(shapes.get(n, ())) == 4}
+        out.extend(subs if len(sizes) > 1 else [(name, child)])
     return out
 
 
@@ -111,10 +113,11 @@ def attention_points(net: nn.Module, input_shape: tuple[int, int, int], count: i
     Args:
         input_shape: (C, H, W) of one network input.
     """
-    candidates = _stage_candidates(net)
     shapes: dict[str, tuple] = {}
-    handles = [m.register_forward_hook(lambda _m, _i, o, n=name: shapes.__setitem__(n, tuple(o.shape)))
-               for name, m in candidates]
+    hooked = [(name, m) for name, m in net.named_modules() if name and name.count(".") <= 1]
+    handles = [m.register_forward_hook(
+        lambda _m, _i, o, n=name: shapes.__setitem__(n, tuple(o.shape)) if torch.is_tensor(o) else None)
+        for name, m in hooked]
     try:
         param = next(net.parameters(), None)
         device = param.device if param is not None else torch.device("cpu")
@@ -123,6 +126,7 @@ def attention_points(net: nn.Module, input_shape: tuple[int, int, int], count: i
     finally:
         for h in handles:
             h.remove()
+    candidates = _stage_candidates(net, shapes)
     stage_ends: list[str] = []
     last_hw = None
     for name, _ in candidates:
@@ -135,8 +139,9 @@ def attention_points(net: nn.Module, input_shape: tuple[int, int, int], count: i
             stage_ends.append(name)
             last_hw = shape[2:]
     if len(stage_ends) < count:
-        raise BurnError(f"NAD needs {count} feature stages but {type(net).__name__} has {len(stage_ends)} "
-                        "(4-D outputs of different spatial size among its top-level layers)")
+        raise BurnError(f"NAD distils attention maps of {count} convolutional stages but {architecture_name(net)} has "
+                        f"{len(stage_ends)} (4-D outputs of different spatial sizes among its top-level layers); "
+                        "NAD does not apply to this model")
     return stage_ends[-count:]
 
 

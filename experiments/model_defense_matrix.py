@@ -1,0 +1,284 @@
+"""Every zoo model x {BURN (1 iteration), FT, FP, NAD, ANP, I-BAU, FT-SAM, SAU}: ok or its one-line refusal.
+
+For each model a tiny BadNets record is made (1 epoch on 3 images per class, pratio 0.1, target 0,
+batch 8) on a 30-image CIFAR-10 subset taken from the shared JPEG tarball, or - for a model whose
+pooling needs more than 32 px (AlexNet) - on the same images upsampled to 64 px and written in
+Tiny-ImageNet's official layout. Each defense then runs on the record through its own CLI code path
+with budgets cut to one epoch/round/iteration. A cell is ``ok`` (the defense wrote its result), or
+the one-line error a user would see (``BurnError``: a refusal where the method does not apply), or
+``FAILED`` with the exception (a bug). This measures that every combination runs, not how well.
+
+Every cell runs in its own process (a cell the kernel kills for memory is a ``FAILED`` cell, not the
+end of the matrix). Resumable: every finished cell is ``<work>/cells/<model>__<defense>.json``; a
+re-run skips them (``FAILED`` cells are retried). The table goes to ``--table`` (markdown).
+
+    cd /work/wt12 && OMP_NUM_THREADS=1 PYTHONPATH=. nice python experiments/model_defense_matrix.py \\
+        --work /work/runs/wt12/matrix --table docs/model-defense-matrix.md
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import subprocess
+import sys
+import tarfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+import attack_models
+from burnkit.attack import get_attack
+from burnkit.defense import get_defense
+from burnkit.errors import BurnError
+from burnkit.results import git_revision
+
+DEFENSES = ["burn", "ft", "fp", "nad", "anp", "i-bau", "ft-sam", "sau"]
+TRAIN_PER_CLASS, TEST_PER_CLASS = 3, 1
+COMMON = ["--batch_size", "8", "--ratio", "0.34", "--progress", "false", "--overwrite", "true", "--device", "cpu"]
+BUDGETS = {  # one epoch / round / iteration each, on the 10-image clean subset (ratio 0.34 of 30)
+    "burn": ["--iterations", "1", "--epochs", "1", "--scan_batch_size", "8", "--max_iter", "5", "--candidates", "4",
+             "--kp_start", "0.1",
+             "--kp_end", "0.2", "--kc_start", "0.2", "--kc_end", "0.4"],
+    "ft": ["--epochs", "1"],
+    "fp": ["--epochs", "1", "--once_prune_ratio", "0.05"],
+    "nad": ["--te_epochs", "1"],
+    "anp": ["--nb_iter", "1", "--print_every", "1", "--pruning_step", "0.3"],
+    "i-bau": ["--n_rounds", "1", "--K", "2"],
+    "ft-sam": ["--epochs", "1"],
+    "sau": ["--n_rounds", "1", "--adv_steps", "2"],
+}
+TINY_WNIDS = [f"n{9000000 + i:08d}" for i in range(10)]
+REVISION = git_revision()  # the code the cells of this invocation ran
+
+
+def build_data(work: Path, tarball: Path) -> None:
+    """``data/cifar10/{train,test}/<class>/*.jpg`` (3 + 1 per class) and the same images at 64 px as
+    ``data/tiny/tiny-imagenet-200`` (wnids.txt, train/<wnid>/images, val/images + val_annotations.txt)."""
+    cifar = work / "data" / "cifar10"
+    if not (cifar / "test").is_dir():
+        keep = {"train": TRAIN_PER_CLASS, "test": TEST_PER_CLASS}
+        counts: dict[tuple[str, str], int] = {}
+        members = []
+        with tarfile.open(tarball) as tar:
+            for m in tar:
+                parts = Path(m.name).parts
+                if not m.isfile() or len(parts) < 3 or parts[-3] not in keep:
+                    continue
+                split, cls = parts[-3], parts[-2]
+                if counts.get((split, cls), 0) < keep[split]:
+                    counts[(split, cls)] = counts.get((split, cls), 0) + 1
+                    m.name = f"{split}/{cls}/{parts[-1]}"
+                    members.append(m)
+            tar.extractall(cifar, members=members, filter="data")
+    tiny = work / "data" / "tiny" / "tiny-imagenet-200"
+    if (tiny / "val" / "val_annotations.txt").is_file():
+        return
+    classes = sorted(p.name for p in (cifar / "train").iterdir())
+    (tiny / "val" / "images").mkdir(parents=True, exist_ok=True)
+    (tiny / "wnids.txt").write_text("\n".join(TINY_WNIDS) + "\n")
+    annotations = []
+    for wnid, cls in zip(TINY_WNIDS, classes):
+        (tiny / "train" / wnid / "images").mkdir(parents=True, exist_ok=True)
+        for j, path in enumerate(sorted((cifar / "train" / cls).iterdir())):
+            Image.open(path).convert("RGB").resize((64, 64), Image.BILINEAR).save(
+                tiny / "train" / wnid / "images" / f"{wnid}_{j}.JPEG", format="JPEG", quality=95)
+        for j, path in enumerate(sorted((cifar / "test" / cls).iterdir())):
+            name = f"val_{len(annotations)}.JPEG"
+            Image.open(path).convert("RGB").resize((64, 64), Image.BILINEAR).save(
+                tiny / "val" / "images" / name, format="JPEG", quality=95)
+            annotations.append(f"{name}\t{wnid}\t0\t0\t63\t63")
+    (tiny / "val" / "val_annotations.txt").write_text("\n".join(annotations) + "\n")
+
+
+def dataset_for(model: str) -> str:
+    try:
+        size = attack_models.min_input_size(model)
+    except attack_models.UnknownModelError:
+        return "cifar10"
+    return "tiny" if 32 < size <= 64 else "cifar10"
+
+
+def run_cell(fn) -> dict:
+    """Run ``fn``; classify the outcome as ok / refused (BurnError's one line) / FAILED."""
+    started = time.perf_counter()
+    try:
+        out = fn()
+        status, message = "ok", ""
+    except BurnError as err:
+        out, status, message = None, "refused", " ".join(str(err).split())
+    except Exception as err:  # noqa: BLE001 - a bug: keep its traceback for the log
+        out, status, message = None, "FAILED", f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"
+        traceback.print_exc()
+    return {"status": status, "message": message, "wall_s": round(time.perf_counter() - started, 1), "out": out}
+
+
+def make_record(model: str, dataset: str) -> dict:
+    name = f"mx_{model}"
+    if (Path("record") / name / "attack_result.pt").is_file():
+        return {"status": "ok", "message": "", "wall_s": None, "record": name}
+    attack = get_attack("badnet")
+    cfg, _ = attack.parse(["--dataset", dataset, "--model", model, "--epochs", "1", "--batch_size", "8",
+                           "--pratio", "0.1", "--save_folder_name", name, "--progress", "false",
+                           "--overwrite", "true", "--device", "cpu"])
+    cell = run_cell(lambda: attack.run(cfg))
+    cell.pop("out")
+    return {**cell, "record": name}
+
+
+def run_defense(defense: str, record: str) -> dict:
+    cls = get_defense(defense)
+
+    def go():
+        cfg, _, ignored = cls.parse(["--result_file", record, *COMMON, *BUDGETS[defense]])
+        result = cls().run(cfg, ignored_keys=ignored)
+        return {k: result["final"].get(k) for k in ("test_acc", "test_asr", "test_ra")}
+
+    cell = run_cell(go)
+    cell["final"] = cell.pop("out")
+    return cell
+
+
+def run_isolated(work: Path, model: str, defense: str, record: str) -> dict:
+    """One cell in a child process, so that a cell the kernel kills for memory (a large model on a
+    shared CPU machine gets SIGKILL, not a Python error) is reported and the matrix goes on."""
+    out = work / "cells" / f".{model}__{defense}.child.json"
+    out.unlink(missing_ok=True)
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--work", str(work), "--cell", defense,
+                           record, str(out)], cwd=work)
+    if proc.returncode == 0 and out.is_file():
+        cell = json.loads(out.read_text())
+        out.unlink()
+        return cell
+    how = f"killed by signal {-proc.returncode}" if proc.returncode < 0 else f"exit status {proc.returncode}"
+    hint = " (SIGKILL: the kernel's out-of-memory killer)" if proc.returncode == -9 else ""
+    return {"status": "FAILED", "message": f"the cell's process ended with {how}{hint}", "wall_s": None, "final": None}
+
+
+def matrix(work: Path, models: list[str], defenses: list[str]) -> dict:
+    cells_dir = work / "cells"
+    cells_dir.mkdir(parents=True, exist_ok=True)
+    results: dict[str, dict] = {}
+    with contextlib.chdir(work):
+        for model in models:
+            dataset = dataset_for(model)
+            attack_cell = make_record(model, dataset)
+            results[model] = {"dataset": dataset, "attack": attack_cell, "defenses": {}}
+            print(f"[matrix] {model} on {dataset}: record {attack_cell['status']} {attack_cell['message']}", flush=True)
+            for defense in defenses:
+                path = cells_dir / f"{model}__{defense}.json"
+                if path.is_file():
+                    cell = json.loads(path.read_text())
+                    if cell["status"] != "FAILED":
+                        results[model]["defenses"][defense] = cell
+                        continue
+                if attack_cell["status"] != "ok":
+                    cell = {"status": "no record", "message": attack_cell["message"], "wall_s": 0.0}
+                else:
+                    cell = run_isolated(work, model, defense, attack_cell["record"])
+                cell["git"] = REVISION
+                path.write_text(json.dumps(cell, indent=1) + "\n")
+                results[model]["defenses"][defense] = cell
+                print(f"[matrix] {model} x {defense}: {cell['status']} ({cell['wall_s']}s) {cell['message']}",
+                      flush=True)
+    return results
+
+
+def write_table(results: dict, defenses: list[str], path: Path, command: str, started: float) -> None:
+    notes: list[str] = []
+
+    def note(message: str) -> str:
+        if message not in notes:
+            notes.append(message)
+        return f"[{notes.index(message) + 1}]"
+
+    lines = ["| model | data | " + " | ".join(defenses) + " |", "|---|---|" + "---|" * len(defenses)]
+    counts = {"ok": 0, "refused": 0, "FAILED": 0, "no record": 0}
+    revisions: dict[str, int] = {}
+    for model, row in results.items():
+        cells = []
+        for defense in defenses:
+            cell = row["defenses"][defense]
+            counts[cell["status"]] = counts.get(cell["status"], 0) + 1
+            revisions[str(cell.get("git"))] = revisions.get(str(cell.get("git")), 0) + 1
+            if cell["status"] == "ok":
+                cells.append(f"ok ({cell['wall_s']:.0f} s)")
+            elif cell["status"] == "no record":
+                cells.append("no record " + note(cell["message"]))
+            else:
+                cells.append(f"{cell['status']} " + note(cell["message"]))
+        lines.append(f"| {model} | {row['dataset']} | " + " | ".join(cells) + " |")
+    body = [
+        "# Model x defense matrix",
+        "",
+        "Every zoo model against every defense on a tiny BadNets record of its own: `ok` = the defense ran "
+        "through its CLI code path and wrote `defense_result.pt`; `refused [n]` = the one-line error a user "
+        "gets (note n); `no record [n]` = the attack itself refused the model for the dataset; `FAILED` = a "
+        "bug. Times are wall seconds on a shared 2-core CPU (the cell's whole run, evaluations included). "
+        "This shows that each combination runs, not how well it defends: the records are 1-epoch models on "
+        f"{TRAIN_PER_CLASS * 10} training images ({TEST_PER_CLASS * 10} test images).",
+        "",
+        f"Made by `{command}` (torch {torch.__version__}, {platform.node()}, {time.strftime('%Y-%m-%d')}; "
+        f"{round((time.perf_counter() - started) / 60, 1)} min for the cells run in the last invocation; cells "
+        f"computed at git {', '.join(f'{rev} ({n})' for rev, n in revisions.items())}). A re-run skips finished "
+        "cells; delete `<dir>/cells/<model>__<defense>.json` to recompute one.",
+        "",
+        "Data: `cifar10` = 3 train / 1 test JPEG per class from `shared/data/cifar10-jpeg.tar.gz`; `tiny` = the same "
+        "images upsampled to 64 px in Tiny-ImageNet's official layout (for AlexNet, which needs >= 63 px). "
+        "Attack: `attack/badnet.py --epochs 1 --batch_size 8 --pratio 0.1`. Defense flags (all: "
+        f"`{' '.join(COMMON)}`):",
+        "",
+        *[f"* {d}: `{' '.join(BUDGETS[d])}`" for d in defenses],
+        "",
+        f"Cells: {', '.join(f'{v} {k}' for k, v in counts.items() if v)}.",
+        "",
+        *lines,
+        "",
+        "Notes:",
+        "",
+        *[f"{i + 1}. {message}" for i, message in enumerate(notes)],
+        "",
+    ]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(body))
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--work", type=Path, required=True, help="work folder (data/, record/, cells/)")
+    p.add_argument("--tarball", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.tar.gz")
+    p.add_argument("--models", default="", help="comma list (default: every zoo model + resnext29, senet18)")
+    p.add_argument("--defenses", default=",".join(DEFENSES))
+    p.add_argument("--table", type=Path, default=None, help="markdown output (default <work>/matrix.md)")
+    p.add_argument("--cell", nargs=3, metavar=("DEFENSE", "RECORD", "OUT"), help=argparse.SUPPRESS)  # child mode
+    args = p.parse_args(argv)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    if args.cell:
+        defense, record, out = args.cell
+        with contextlib.chdir(args.work):
+            cell = run_defense(defense, record)
+        Path(out).write_text(json.dumps(cell, default=str) + "\n")
+        return
+    started = time.perf_counter()
+    args.work.mkdir(parents=True, exist_ok=True)
+    tarball = args.tarball if args.tarball.is_file() else Path("/work/shared/data/cifar10-jpeg.tar.gz")
+    build_data(args.work.resolve(), tarball)
+    models = args.models.split(",") if args.models else attack_models.list_models() + sorted(attack_models.NOT_BUILDABLE)
+    defenses = args.defenses.split(",")
+    table = (args.table or args.work / "matrix.md").resolve()
+    results = matrix(args.work.resolve(), models, defenses)
+    command = "OMP_NUM_THREADS=1 PYTHONPATH=. python experiments/model_defense_matrix.py --work <dir>"
+    if args.table:
+        command += f" --table {args.table}"
+    write_table(results, defenses, table, command, started)
+    (args.work / "matrix.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
+    print(f"[matrix] table -> {table}")
+
+
+if __name__ == "__main__":
+    main()
