@@ -133,6 +133,30 @@ def test_activation_clustering_flags_the_small_planted_cluster(reducer):
     assert sorted(res.sizes[0]) == [0.2, 0.8]
 
 
+@pytest.mark.parametrize("diverging, used", [({0}, "ica (seed 1)"), ({0, 1, 2}, "pca (ica diverged)")])
+def test_activation_clustering_survives_a_diverging_ica(diverging, used, monkeypatch):
+    """FastICA returning NaN sources (it did on a digits class) is rerun from the next seed, then
+    replaced by PCA after three failures; the class is still clustered and the switch reported."""
+    import sklearn.decomposition
+
+    real = sklearn.decomposition.FastICA
+    seeds = []
+
+    class Diverging(real):
+        def fit_transform(self, x, y=None):
+            seeds.append(self.random_state)
+            out = super().fit_transform(x)
+            return np.full_like(out, np.nan) if self.random_state in diverging else out
+
+    monkeypatch.setattr(sklearn.decomposition, "FastICA", Diverging)
+    rng = np.random.default_rng(3)
+    x = np.vstack([_blobs(rng, 160, 16), _blobs(rng, 40, 16, np.full(16, 4.0))])
+    res = activation_clustering(x, np.zeros(200, dtype=int), nb_dims=5, reducer="ica", seed=0)
+    assert seeds == list(range(min(3, max(diverging) + 2)))
+    assert res.reductions == {0: used} and res.flagged_classes == [0]
+    assert np.array_equal(res.flagged, np.arange(200) >= 160)
+
+
 def test_spectre_finds_planted_poison():
     rng = np.random.default_rng(4)
     d = 24
@@ -507,7 +531,7 @@ def test_burn_detectors_agree_with_a_burn_run(digits_copy, capsys):
                               *scan_flags])
     report = json.loads((work / "record" / RECORD / "defense" / "burn" / "burn_detection.json").read_text())
     s = get_detector("burn_s").main(["--result_file", RECORD, "--progress", "false"])["summary"]
-    assert s["auroc"] == pytest.approx(report["auroc_score"], abs=1e-9)
+    assert s["auroc"] == pytest.approx(report["auroc_final_score_after_finetuning"], abs=1e-9)
     read = get_detector("burn").main(["--result_file", RECORD, "--progress", "false", "--burn_output", "defense/burn",
                                       "--output_name", "burn_read"])["summary"]
     assert read["auroc"] == pytest.approx(report["auroc_l2"], abs=1e-9)
@@ -516,13 +540,21 @@ def test_burn_detectors_agree_with_a_burn_run(digits_copy, capsys):
                        rtol=1e-5, atol=1e-6)  # the same scan as BURN's Phase 1
 
 
-def test_scan_on_an_independent_backdoorbench_subset_record(cifar_root, tmp_path, monkeypatch):
-    """A record written by hand (BackdoorBench's layout, plain torch.save) inspecting 200 of the 300
-    real CIFAR-10 training images: SCAn's reserve comes from the other 100, class-balanced."""
+@pytest.mark.parametrize("layout", ["subset", "whole-split"])
+def test_scan_on_an_independent_backdoorbench_subset_record(layout, cifar_root, tmp_path, monkeypatch):
+    """A record written by hand (BackdoorBench's layout, plain torch.save) whose model trained on 200 of
+    the 300 real CIFAR-10 training images, in both layouts: ``bd_train`` listing only those 200, or
+    covering the whole split with the 200 in ``train_subset_index`` (issue 12's --train_subset records;
+    a BackdoorBench consumer reads position = original index). Either way SCAn scores exactly the 200
+    trained samples, the truth is the record's poison indicator at their original indices, and the
+    class-balanced reserve comes from the other 100."""
     import collections
     import shutil
 
+    import pandas as pd
+
     from attack_models import create_model
+    from burnkit.compare.detection import record_truth
     from burnkit.datasets import load_split
     from test_records import _bb_split
 
@@ -539,17 +571,65 @@ def test_scan_on_an_independent_backdoorbench_subset_record(cifar_root, tmp_path
         poisoned[int(idx)] = (img, 0, int(train_y[idx]))
     test_idx = np.flatnonzero(test_y != 0)[:10]
     net = create_model("smallcnn", num_classes=10)
+    listed = positions if layout == "subset" else np.arange(len(train_y))
     record = {"model_name": "smallcnn", "num_classes": 10,
               "model": collections.OrderedDict((k, v) for k, v in net.state_dict().items()),
               "data_path": "./data/cifar10", "img_size": (32, 32, 3), "clean_data": "cifar10",
-              "bd_train": _bb_split("bb", "bd_train_dataset", len(train_y), poisoned, positions, base),
+              "bd_train": _bb_split("bb", "bd_train_dataset", len(train_y), poisoned, listed, base),
               "bd_test": _bb_split("bb", "bd_test_dataset", len(test_y),
                                    {int(i): (test_x[i], 0, int(test_y[i])) for i in test_idx}, test_idx, base)}
+    if layout == "whole-split":
+        record["train_subset_index"] = positions.astype(np.int64)
     torch.save(record, base / "record" / "bb" / "attack_result.pt")
     monkeypatch.chdir(base)
     out = get_detector("scan").main(["--result_file", "bb", "--progress", "false", "--clean_sample_num", "50"])
-    index = np.loadtxt(base / "record" / "bb" / "detection" / "scan_pretrain" / "log" / "index.txt", dtype=np.int64)
+    folder = base / "record" / "bb" / "detection" / "scan_pretrain"
+    index = np.loadtxt(folder / "log" / "index.txt", dtype=np.int64)
     assert len(index) == 50 and not set(index.tolist()) & set(positions.tolist())
     assert np.bincount(train_y[index], minlength=10).tolist() == [5] * 10
     assert out["summary"]["n_samples"] == 200 and out["summary"]["n_poison"] == 20
     assert "outside the inspected subset" in out["summary"]["clean_source"]
+    samples = pd.read_csv(folder / "detection_samples.csv")
+    indicator = record["bd_train"]["poison_indicator"]  # BackdoorBench's reading: position = original index
+    np.testing.assert_array_equal(samples["index"], positions)
+    np.testing.assert_array_equal(samples["is_poison"], indicator[positions].astype(int))
+    np.testing.assert_array_equal(samples["original_label"], train_y[positions])
+    assert (samples.loc[samples["is_poison"] == 1, "label"] == 0).all()
+    s = out["summary"]
+    assert s["TN"] + s["FP"] + s["FN"] + s["TP"] == 200 and s["TP"] + s["FN"] == 20
+    assert s["auroc"] == pytest.approx(metrics.auroc(np.load(folder / "detection_scores.npy"), indicator[positions] == 1))
+    truth, relabelled = record_truth(base / "record" / "bb")  # burn-compare's truth: the same 200
+    np.testing.assert_array_equal(truth, indicator[positions] == 1)
+    np.testing.assert_array_equal(relabelled, truth & (train_y[positions] != 0))  # class-0 poison keeps its label
+
+
+def test_detectors_score_the_trained_samples_of_our_train_subset_record(tmp_path, monkeypatch):
+    """Our attack's --train_subset record (whole split in bd_train, the 500 trained indices in
+    ``train_subset_index``): a detector without clean data (Spectral) and one with (STRIP) score the
+    500 trained samples in the record's order, their truth is BackdoorBench's indicator at those
+    indices (the 50 poisoned ones), and STRIP's clean reserve avoids them."""
+    import contextlib
+
+    import pandas as pd
+
+    from burnkit.attack import get_attack
+    from burnkit.safe_load import safe_torch_load
+    from conftest import DIGITS_TRAINING
+
+    cls = get_attack("badnet")
+    with contextlib.chdir(tmp_path):
+        cfg, _ = cls.parse([*DIGITS_TRAINING, "--epochs", "2", "--train_subset", "500", "--save_folder_name", "sub"])
+        cls.run(cfg)
+    raw = safe_torch_load(tmp_path / "record" / "sub" / "attack_result.pt")
+    trained, indicator = raw["train_subset_index"], raw["bd_train"]["poison_indicator"]
+    assert len(raw["bd_train"]["original_index_array"]) == len(indicator) > 500 == len(trained)
+    monkeypatch.chdir(tmp_path)
+    for method, extra in (("spectral", []), ("strip", ["--num_overlays", "5"])):
+        out = get_detector(method).main(["--result_file", "sub", "--progress", "false", *extra])
+        folder = tmp_path / "record" / "sub" / "detection" / f"{method}_pretrain"
+        samples = pd.read_csv(folder / "detection_samples.csv")
+        np.testing.assert_array_equal(samples["index"], trained)
+        np.testing.assert_array_equal(samples["is_poison"], indicator[trained].astype(int))
+        assert out["summary"]["n_samples"] == 500 and out["summary"]["n_poison"] == 50 == int(indicator.sum())
+        reserve = np.array((folder / "log" / "index.txt").read_text().split(), dtype=np.int64)
+        assert len(reserve) == (100 if method == "strip" else 0) and not set(reserve.tolist()) & set(trained.tolist())

@@ -34,18 +34,34 @@ class ClusterResult:
     sizes: dict = field(default_factory=dict)  # class -> relative cluster sizes
     flagged_classes: list = field(default_factory=list)
     warnings: int = 0
+    reductions: dict = field(default_factory=dict)  # class -> reduction used, where not the one asked for
 
 
-def reduce_dims(x: np.ndarray, nb_dims: int, reducer: str, seed: int) -> np.ndarray:
-    """``x`` (already centred) reduced to at most ``nb_dims`` dimensions."""
+ICA_TRIES = 3  # FastICA seeds tried (seed, seed + 1, ...) before falling back to PCA
+
+
+def reduce_dims(x: np.ndarray, nb_dims: int, reducer: str, seed: int) -> tuple[np.ndarray, str]:
+    """``x`` (already centred) reduced to at most ``nb_dims`` dimensions, and the reduction used.
+
+    FastICA can diverge on a class's activations (a source with zero variance, which scikit-learn's
+    unit-variance scaling turns into NaN); it is then rerun from the next seeds, and after
+    ``ICA_TRIES`` failures the class is reduced with PCA instead (reported, never silent)."""
     from sklearn.decomposition import PCA, FastICA
 
+    if reducer not in REDUCERS:
+        raise ValueError(f"reducer must be one of {REDUCERS}, got {reducer!r}")
     dims = max(1, min(nb_dims, x.shape[1], x.shape[0] - 1))
-    if reducer == "pca":
-        return PCA(n_components=dims, random_state=seed).fit_transform(x)
     if reducer == "ica":
-        return FastICA(n_components=dims, random_state=seed, whiten="unit-variance", max_iter=1000).fit_transform(x)
-    raise ValueError(f"reducer must be one of {REDUCERS}, got {reducer!r}")
+        for attempt in range(ICA_TRIES):
+            with np.errstate(invalid="ignore", divide="ignore"):
+                try:
+                    out = FastICA(n_components=dims, random_state=seed + attempt, whiten="unit-variance",
+                                  max_iter=1000).fit_transform(x)
+                except (ValueError, np.linalg.LinAlgError):
+                    continue
+            if np.isfinite(out).all():
+                return out, "ica" if attempt == 0 else f"ica (seed {seed + attempt})"
+    return PCA(n_components=dims, random_state=seed).fit_transform(x), "pca" if reducer == "pca" else "pca (ica diverged)"
 
 
 def activation_clustering(features, labels, nb_dims: int = 10, nb_clusters: int = 2, reducer: str = "ica",
@@ -71,9 +87,11 @@ def activation_clustering(features, labels, nb_dims: int = 10, nb_clusters: int 
             continue
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", ConvergenceWarning)
-            reduced = reduce_dims(x[idx] - x[idx].mean(0), nb_dims, reducer, seed)
+            reduced, used = reduce_dims(x[idx] - x[idx].mean(0), nb_dims, reducer, seed)
             ids = KMeans(n_clusters=nb_clusters, n_init=10, random_state=seed).fit_predict(reduced)
         out.warnings += sum(issubclass(w.category, ConvergenceWarning) for w in caught)
+        if used != reducer:
+            out.reductions[int(c)] = used
         share = np.bincount(ids, minlength=nb_clusters) / len(idx)
         out.cluster[idx] = ids
         out.scores[idx] = 1.0 - share[ids]

@@ -46,9 +46,13 @@ class ActivationClustering(FeatureDetector):
                                         cfg.size_threshold, cfg.random_seed)
         if res.warnings:
             run.logger.warning("%d reductions did not converge (scikit-learn ConvergenceWarning)", res.warnings)
+        if res.reductions:
+            run.logger.warning("FastICA diverged (non-finite sources) on classes %s; reduced with: %s",
+                               sorted(res.reductions), res.reductions)
         return DetectionResult(res.scores, res.flagged, threshold=1.0 - cfg.size_threshold,
                                target=str(res.flagged_classes), notes={
                                    "feature_point": point, "feature_dim": int(feats.shape[1]),
                                    "cluster_shares": res.sizes, "flagged_classes": res.flagged_classes,
+                                   "reductions_replaced": res.reductions,
                                    "rule": f"per class, the smallest cluster if its share < {cfg.size_threshold}",
                                    "score": "1 - share of the sample's cluster in its class"})
