@@ -184,6 +184,8 @@ def write_detection(exp: Experiment, out: Path) -> DetectionReport:
              "same way for all; AUROC (relabelled): only the poison whose label the attack changed counts as positive "
              "(cross/negative samples and target-class poison left out). Flagged (TP): "
              "the method's own decisions. Compute: the detection's own seconds (BURN's final score: its whole run). "
+             "BURN's final score S (burn_s) is the ranking after BURN fine-tuned on its own earlier selections: where "
+             "the algorithm ended, not a one-pass detection (BURN's one-pass detector is its θ0 distance, burn). "
              "Clean samples: clean training images the method used.")
     md = ["## Poison detection", "", intro, ""]
     body = [f"<h2>Poison detection</h2><p>{html.escape(intro)}</p>"]
