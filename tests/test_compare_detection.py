@@ -84,3 +84,19 @@ def test_compare_runs_detectors_and_tabulates_them(digits_workdir, tmp_path):
     # a second run finds everything done and rewrites the same table
     assert main([str(path), "--workdir", str(tmp_path), "--collect-only"]) == 0
     assert (out / "detection_cells.csv").read_text() == table
+
+
+def test_burn_notes_name_the_winner_and_the_gaps():
+    from burnkit.compare.detection import burn_notes
+
+    block = pd.DataFrame({"detector": ["burn", "burn_s", "beatrix", "abl"],
+                          "auroc_mean": [0.80, 0.90, 0.85, np.nan], "tpr_at_5fpr_mean": [0.40, 0.70, 0.60, 0.75],
+                          "precision_at_poison_rate_mean": [0.50, 0.60, 0.45, 0.70]})
+    notes = burn_notes(block, {"burn": "burn", "burn_s": "burn_s", "beatrix": "beatrix", "abl": "abl"})
+    assert notes == ["Best AUROC: burn_s 0.900.",
+                     "burn: AUROC 0.800, rank 3 of 3; AUROC -0.050 against the best other detector (beatrix 0.850); "
+                     "TPR@5%FPR -0.200 against the best other detector (beatrix 0.600); "
+                     "precision +0.050 against the best other detector (beatrix 0.450).",
+                     "burn_s: AUROC 0.900, rank 1 of 3; AUROC +0.050 against the best other detector (beatrix 0.850); "
+                     "TPR@5%FPR +0.100 against the best other detector (beatrix 0.600); "
+                     "precision +0.150 against the best other detector (beatrix 0.450)."]

@@ -148,17 +148,28 @@ def detection_tables(summary: pd.DataFrame, exp: Experiment) -> list[tuple[str, 
 
 
 def burn_notes(block: pd.DataFrame, scripts: dict[str, str]) -> list[str]:
-    """Where BURN's rows stand: the best detector by mean AUROC and BURN's gap to it."""
+    """Where BURN's rows stand: the best detector by mean AUROC, and each BURN row against the best
+    of the other detectors (AUROC, TPR@5%FPR, precision at the poison rate: the winner and the gap)."""
     done = block.dropna(subset=["auroc_mean"])
     if done.empty:
         return []
     best = done.loc[done["auroc_mean"].idxmax()]
     notes = [f"Best AUROC: {best.detector} {best.auroc_mean:.3f}."]
+    others = done[~done["detector"].map(lambda d: scripts.get(d) in BURN_ROWS)]
     for r in done.itertuples():
-        if scripts.get(r.detector) in BURN_ROWS and r.detector != best.detector:
-            rank = int((done["auroc_mean"] > r.auroc_mean).sum()) + 1
-            notes.append(f"{r.detector}: {r.auroc_mean:.3f}, rank {rank} of {len(done)}, "
-                         f"{best.auroc_mean - r.auroc_mean:.3f} below {best.detector}.")
+        if scripts.get(r.detector) not in BURN_ROWS:
+            continue
+        rank = int((done["auroc_mean"] > r.auroc_mean).sum()) + 1
+        parts = [f"{r.detector}: AUROC {r.auroc_mean:.3f}, rank {rank} of {len(done)}"]
+        for key, label in (("auroc", "AUROC"), ("tpr_at_5fpr", "TPR@5%FPR"), ("precision_at_poison_rate", "precision")):
+            column = others[f"{key}_mean"].dropna()
+            if column.empty:
+                continue
+            top = others.loc[column.idxmax()]
+            gap = getattr(r, f"{key}_mean") - top[f"{key}_mean"]
+            parts.append(f"{label} {'+' if gap >= 0 else '-'}{abs(gap):.3f} against the best other detector "
+                         f"({top.detector} {top[f'{key}_mean']:.3f})")
+        notes.append("; ".join(parts) + ".")
     return notes
 
 
