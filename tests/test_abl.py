@@ -82,7 +82,7 @@ def test_end_to_end_outputs_and_isolation(digits_copy):
     assert report["precision"] == pytest.approx(report["poison_flagged"] / report["n_flagged"])
     # How well the isolation works is checked on CIFAR-10 below, not here: on 8x8 digits the clean samples are
     # learnt about as fast as the poison (82 % clean training accuracy after one epoch), so ABL's premise is
-    # weak and its precision depends on the seed (0.10-0.85 over seeds 0-2, /work/notes/issue-14-status.md).
+    # weak and its precision depends on the seed (0.10-0.85 over seeds 0-2, docs/no-clean-data-defenses.md).
     df = pd.read_csv(out / "abl_df.csv", index_col=0)
     assert df["phase"].tolist() == ["pre_train"] * 5 + ["finetune"] * 2 + ["unlearn"] * 2
     for phase, rows in (("pre_train", 5), ("finetune", 2), ("unlearn", 2)):
