@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pandas as pd
 import pytest
@@ -77,13 +78,34 @@ def test_end_to_end_outputs_and_isolation(digits_copy):
     report = json.loads((out / "abl_isolation_report.json").read_text())
     assert report == cost["abl_isolation"]
     assert report["poison_flagged"] == int(samples.loc[samples["flagged"] == 1, "is_poison"].sum())
-    assert report["precision"] > 3 * report["n_poison"] / n  # the poison is learnt first: far above its share
+    assert report["n_poison"] == int(samples["is_poison"].sum()) == 144 and n == 1437  # the whole digits split
+    assert report["precision"] == pytest.approx(report["poison_flagged"] / report["n_flagged"])
+    # How well the isolation works is checked on CIFAR-10 below, not here: on 8x8 digits the clean samples are
+    # learnt about as fast as the poison (82 % clean training accuracy after one epoch), so ABL's premise is
+    # weak and its precision depends on the seed (0.10-0.85 over seeds 0-2, docs/no-clean-data-defenses.md).
     df = pd.read_csv(out / "abl_df.csv", index_col=0)
     assert df["phase"].tolist() == ["pre_train"] * 5 + ["finetune"] * 2 + ["unlearn"] * 2
     for phase, rows in (("pre_train", 5), ("finetune", 2), ("unlearn", 2)):
         assert len(pd.read_csv(out / f"{phase}_df.csv")) == rows
     clf, _ = load_defended(out, digits_copy / "record" / "badnet_digits")
     assert torch.equal(clf.net.state_dict()["classifier.weight"], result["model"].net.state_dict()["classifier.weight"])
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_isolation_finds_the_poison_where_it_is_learnt_first(cifar_blended_workdir, tmp_path, monkeypatch, seed):
+    """ABL's premise on real images: on the CIFAR-10 Blended record (2,000 images, 10 % poison) the poison
+    is fitted before the clean images, so two flooding epochs put it at the bottom of the loss ranking.
+    Measured when written (seeds 0, 1, 2): precision 0.85, 1.00, 0.98, against a poison share of 0.10."""
+    work = tmp_path / "work"
+    shutil.copytree(cifar_blended_workdir, work)
+    monkeypatch.chdir(work)
+    AntiBackdoorLearning.main(["--result_file", "blended_cifar_smallcnn", "--tuning_epochs", "2",
+                               "--finetuning_epochs", "0", "--unlearning_epochs", "0", "--batch_size", "64",
+                               "--isolation_ratio", "0.05", "--random_seed", str(seed), "--test_every", "2",
+                               "--progress", "false"])
+    report = json.loads((work / "record/blended_cifar_smallcnn/defense/abl/abl_isolation_report.json").read_text())
+    assert report["n_samples"] == 2000 and report["n_poison"] == 200 and report["n_flagged"] == 100
+    assert report["precision"] > 0.5  # five times the poison share
 
 
 def test_never_reads_the_poison_flags(digits_copy, monkeypatch):
