@@ -27,6 +27,7 @@ import torch
 
 from burnkit.boundary import boundary_attack, scan
 from burnkit.datasets import dataset_info
+from burnkit.defense import resolve_record_dir
 from burnkit.engine import device_description
 from burnkit.models import build_classifier, load_bb_state_dict
 from burnkit.records import read_attack_record
@@ -37,7 +38,7 @@ def load_model_and_samples(args):
     """The record's model and ``n`` seeded samples of its poisoned training set (what BURN scans),
     or a randomly initialised ``--arch`` on random CIFAR-sized inputs when no record is given."""
     if args.result_file:
-        record = read_attack_record(args.result_file)
+        record = read_attack_record(resolve_record_dir(args.result_file))  # a name under record/ or a path
         clf = build_classifier(record.model_name, record.info, record.num_classes)
         load_bb_state_dict(clf, record.state_dict)
         train = record.load_data(args.dataset_path).bd_train
@@ -120,7 +121,7 @@ def median(t: torch.Tensor) -> float:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--result_file", default=None, help="attack record folder (else random-init --arch)")
+    p.add_argument("--result_file", default=None, help="attack record: a folder name under record/ or a path (else random-init --arch)")
     p.add_argument("--dataset_path", default="./data")
     p.add_argument("--arch", default="smallcnn")
     p.add_argument("--weights", default=None, help="state dict / training checkpoint for --arch (no record)")

@@ -55,7 +55,7 @@ def premise_measures(train, result, target: int, num_classes: int) -> dict:
     cfg = BurnConfig()
     found = suspected_target(result.l2, train.labels, num_classes, cfg.premise_share, cfg.premise_min_enrichment)
     out["premise_test"] = found
-    out["premise_holds"] = found["class"] is not None
+    out["premise_holds"] = found["class"] is not None  # BURN's test passes (it may name the wrong class)
     out["target_enrichment_top5pct"] = float(
         (train.labels[torch.argsort(result.l2, descending=True)[:found["n_top"]]] == target).float().mean()
         / (train.labels == target).float().mean())
@@ -113,9 +113,11 @@ def main(argv=None) -> None:
     print(f"record {record_dir.name}: {len(train)} samples, target {target}, candidates {args.candidates}")
     cols = ("epochs_trained", "auroc_l2", "l2_ratio_poison_clean", "precision_top_0.5pct", "precision_top_1pct",
             "precision_top_5pct", "precision_top_10pct", "top_clean_adv_to_target", "clean_adv_to_target",
-            "poison_adv_is_original", "poison_predicted_target", "target_enrichment_top5pct", "premise_holds")
+            "poison_adv_is_original", "poison_predicted_target", "target_enrichment_top5pct", "premise_holds",
+            "suspected_class", "suspected_is_target")
     print(" | ".join(cols))
     for r in rows:
+        r = {**r, "suspected_class": r["premise_test"]["class"], "suspected_is_target": r["premise_test"]["class"] == target}
         print(" | ".join(f"{r[c]:.3f}" if isinstance(r.get(c), float) else str(r.get(c)) for c in cols))
 
 

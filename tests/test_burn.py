@@ -435,3 +435,26 @@ def test_finetune_sets_with_a_single_sample_batch_or_a_single_sample(digits_copy
     assert df["n_poison"].tolist() == [1] and df["finetune_s"][0] == 0
     assert again["final"]["test_acc"] == pytest.approx(again["before"].acc)
     assert result["final"]["test_acc"] is not None
+
+
+def test_a_train_subset_record_is_scanned_and_tuned_on_the_trained_samples_only(tmp_path, monkeypatch):
+    """A ``--train_subset`` record stores ``bd_train`` over the whole split (BackdoorBench's layout) and
+    the indices the model trained on as ``train_subset_index``: BURN must work on those alone."""
+    from conftest import make_record
+
+    record_dir = make_record(tmp_path, "badnet", "badnet_subset", ["--train_subset", "600", "--epochs", "5"])
+    raw = safe_torch_load(record_dir / "attack_result.pt", "record")
+    trained = raw["train_subset_index"]
+    assert len(raw["bd_train"]["original_index_array"]) == 1437 and len(trained) == 600  # whole split stored
+    monkeypatch.chdir(tmp_path)
+    Burn.main(["--result_file", "badnet_subset", *FAST])
+    out = record_dir / "defense" / "burn"
+    samples = pd.read_csv(out / "burn_samples.csv", keep_default_na=False)
+    assert sorted(samples["index"]) == sorted(int(i) for i in trained)
+    assert samples["is_poison"].sum() == 60 == int((raw["bd_train"]["poison_indicator"] == 1).sum())
+    selected = samples[(samples["selected_poison_iters"] != "") | (samples["selected_clean_iters"] != "")]
+    assert len(selected) > 0 and set(selected["index"]) <= {int(i) for i in trained}
+    df = pd.read_csv(out / "burn_df.csv")
+    assert df["n_ranked_poison"].tolist() == [share_count(k, 600) for k in (0.02, 0.03, 0.04)]
+    logs = "".join(p.read_text() for p in (out / "log").glob("*.log"))
+    assert "boundary scan of 600 samples" in logs
