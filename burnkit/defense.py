@@ -284,7 +284,7 @@ class Defense:
         with cli_errors(prog):
             loaded: dict = {}
             cfg, yaml_path, ignored = cls.parse(argv, prog, loaded)
-            return cls().run(cfg, ignored_keys=ignored, record=loaded.get("record"))
+            return cls().run(cfg, ignored_keys=ignored, record=loaded.pop("record", None))
 
     def run(self, cfg: DefenseConfig, ignored_keys=(), record: AttackRecord | None = None) -> dict:
         started = time.perf_counter()
@@ -319,6 +319,9 @@ class Defense:
         seed_everything(cfg.random_seed)
         model = build_classifier(record.model_name, info, record.num_classes)
         load_bb_state_dict(model, record.state_dict)
+        # the model holds the weights now: drop this run's reference to the record's copy (a
+        # ViT-L's weights are 1.2 GB that would otherwise stay in memory beside the model's)
+        record = dataclasses.replace(record, state_dict={})
         loaded = record.load_data(cfg.dataset_path, download=cfg.download)
         if self.needs_clean_subset:
             subset_idx = self.choose_subset(loaded.clean_train, cfg)
