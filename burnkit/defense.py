@@ -37,8 +37,8 @@ import torch
 from .config import as_dict, find_config_file, option, parse_config
 from .data import Augment, ImageSet
 from .datasets import DATASETS, DatasetInfo, dataset_info
-from .engine import (EvalSuite, FitResult, Metrics, TrainConfig, evaluate, fit, out_of_memory_as_error,
-                     resolve_device, seed_everything, test_due)
+from .engine import (EvalSuite, FitResult, Metrics, TrainConfig, cpu_memory_warning, evaluate, fit,
+                     out_of_memory_as_error, resolve_device, seed_everything, test_due)
 from .errors import BurnError, cli_errors
 from .registry import Registry
 from .models import Classifier, build_classifier, load_bb_state_dict
@@ -354,6 +354,9 @@ class Defense:
             run.before = run.evaluate(model)
         logger.info("attacked model: acc %s asr %s ra %s", _pct(run.before.acc), _pct(run.before.asr), _pct(run.before.ra))
 
+        warning = cpu_memory_warning(model, device, f"{self.name} on {record.model_name}", cfg)
+        if warning:
+            logger.warning(warning)
         seed_everything(cfg.random_seed)
         with run.timed("repair"), out_of_memory_as_error(f"{self.name} on {record.model_name}", device, cfg):
             model = self.repair(model, data, cfg, run)

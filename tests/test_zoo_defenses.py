@@ -16,7 +16,7 @@ from burnkit.datasets import dataset_info
 from burnkit.defenses.anp import ANPConfig, optimize_masks
 from burnkit.defenses.fp import final_linear
 from burnkit.defenses.nad import attention_points
-from burnkit.engine import out_of_memory_as_error, predict
+from burnkit.engine import available_memory_bytes, cpu_memory_warning, out_of_memory_as_error, predict
 from burnkit.errors import BurnError
 from burnkit.models import build_classifier
 
@@ -116,6 +116,24 @@ def test_training_out_of_memory_is_one_line_naming_the_flags():
     with pytest.raises(ValueError):  # anything else passes through untouched
         with out_of_memory_as_error("x", torch.device("cpu"), cfg):
             raise ValueError("not memory")
+
+
+def test_cpu_memory_warning_when_the_weights_alone_do_not_fit(tmp_path):
+    """The kernel kills a CPU process that exhausts memory without a Python error, so the warning
+    comes before training: 5 copies of the parameters against MemAvailable."""
+    net = nn.Linear(1000, 1000)  # 1,001,000 float32 parameters: 4,004,000 bytes, x 5 = 20,020,000
+    cfg = SimpleNamespace(batch_size=8, scan_batch_size=8, lr=0.1)
+    cpu = torch.device("cpu")
+    assert cpu_memory_warning(net, cpu, "burn on x", cfg, available=20_020_000) is None
+    assert cpu_memory_warning(net, cpu, "burn on x", cfg, available=2**30 // 1000) == (
+        "burn on x needs at least 0.0 GB on the CPU (5 copies of its 0.00 GB of weights, before activations) and "
+        "0.0 GB are available: if the kernel kills the process for memory, lower --batch_size / --scan_batch_size "
+        "or free memory")
+    assert cpu_memory_warning(net, torch.device("meta"), "x", cfg, available=1) is None  # not a CPU
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       24683520 kB\nMemFree:         2547000 kB\nMemAvailable:    7467000 kB\n")
+    assert available_memory_bytes(meminfo) == 7467000 * 1024
+    assert available_memory_bytes(tmp_path / "missing") is None
 
 
 def test_state_dicts_keep_module_versions_mnasnet_needs(tmp_path):
