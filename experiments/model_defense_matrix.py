@@ -11,8 +11,8 @@ the one-line error a user would see (``BurnError``: a refusal where the method d
 Every cell runs in its own process (a cell the kernel kills for memory is a ``FAILED`` cell with the
 process's peak resident memory, not the end of the matrix); the record too. Resumable: every
 finished cell is ``<work>/cells/<model>__<defense>.json``; a re-run skips them (``FAILED`` cells are
-retried; ``--recompute_stale`` also recomputes cells made at another git revision, on a record
-re-made at this one). Each defense's weight files are deleted after its cell (``--keep_weights``
+retried, on the model's existing record; ``--recompute_stale`` also recomputes cells made at another
+git revision, on a record re-made at this one). Each defense's weight files are deleted after its cell (``--keep_weights``
 keeps them). The table goes to ``--table`` (markdown); ``--render_only`` writes it from the cell
 files without computing anything.
 
@@ -59,6 +59,11 @@ BUDGETS = {  # one epoch / round / iteration each, on the 10-image clean subset 
     "ft-sam": ["--epochs", "1"],
     "sau": ["--n_rounds", "1", "--adv_steps", "2"],
 }
+# Per-model flags after the common ones. ViT-L/16 at batch 8: BURN's fine-tuning holds the weights,
+# their gradients and Adam's two moments (4 x 1.2 GB) plus ~4 GB of activations, more than this 24 GB
+# machine had free beside the other jobs (the kernel killed the cell); at batch 2 the activations are
+# a quarter. A user on a small machine does the same (the defenses name their batch-size flags).
+MODEL_FLAGS = {"vit_l_16": {"*": ["--batch_size", "2"], "burn": ["--scan_batch_size", "2"]}}
 TINY_WNIDS = [f"n{9000000 + i:08d}" for i in range(10)]
 REVISION = git_revision()  # the code the cells of this invocation ran
 
@@ -135,11 +140,16 @@ def make_record(model: str, dataset: str) -> dict:
     return {**cell, "record": name}
 
 
+def defense_flags(model: str, defense: str) -> list[str]:
+    extra = MODEL_FLAGS.get(model, {})
+    return [*COMMON, *BUDGETS[defense], *extra.get("*", []), *extra.get(defense, [])]
+
+
 def run_defense(defense: str, record: str) -> dict:
     cls = get_defense(defense)
 
     def go():
-        cfg, _, ignored = cls.parse(["--result_file", record, *COMMON, *BUDGETS[defense]])
+        cfg, _, ignored = cls.parse(["--result_file", record, *defense_flags(record.removeprefix("mx_"), defense)])
         result = cls().run(cfg, ignored_keys=ignored)
         return {k: result["final"].get(k) for k in ("test_acc", "test_asr", "test_ra")}
 
@@ -210,6 +220,10 @@ def matrix(work: Path, models: list[str], defenses: list[str], recompute_stale: 
                     if cell["status"] != "FAILED" and not stale:
                         results[model]["defenses"][defense] = cell
                         continue
+                if attack_cell is None and not recompute_stale and (
+                        work / "record" / f"mx_{model}" / "attack_result.pt").is_file():
+                    attack_cell = {"status": "ok", "message": "", "wall_s": None, "peak_rss_mb": None}  # reused
+                    print(f"[matrix] {model} on {dataset}: the existing record", flush=True)
                 if attack_cell is None:  # a record of this revision's attack, made once per invocation
                     attack_cell = run_isolated(work, ["attack", model, dataset], f"{model}__attack")
                     attack_cell.pop("final", None)
@@ -303,6 +317,8 @@ def write_table(results: dict, defenses: list[str], path: Path, command: str) ->
         f"`{' '.join(COMMON)}`):",
         "",
         *[f"* {d}: `{' '.join(BUDGETS[d])}`" for d in defenses],
+        *[f"* {model} only, added: " + "; ".join(f"{d if d != '*' else 'every defense'} `{' '.join(f)}`"
+                                               for d, f in extra.items()) for model, extra in MODEL_FLAGS.items()],
         "",
         f"Cells: {', '.join(f'{v} {k}' for k, v in counts.items() if v)}.",
         "",

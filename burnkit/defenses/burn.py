@@ -443,6 +443,8 @@ def burn(model: Classifier, data: DefenseData, cfg: BurnConfig, run: DefenseRun)
                  "timings": {"scan": scanned["wall_s"]}}
     else:
         model.net.load_state_dict(state["model"])
+        if not guards["premise_check"]:
+            state["model"] = None
         run.logger.info("resuming BURN after iteration %d of %d", state["completed"], cfg.iterations)
     # what earlier, interrupted processes spent (the scan and the finished iterations), for cost.json
     run.previous_sessions_s = sum(state["timings"].values()) if scanned_before else sum(
@@ -523,6 +525,8 @@ def burn(model: Classifier, data: DefenseData, cfg: BurnConfig, run: DefenseRun)
         state["poison_sets"].append(poison_pos)
         state["clean_sets"].append(clean_pos)
         atomic_torch_save(state, state_path)  # the checkpoint first, then the CSV
+        if not guards["premise_check"]:
+            state["model"] = None  # on disk now; only the premise check falls back to it
         run.metrics.save()
         run.logger.info("iteration %d/%d: acc %s asr %s ra %s | %d relabelled (%s), %d clean | retention %s, "
                         "target share %s", t, cfg.iterations, _pct(metrics and metrics.acc), _pct(metrics and metrics.asr),
