@@ -158,6 +158,22 @@ def test_state_dicts_keep_module_versions_mnasnet_needs(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(other.net.state_dict().values(), clf.net.state_dict().values()))
 
 
+def test_burn_weight_snapshots_keep_module_versions(tmp_path):
+    """BURN's checkpointed weights (its resume point and the premise check's fallback) load back
+    into MNASNet, through the weights-only checkpoint too."""
+    from burnkit.defenses.burn import _cpu_copy
+    from burnkit.fileio import atomic_torch_save
+    from burnkit.safe_load import safe_torch_load
+
+    net = attack_models.create_model("mnasnet1_0")
+    snapshot = _cpu_copy(net.state_dict())
+    assert snapshot._metadata[""]["version"] == 2
+    atomic_torch_save({"model": snapshot}, tmp_path / "state.pt")
+    attack_models.create_model("mnasnet1_0").load_state_dict(safe_torch_load(tmp_path / "state.pt")["model"])
+    with pytest.raises(ValueError, match="version"):  # what a plain dict of the same tensors does
+        attack_models.create_model("mnasnet1_0").load_state_dict(dict(snapshot))
+
+
 def test_twice_differentiable_mobilenet_v3_for_hypergradients():
     from burnkit.models import twice_differentiable
 
