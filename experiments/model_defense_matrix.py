@@ -253,6 +253,15 @@ def collect(work: Path, models: list[str], defenses: list[str]) -> dict:
         for d in defenses}} for model in models}
 
 
+def commit_time(rev: str) -> int:
+    """Seconds since the epoch of a commit (0 if unknown), to list revisions in order."""
+    with contextlib.suppress(OSError, ValueError, subprocess.SubprocessError):
+        out = subprocess.run(["git", "show", "-s", "--format=%ct", rev], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        return int(out.stdout.strip() or 0)
+    return 0
+
+
 def write_table(results: dict, defenses: list[str], path: Path, command: str) -> None:
     notes: list[str] = []
 
@@ -264,9 +273,11 @@ def write_table(results: dict, defenses: list[str], path: Path, command: str) ->
     cells_all = [row["defenses"][d] for row in results.values() for d in defenses]
     revisions: dict[str, int] = {}
     for cell in cells_all:
-        revisions[str(cell.get("git"))] = revisions.get(str(cell.get("git")), 0) + 1
-    newest = REVISION if REVISION in revisions else max(revisions, key=revisions.get)
-    older = {rev: chr(ord("a") + i) for i, rev in enumerate(sorted(r for r in revisions if r != newest))}
+        if cell["status"] != "not run":
+            revisions[str(cell.get("git"))] = revisions.get(str(cell.get("git")), 0) + 1
+    dated = sorted(revisions, key=commit_time)
+    newest = max(revisions, key=revisions.get)  # unmarked: the revision most cells were computed at
+    older = {rev: chr(ord("a") + i) for i, rev in enumerate(r for r in dated if r != newest)}
 
     lines = ["| model | data | " + " | ".join(defenses) + " |", "|---|---|" + "---|" * len(defenses)]
     counts: dict[str, int] = {}
@@ -305,9 +316,10 @@ def write_table(results: dict, defenses: list[str], path: Path, command: str) ->
         "",
         f"Made by `{command}` (torch {torch.__version__}, {platform.node()}; table written "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {total_s / 60:.0f} min of cell wall time in all). "
-        f"Cells computed at git {newest} ({revisions[newest]})"
-        + "".join(f"; <sup>{older[r]}</sup> at {r} ({revisions[r]})" for r in older)
-        + ". A re-run computes missing and `FAILED` cells only (`--recompute_stale` also those of other "
+        "Cells computed at git " + ", ".join(
+            (f"<sup>{older[r]}</sup> " if r in older else "unmarked ") + f"{r} ({revisions[r]} cells, committed "
+            f"{time.strftime('%H:%M', time.gmtime(commit_time(r)))} UTC)" for r in dated)
+        + f", in commit order; the table's code is {REVISION}. A re-run computes missing and `FAILED` cells only (`--recompute_stale` also those of other "
         "revisions; delete `<dir>/cells/<model>__<defense>.json` to recompute one); `--render_only` rewrites "
         "this table from the cell files.",
         "",
