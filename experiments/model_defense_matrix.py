@@ -317,7 +317,7 @@ def write_table(results: dict, defenses: list[str], path: Path, command: str) ->
         f"Made by `{command}` (torch {torch.__version__}, {platform.node()}; table written "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {total_s / 60:.0f} min of cell wall time in all). "
         "Cells computed at git " + ", ".join(
-            (f"<sup>{older[r]}</sup> " if r in older else "unmarked ") + f"{r} ({revisions[r]} cells, committed "
+            (f"<sup>{older[r]}</sup> " if r in older else "unmarked ") + f"{r} ({revisions[r]} cell{'s' if revisions[r] > 1 else ''}, committed "
             f"{time.strftime('%H:%M', time.gmtime(commit_time(r)))} UTC)" for r in dated)
         + f", in commit order; the table's code is {REVISION}. A re-run computes missing and `FAILED` cells only (`--recompute_stale` also those of other "
         "revisions; delete `<dir>/cells/<model>__<defense>.json` to recompute one); `--render_only` rewrites "
