@@ -43,8 +43,8 @@ from .config import as_dict, build_parser, check_yaml_keys, find_config_file, lo
 from .data import Augment, ImageSet, class_balanced_subset, imageset_digest
 from .datasets import DATASETS, DatasetInfo, dataset_info, load_split, resolve_data_root
 from .defense import _close_logger, _make_logger, _pct, attach_log_file
-from .engine import (EvalSuite, FitResult, fit, load_checkpoint, out_of_memory_as_error, plain_fingerprint, resolve_device,
-                     seed_everything)
+from .engine import (EvalSuite, FitResult, cpu_memory_warning, fit, load_checkpoint, out_of_memory_as_error,
+                     plain_fingerprint, resolve_device, seed_everything)
 from .errors import BurnError, cli_errors
 from .registry import Registry
 from .models import Classifier, build_classifier
@@ -288,6 +288,9 @@ class Attack:
         if replaced is not None:
             logger.warning("--overwrite: the previous record was moved to %s", replaced)
         log = MetricLog(record_dir, "attack")
+        warning = cpu_memory_warning(model, device, f"{cls.name} training {cfg.model}", cfg)
+        if warning:
+            logger.warning(warning)
         with _Timer() as train_time, out_of_memory_as_error(f"{cls.name} training {cfg.model}", device, cfg):
             fit_result = attack.train(model, train_set, suite, device, log, checkpoint)
         log.save()

@@ -37,8 +37,8 @@ import torch
 from .config import as_dict, find_config_file, option, parse_config
 from .data import Augment, ImageSet
 from .datasets import DATASETS, DatasetInfo, dataset_info
-from .engine import (EvalSuite, FitResult, Metrics, TrainConfig, evaluate, fit, out_of_memory_as_error,
-                     resolve_device, seed_everything, test_due)
+from .engine import (EvalSuite, FitResult, Metrics, TrainConfig, cpu_memory_warning, evaluate, fit,
+                     out_of_memory_as_error, resolve_device, seed_everything, test_due)
 from .errors import BurnError, cli_errors
 from .registry import Registry
 from .models import Classifier, build_classifier, load_bb_state_dict
@@ -284,7 +284,7 @@ class Defense:
         with cli_errors(prog):
             loaded: dict = {}
             cfg, yaml_path, ignored = cls.parse(argv, prog, loaded)
-            return cls().run(cfg, ignored_keys=ignored, record=loaded.get("record"))
+            return cls().run(cfg, ignored_keys=ignored, record=loaded.pop("record", None))
 
     def run(self, cfg: DefenseConfig, ignored_keys=(), record: AttackRecord | None = None) -> dict:
         started = time.perf_counter()
@@ -319,6 +319,9 @@ class Defense:
         seed_everything(cfg.random_seed)
         model = build_classifier(record.model_name, info, record.num_classes)
         load_bb_state_dict(model, record.state_dict)
+        # the model holds the weights now: drop this run's reference to the record's copy (a
+        # ViT-L's weights are 1.2 GB that would otherwise stay in memory beside the model's)
+        record = dataclasses.replace(record, state_dict={})
         loaded = record.load_data(cfg.dataset_path, download=cfg.download)
         if self.needs_clean_subset:
             subset_idx = self.choose_subset(loaded.clean_train, cfg)
@@ -351,6 +354,9 @@ class Defense:
             run.before = run.evaluate(model)
         logger.info("attacked model: acc %s asr %s ra %s", _pct(run.before.acc), _pct(run.before.asr), _pct(run.before.ra))
 
+        warning = cpu_memory_warning(model, device, f"{self.name} on {record.model_name}", cfg)
+        if warning:
+            logger.warning(warning)
         seed_everything(cfg.random_seed)
         with run.timed("repair"), out_of_memory_as_error(f"{self.name} on {record.model_name}", device, cfg):
             model = self.repair(model, data, cfg, run)

@@ -273,6 +273,35 @@ def out_of_memory_as_error(what: str, device: torch.device, cfg) -> Iterator[Non
                         f"{' / '.join(f.split()[0] for f in flags) or 'the batch size'}{amp}") from None
 
 
+def available_memory_bytes(meminfo: Path = Path("/proc/meminfo")) -> int | None:
+    """The kernel's ``MemAvailable`` (Linux); None where it cannot be read."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in meminfo.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return None
+
+
+def cpu_memory_warning(model: nn.Module, device: torch.device, what: str, cfg,
+                       available: int | None = None) -> str | None:
+    """A line to log before training on the CPU when the weights alone cannot fit.
+
+    On the CPU an exhausted memory does not raise: the kernel's out-of-memory killer ends the
+    process (SIGKILL) with no error to turn into a message. So warn up front when five copies of
+    the parameters (model, gradients, two optimiser moments, one snapshot), before any activation,
+    exceed what the system has available."""
+    if device.type != "cpu":
+        return None
+    available = available_memory_bytes() if available is None else available
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    if available is None or 5 * weights <= available:
+        return None
+    flags = " / ".join(f"--{k}" for k in sorted(vars(cfg)) if k.endswith("batch_size")) or "the batch size"
+    return (f"{what} needs at least {5 * weights / 2**30:.1f} GB on the CPU (5 copies of its {weights / 2**30:.2f} GB "
+            f"of weights, before activations) and {available / 2**30:.1f} GB are available: if the kernel kills the "
+            f"process for memory, lower {flags} or free memory")
+
+
 @torch.no_grad()
 def predict(model: nn.Module, imageset: ImageSet, device: torch.device, batch_size: int = 512,
             amp: bool = False) -> torch.Tensor:

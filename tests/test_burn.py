@@ -172,8 +172,9 @@ def test_algorithm_never_reads_the_poison_flags(digits_copy, monkeypatch):
     assert all(torch.equal(reference[k], other[k]) for k in reference)
 
 
-def test_resume_after_kill_ends_with_the_same_model(digits_copy, monkeypatch):
-    uninterrupted = _net_state(_run())
+@pytest.mark.parametrize("extra", [(), ("--premise_check", "false")])  # false: weights kept on disk only
+def test_resume_after_kill_ends_with_the_same_model(digits_copy, monkeypatch, extra):
+    uninterrupted = _net_state(_run(*extra))
     calls = []
     real = burn_mod.finetune_set
 
@@ -185,14 +186,14 @@ def test_resume_after_kill_ends_with_the_same_model(digits_copy, monkeypatch):
 
     monkeypatch.setattr(burn_mod, "finetune_set", killed_at_iteration_2)
     with pytest.raises(SystemExit):
-        _run("--resume", "false", "--overwrite", "true")  # the finished output is moved aside
+        _run("--resume", "false", "--overwrite", "true", *extra)  # the finished output is moved aside
     state = safe_torch_load(digits_copy / "record/badnet_digits/defense/burn/checkpoint/burn_state.pt")
     assert state["completed"] == 1
     monkeypatch.setattr(burn_mod, "finetune_set", real)
     calls.clear()
     counting = []
     monkeypatch.setattr(burn_mod, "finetune_set", lambda *a, **kw: counting.append(1) or real(*a, **kw))
-    resumed_run = _run()
+    resumed_run = _run(*extra)
     resumed = _net_state(resumed_run)
     assert len(counting) == 1  # only iteration 2 was left
     cost = resumed_run["cost"]  # the scan and iterations 0-1 of the killed process count too
@@ -201,7 +202,7 @@ def test_resume_after_kill_ends_with_the_same_model(digits_copy, monkeypatch):
     df = pd.read_csv(digits_copy / "record/badnet_digits/defense/burn/burn_df.csv")
     assert df["iteration"].tolist() == [0, 1, 2]
     counting.clear()
-    fresh = _run("--resume", "false", "--overwrite", "true")  # starts over: all three fine-tunings again
+    fresh = _run("--resume", "false", "--overwrite", "true", *extra)  # starts over: all three fine-tunings again
     assert len(counting) == 3
     assert "wall_time_s_all_sessions" not in fresh["cost"]
 

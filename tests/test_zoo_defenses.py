@@ -16,7 +16,7 @@ from burnkit.datasets import dataset_info
 from burnkit.defenses.anp import ANPConfig, optimize_masks
 from burnkit.defenses.fp import final_linear
 from burnkit.defenses.nad import attention_points
-from burnkit.engine import out_of_memory_as_error, predict
+from burnkit.engine import available_memory_bytes, cpu_memory_warning, out_of_memory_as_error, predict
 from burnkit.errors import BurnError
 from burnkit.models import build_classifier
 
@@ -118,6 +118,24 @@ def test_training_out_of_memory_is_one_line_naming_the_flags():
             raise ValueError("not memory")
 
 
+def test_cpu_memory_warning_when_the_weights_alone_do_not_fit(tmp_path):
+    """The kernel kills a CPU process that exhausts memory without a Python error, so the warning
+    comes before training: 5 copies of the parameters against MemAvailable."""
+    net = nn.Linear(1000, 1000)  # 1,001,000 float32 parameters: 4,004,000 bytes, x 5 = 20,020,000
+    cfg = SimpleNamespace(batch_size=8, scan_batch_size=8, lr=0.1)
+    cpu = torch.device("cpu")
+    assert cpu_memory_warning(net, cpu, "burn on x", cfg, available=20_020_000) is None
+    assert cpu_memory_warning(net, cpu, "burn on x", cfg, available=2**30 // 1000) == (
+        "burn on x needs at least 0.0 GB on the CPU (5 copies of its 0.00 GB of weights, before activations) and "
+        "0.0 GB are available: if the kernel kills the process for memory, lower --batch_size / --scan_batch_size "
+        "or free memory")
+    assert cpu_memory_warning(net, torch.device("meta"), "x", cfg, available=1) is None  # not a CPU
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       24683520 kB\nMemFree:         2547000 kB\nMemAvailable:    7467000 kB\n")
+    assert available_memory_bytes(meminfo) == 7467000 * 1024
+    assert available_memory_bytes(tmp_path / "missing") is None
+
+
 def test_state_dicts_keep_module_versions_mnasnet_needs(tmp_path):
     """torchvision's MNASNet refuses a state dict without its ``_metadata`` version; records and
     defense results keep it (as BackdoorBench's ``model.cpu().state_dict()`` does), and a state dict
@@ -138,6 +156,22 @@ def test_state_dicts_keep_module_versions_mnasnet_needs(tmp_path):
     other = build_classifier("mnasnet1_0", dataset_info("cifar10"))
     load_bb_state_dict(other, bare)
     assert all(torch.equal(a, b) for a, b in zip(other.net.state_dict().values(), clf.net.state_dict().values()))
+
+
+def test_burn_weight_snapshots_keep_module_versions(tmp_path):
+    """BURN's checkpointed weights (its resume point and the premise check's fallback) load back
+    into MNASNet, through the weights-only checkpoint too."""
+    from burnkit.defenses.burn import _cpu_copy
+    from burnkit.fileio import atomic_torch_save
+    from burnkit.safe_load import safe_torch_load
+
+    net = attack_models.create_model("mnasnet1_0")
+    snapshot = _cpu_copy(net.state_dict())
+    assert snapshot._metadata[""]["version"] == 2
+    atomic_torch_save({"model": snapshot}, tmp_path / "state.pt")
+    attack_models.create_model("mnasnet1_0").load_state_dict(safe_torch_load(tmp_path / "state.pt")["model"])
+    with pytest.raises(ValueError, match="version"):  # what a plain dict of the same tensors does
+        attack_models.create_model("mnasnet1_0").load_state_dict(dict(snapshot))
 
 
 def test_twice_differentiable_mobilenet_v3_for_hypergradients():

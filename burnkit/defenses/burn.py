@@ -55,9 +55,9 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import time
+from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -362,6 +362,13 @@ def _scan_fingerprint(full: dict) -> dict:
     return {k: full[k] for k in ("record", "n_train", "attack_space", "clip", "overshoot", "max_iter", "candidates")}
 
 
+def _cpu_copy(state_dict: dict) -> OrderedDict:
+    """A CPU snapshot that keeps the module versions (``_metadata``: MNASNet's loader needs them)."""
+    snapshot = OrderedDict((k, v.detach().cpu().clone()) for k, v in state_dict.items())
+    snapshot._metadata = OrderedDict(getattr(state_dict, "_metadata", {}))
+    return snapshot
+
+
 def _plain(v):
     return list(v) if isinstance(v, tuple) else v
 
@@ -436,6 +443,8 @@ def burn(model: Classifier, data: DefenseData, cfg: BurnConfig, run: DefenseRun)
                  "timings": {"scan": scanned["wall_s"]}}
     else:
         model.net.load_state_dict(state["model"])
+        if not guards["premise_check"]:
+            state["model"] = None
         run.logger.info("resuming BURN after iteration %d of %d", state["completed"], cfg.iterations)
     # what earlier, interrupted processes spent (the scan and the finished iterations), for cost.json
     run.previous_sessions_s = sum(state["timings"].values()) if scanned_before else sum(
@@ -462,7 +471,11 @@ def burn(model: Classifier, data: DefenseData, cfg: BurnConfig, run: DefenseRun)
             poison_pos = ranked[reason[ranked] == RELABEL]
         phase = "phase1" if t == 0 else "phase2"
         stop_reason = premise_failure(target, cfg.premise_min_enrichment) if guards["premise_check"] and t == 0 else None
-        before = copy.deepcopy(model.net.state_dict()) if guards["premise_check"] else None
+        # the model to fall back to: the checkpoint's CPU copy of the previous iteration's weights
+        # (one copy of a large model, not two, and none on the accelerator); θ0 before Phase 1
+        before = None
+        if guards["premise_check"]:
+            before = state["model"] if state["model"] is not None else _cpu_copy(model.net.state_dict())
         finetune_s, logits_next = 0.0, None
         signals = {"retention": None, "target_share": None}
         if stop_reason is None:
@@ -505,12 +518,15 @@ def burn(model: Classifier, data: DefenseData, cfg: BurnConfig, run: DefenseRun)
                **selection_quality(train, poison_pos, clean_pos, relabel),
                "selection_auroc": ranking_auroc(train, score), "finetune_s": finetune_s}
         run.metrics.append(row)
-        state.update(completed=t, model={k: v.detach().cpu().clone() for k, v in model.net.state_dict().items()},
+        before = state["model"] = None  # drop the previous copy before taking the next one
+        state.update(completed=t, model=_cpu_copy(model.net.state_dict()),
                      rows=list(run.metrics.rows), pd=pd, score=score,
                      logits=logits_next if logits_next is not None else state["logits"])
         state["poison_sets"].append(poison_pos)
         state["clean_sets"].append(clean_pos)
         atomic_torch_save(state, state_path)  # the checkpoint first, then the CSV
+        if not guards["premise_check"]:
+            state["model"] = None  # on disk now; only the premise check falls back to it
         run.metrics.save()
         run.logger.info("iteration %d/%d: acc %s asr %s ra %s | %d relabelled (%s), %d clean | retention %s, "
                         "target share %s", t, cfg.iterations, _pct(metrics and metrics.acc), _pct(metrics and metrics.asr),
