@@ -288,20 +288,7 @@ class Defense:
 
     def run(self, cfg: DefenseConfig, ignored_keys=(), record: AttackRecord | None = None) -> dict:
         started = time.perf_counter()
-        if not cfg.result_file:
-            raise BurnError("--result_file is required: the attack record folder under record/")
-        if cfg.output_name is not None and (not cfg.output_name.strip() or Path(cfg.output_name).name != cfg.output_name
-                                           or cfg.output_name in (".", "..")):
-            raise BurnError(f"--output_name must be a plain folder name, got {cfg.output_name!r}")
-        record_dir = resolve_record_dir(cfg.result_file)
-        if record is None or record.record_dir != record_dir:
-            record = read_attack_record(record_dir, dataset=cfg.dataset)
-        elif cfg.dataset is not None and cfg.dataset != record.clean_data:
-            raise BurnError(f"--dataset {cfg.dataset} contradicts the record, which was made on {record.clean_data}; "
-                            f"pass --dataset {record.clean_data}")
-        cfg.dataset = record.clean_data
-        if cfg.model and cfg.model != record.model_name:
-            raise BurnError(f"--model {cfg.model} contradicts the record's model {record.model_name}; drop --model")
+        record_dir, record = open_record(cfg, record)
         out_dir = record_dir / "defense" / (cfg.output_name or self.name)
         finished = (out_dir / "defense_result.pt").exists()
         if finished and not cfg.overwrite:
@@ -391,6 +378,28 @@ def _train_set_size(record: AttackRecord) -> int | None:
     except (OSError, ValueError, AttributeError):
         pass
     return None if record.bd_train is None else int(len(record.bd_train.original_index))
+
+
+def open_record(cfg, record: AttackRecord | None = None) -> tuple[Path, AttackRecord]:
+    """The record ``cfg`` names, checked against ``--output_name``, ``--dataset`` and ``--model``
+    before anything is written (defenses and detectors share these checks). ``record`` is the one
+    parsing already read for YAML defaults, reused when it is the same folder; ``cfg.dataset`` is
+    set to the record's dataset."""
+    if not cfg.result_file:
+        raise BurnError("--result_file is required: the attack record folder under record/")
+    name = cfg.output_name
+    if name is not None and (not name.strip() or Path(name).name != name or name in (".", "..")):
+        raise BurnError(f"--output_name must be a plain folder name, got {name!r}")
+    record_dir = resolve_record_dir(cfg.result_file)
+    if record is None or record.record_dir != record_dir:
+        record = read_attack_record(record_dir, dataset=cfg.dataset)
+    elif cfg.dataset is not None and cfg.dataset != record.clean_data:
+        raise BurnError(f"--dataset {cfg.dataset} contradicts the record, which was made on {record.clean_data}; "
+                        f"pass --dataset {record.clean_data}")
+    cfg.dataset = record.clean_data
+    if cfg.model and cfg.model != record.model_name:
+        raise BurnError(f"--model {cfg.model} contradicts the record's model {record.model_name}; drop --model")
+    return record_dir, record
 
 
 def resolve_record_dir(result_file: str) -> Path:

@@ -47,7 +47,7 @@ import torch
 from .config import as_dict, find_config_file, option, parse_config
 from .data import ImageSet
 from .datasets import DATASETS, DatasetInfo, dataset_info
-from .defense import _close_logger, _make_logger, choose_clean_indices, resolve_record_dir
+from .defense import _close_logger, _make_logger, choose_clean_indices, open_record, resolve_record_dir
 from .detection.metrics import detection_metrics, roc_points
 from .engine import resolve_device, seed_everything
 from .errors import BurnError, cli_errors
@@ -220,20 +220,8 @@ class Detector:
 
     def run(self, cfg: DetectorConfig, ignored_keys=(), record: AttackRecord | None = None) -> dict:
         started = time.perf_counter()
-        if not cfg.result_file:
-            raise BurnError("--result_file is required: the attack record folder under record/")
+        record_dir, record = open_record(cfg, record)
         name = cfg.output_name or self.name
-        if not name.strip() or Path(name).name != name or name in (".", ".."):
-            raise BurnError(f"--output_name must be a plain folder name, got {cfg.output_name!r}")
-        record_dir = resolve_record_dir(cfg.result_file)
-        if record is None or record.record_dir != record_dir:
-            record = read_attack_record(record_dir, dataset=cfg.dataset)
-        elif cfg.dataset is not None and cfg.dataset != record.clean_data:
-            raise BurnError(f"--dataset {cfg.dataset} contradicts the record, which was made on {record.clean_data}; "
-                            f"pass --dataset {record.clean_data}")
-        cfg.dataset = record.clean_data
-        if cfg.model and cfg.model != record.model_name:
-            raise BurnError(f"--model {cfg.model} contradicts the record's model {record.model_name}; drop --model")
         if record.bd_train is None:
             raise BurnError(f"record {record_dir} has no poisoned training set (bd_train); detectors inspect it")
         out_dir = self.output_dir(record_dir, name)
