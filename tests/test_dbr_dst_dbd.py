@@ -121,6 +121,10 @@ def test_mixed_cross_entropy_by_hand():
     ce = lambda i: F.cross_entropy(logits[i:i + 1], labels[i:i + 1]).item()  # noqa: E731
     assert mixed_cross_entropy(logits, labels, flags, 0.001).item() == pytest.approx(ce(0) - 0.001 * ce(1))
     assert mixed_cross_entropy(logits, labels, torch.tensor([SUSPICIOUS] * 3), 0.001).item() == 0.0
+    # a batch of suspicious samples only still backpropagates (zero gradients), as in a training step
+    trainable = logits.clone().requires_grad_(True)
+    mixed_cross_entropy(trainable, labels, torch.tensor([SUSPICIOUS] * 3), 0.001).backward()
+    assert torch.equal(trainable.grad, torch.zeros_like(trainable))
 
 
 def test_warmup_cosine_schedule_points():

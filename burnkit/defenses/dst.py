@@ -91,8 +91,10 @@ def consistency_contrastive_loss(z1: torch.Tensor, z2: torch.Tensor, labels: tor
 
 
 def mixed_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, flags: torch.Tensor, weight: float) -> torch.Tensor:
-    """``CE(clean) - weight * CE(poisoned)``; a group absent from the batch contributes 0."""
-    loss = logits.new_zeros(())
+    """``CE(clean) - weight * CE(poisoned)``; a group absent from the batch contributes 0. A batch of
+    suspicious samples only gives a zero loss that is still part of the graph (zero gradients), so
+    the training step runs instead of failing on a constant."""
+    loss = logits.sum() * 0.0
     clean, poison = flags == CLEAN, flags == POISON
     if clean.any():
         loss = loss + F.cross_entropy(logits[clean], labels[clean])
