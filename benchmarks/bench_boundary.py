@@ -183,7 +183,7 @@ def main(argv=None) -> None:
     lines = [
         "# Boundary scan benchmark",
         "",
-        f"Command: `PYTHONPATH=. python benchmarks/bench_boundary.py "
+        "Command: `PYTHONPATH=. python benchmarks/bench_boundary.py "
         + " ".join(argv if argv is not None else sys.argv[1:]) + "`",
         "",
         f"Hardware: {device_description(device)}, {platform.processor() or platform.machine()}; "

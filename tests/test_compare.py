@@ -207,7 +207,7 @@ def check_leaderboard_columns(matrix):
 
 
 def check_resumed(matrix):
-    work, before = matrix["work"], matrix["before"]
+    before = matrix["before"]
     assert matrix["code"] == 0
     records_before = [p for p in before if p.name == "attack_result.pt"]
     defenses_before = [p for p in before if p.name == "defense_result.pt"]
