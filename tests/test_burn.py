@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
+from baseline_checks import scramble_poison_flags
 from burnkit import records
 from burnkit.data import ImageSet
 from burnkit.defenses import burn as burn_mod
@@ -158,16 +159,7 @@ def test_end_to_end_outputs_and_selection_sets(digits_copy):
 
 def test_algorithm_never_reads_the_poison_flags(digits_copy, monkeypatch):
     reference = _net_state(_run("--resume", "false"))
-    original_load = records.AttackRecord.load_data
-
-    def scrambled(self, *a, **kw):
-        data = original_load(self, *a, **kw)
-        perm = torch.randperm(len(data.bd_train), generator=torch.Generator().manual_seed(1))
-        data.bd_train.poison = data.bd_train.poison[perm]
-        data.bd_train.original_labels = data.bd_train.original_labels[perm]
-        return data
-
-    monkeypatch.setattr(records.AttackRecord, "load_data", scrambled)
+    scramble_poison_flags(monkeypatch)
     other = _net_state(_run("--resume", "false", "--overwrite", "true"))
     assert all(torch.equal(reference[k], other[k]) for k in reference)
 
