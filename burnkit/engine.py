@@ -302,7 +302,6 @@ def cpu_memory_warning(model: nn.Module, device: torch.device, what: str, cfg,
             f"process for memory, lower {flags} or free memory")
 
 
-@torch.no_grad()
 def eval_batch_size(device: torch.device) -> int:
     """Inference batch when the caller names none: 512 fills an accelerator; on a CPU thread 128 is
     cheaper (small CNN: 1.64 vs 2.35 CPU s for 4,000 images, PreAct-ResNet18 5.30 vs 5.86 s for 512;
@@ -310,6 +309,7 @@ def eval_batch_size(device: torch.device) -> int:
     return 128 if device.type == "cpu" else 512
 
 
+@torch.no_grad()
 def predict(model: nn.Module, imageset: ImageSet, device: torch.device, batch_size: int | None = None,
             amp: bool = False) -> torch.Tensor:
     """Logits (float32, CPU) for every sample, in order, with the model in eval mode. If a batch

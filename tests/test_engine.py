@@ -79,6 +79,7 @@ def test_inference_batch_defaults_to_the_device_and_never_changes_the_logits(dig
     assert eval_batch_size(cpu) == 128 and eval_batch_size(torch.device("cuda")) == 512
     clean_test = digits_sets[1].clean_test
     by_default = predict(model, clean_test, cpu)
+    assert not by_default.requires_grad and by_default.grad_fn is None  # inference keeps no graph
     assert by_default.shape == (len(clean_test), 10)
     for batch in (1, 7, 128, 512, 4096):
         assert torch.allclose(predict(model, clean_test, cpu, batch_size=batch), by_default, atol=1e-5, rtol=0)
