@@ -68,7 +68,7 @@ def main(argv=None) -> None:
     lines = [
         "# BURN vs SAU: compute on one record",
         "",
-        f"Command: `PYTHONPATH=. python benchmarks/bench_burn_cost.py {' '.join(argv if argv is not None else sys.argv[1:])}`",
+        f"Command: `PYTHONPATH=. python benchmarks/bench_burn_cost.py {shlex.join(argv if argv is not None else sys.argv[1:])}`",
         "",
         f"Record: `{record}`. Hardware: {device_description(resolve_device(args.device))}, "
         f"{platform.processor() or platform.machine()}; torch {torch.__version__}. Runs one after the other in "
