@@ -294,6 +294,29 @@ def test_suspected_target_is_the_label_enriched_among_the_farthest_samples():
     assert burn_mod.premise_failure({"class": 3}, 1.5) is None
 
 
+def test_premise_test_refuses_an_easy_class_that_crosses_to_one_neighbour():
+    # class 3 piles up among the farthest five (4 of them, 4x); where do those four cross the boundary?
+    labels = torch.tensor([0] * 8 + [1] * 4 + [2] * 4 + [3] * 4)
+    l2 = torch.arange(20, dtype=torch.float)
+    spread = torch.zeros(20, dtype=torch.long)
+    spread[16:20] = torch.tensor([0, 1, 2, 0])  # poison-like: back to several classes, top share 2 of 4
+    found = burn_mod.suspected_target(l2, labels, 4, 0.25, 1.5, spread, max_adv_share=0.5)
+    assert found["class"] == 3 and found["adv_label"] == 0 and found["adv_share"] == pytest.approx(0.5)
+    assert burn_mod.premise_failure(found, 1.5, 0.5) is None
+    one_way = spread.clone()
+    one_way[16:20] = torch.tensor([1, 1, 1, 2])  # an easy class: 3 of 4 cross to class 1
+    found = burn_mod.suspected_target(l2, labels, 4, 0.25, 1.5, one_way, max_adv_share=0.5)
+    assert found["class"] is None and found["candidate"] == 3 and found["enrichment"] == pytest.approx(4.0)
+    assert found["adv_label"] == 1 and found["adv_share"] == pytest.approx(0.75)
+    reason = burn_mod.premise_failure(found, 1.5, 0.5)
+    assert "75% of them cross the boundary towards class 1 (limit 50%)" in reason
+    # the sample at position 15 (class 2, also among the farthest five) does not count: only class 3's do
+    one_way[15] = 1
+    assert burn_mod.suspected_target(l2, labels, 4, 0.25, 1.5, one_way, 0.5)["adv_share"] == pytest.approx(0.75)
+    # with the check off (max share 1) the class stays suspected, for avoid_target
+    assert burn_mod.suspected_target(l2, labels, 4, 0.25, 1.5, one_way, max_adv_share=1.0)["class"] == 3
+
+
 def test_training_signals_by_hand():
     labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
     preds0 = torch.tensor([0, 0, 1, 1, 2, 0, 3, 1])  # 5 correct; 2 of them predicted as the target 0

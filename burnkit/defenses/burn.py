@@ -41,7 +41,9 @@ Safeguards beyond the paper (on by default; ``paper_exact: true`` turns all of t
 * ``premise_check: true`` - BURN works only if far-from-boundary samples are poison. Before Phase 1
   it tests that: among the farthest ``premise_share`` (5 %) of samples by distance, one carried label
   must be enriched ``premise_min_enrichment`` (1.5) times over its share of the whole training set
-  (all-to-one poison carries the target label). After every fine-tuning it checks that the model
+  (all-to-one poison carries the target label), and at most ``premise_max_adv_share`` (half) of that
+  class's farthest samples may cross the boundary towards one class (poison crosses back to the
+  classes it came from; a naturally easy class crosses to one neighbour). After every fine-tuning it checks that the model
   still predicts most of θ0's correct non-target training samples correctly (``max_retention_drop``)
   and that no more training samples are predicted as the suspected target than before
   (``max_target_rise``). On a failure BURN stops and keeps the last model that passed (θ0 when the
@@ -128,6 +130,8 @@ class BurnConfig(DefenseConfig):
                                         "labels must pile into one class (the suspected target)")
     premise_min_enrichment: float = option(1.5, "premise test: that class's share there over its share of the "
                                                 "whole training set must reach this")
+    premise_max_adv_share: float = option(0.5, "premise test: at most this share of that class's farthest samples "
+                                               "may have one adversarial label (poison crosses to many classes)")
     max_retention_drop: float = option(0.4, "premise check: a fine-tuning may lose at most this share of θ0's "
                                              "correct non-target training predictions")
     max_target_rise: float = option(0.02, "premise check: a fine-tuning may raise the share of training samples "
@@ -141,7 +145,7 @@ class BurnConfig(DefenseConfig):
         if self.iterations < 0:
             raise BurnError(f"--iterations must be >= 0, got {self.iterations}")
         for key in ("kp_start", "kp_end", "kc_start", "kc_end", "omega_start", "omega_end", "premise_share",
-                    "max_retention_drop", "max_target_rise"):
+                    "premise_max_adv_share", "max_retention_drop", "max_target_rise"):
             if not 0.0 <= getattr(self, key) <= 1.0:
                 raise BurnError(f"--{key} must be in [0, 1], got {getattr(self, key)}")
         if max(self.kp_start, self.kp_end) + max(self.kc_start, self.kc_end) > 1.0:
@@ -229,12 +233,18 @@ def select(score: torch.Tensor, kp: float, kc: float) -> tuple[torch.Tensor, tor
 
 
 def suspected_target(l2: torch.Tensor, labels: torch.Tensor, num_classes: int, share: float,
-                     min_enrichment: float) -> dict:
+                     min_enrichment: float, adv_labels: torch.Tensor | None = None,
+                     max_adv_share: float = 1.0) -> dict:
     """BURN's premise, tested on θ0's scan and the carried labels only: if the poison of an
     all-to-one attack lies far from the boundary, the labels of the farthest ``share`` of samples
     pile into the target class. For each class: its share among those samples over its share of the
     whole training set (so the target's inflated base rate and any class imbalance count). The class
-    with the largest enrichment is the suspected target (``class`` None below ``min_enrichment``)."""
+    with the largest enrichment is the suspected target (``class`` None below ``min_enrichment``).
+
+    A naturally easy class also piles up there (BPP's ship class: 6.5x). What tells them apart is
+    where the boundary attack takes them: poison crosses back towards the many classes its images
+    came from, an easy class's images cross to one neighbour. So with ``adv_labels`` the suspected
+    class's farthest samples must not send more than ``max_adv_share`` of themselves to one class."""
     n_top = share_count(share, len(l2))
     top = torch.argsort(l2, descending=True, stable=True)[:n_top]
     base = torch.bincount(labels, minlength=num_classes).double() / len(labels)
@@ -242,8 +252,16 @@ def suspected_target(l2: torch.Tensor, labels: torch.Tensor, num_classes: int, s
     enrichment = there / base.clamp_min(1e-12)
     best = int(torch.argmax(enrichment))
     found = float(enrichment[best]) >= min_enrichment
-    return {"class": best if found else None, "candidate": best, "enrichment": float(enrichment[best]),
-            "share_in_top": float(there[best]), "share_overall": float(base[best]), "n_top": n_top}
+    found_result = {"class": best if found else None, "candidate": best, "enrichment": float(enrichment[best]),
+                    "share_in_top": float(there[best]), "share_overall": float(base[best]), "n_top": n_top}
+    if adv_labels is not None:
+        crossing = adv_labels[top][labels[top] == best]
+        counts = torch.bincount(crossing, minlength=num_classes)
+        adv_share = float(counts.max()) / max(len(crossing), 1)
+        found_result.update(adv_label=int(torch.argmax(counts)), adv_share=adv_share)
+        if adv_share > max_adv_share:
+            found_result["class"] = None
+    return found_result
 
 
 def relabel_plan(result: BoundaryResult, labels: torch.Tensor, safeguards: dict,
@@ -322,14 +340,20 @@ def training_signals(preds0: torch.Tensor, preds: torch.Tensor, labels: torch.Te
     return out
 
 
-def premise_failure(target: dict, min_enrichment: float) -> str | None:
-    """Why the premise fails before anything is fine-tuned: no label piles up among the farthest samples."""
+def premise_failure(target: dict, min_enrichment: float, max_adv_share: float = 1.0) -> str | None:
+    """Why the premise fails before anything is fine-tuned: no label piles up among the farthest
+    samples, or the one that does crosses the boundary towards a single class (an easy class, not poison)."""
     if target["class"] is not None:
         return None
-    return (f"the farthest {target['n_top']} samples by boundary distance carry no label above "
-            f"{min_enrichment:g}x its overall share (largest: class {target['candidate']}, "
-            f"{target['enrichment']:.2f}x): the poison is not far from the boundary, so relabelling the farthest "
-            "samples would fine-tune clean images onto wrong labels")
+    if target["enrichment"] < min_enrichment:
+        return (f"the farthest {target['n_top']} samples by boundary distance carry no label above "
+                f"{min_enrichment:g}x its overall share (largest: class {target['candidate']}, "
+                f"{target['enrichment']:.2f}x): the poison is not far from the boundary, so relabelling the farthest "
+                "samples would fine-tune clean images onto wrong labels")
+    return (f"class {target['candidate']} piles up among the farthest {target['n_top']} samples "
+            f"({target['enrichment']:.2f}x), but {100 * target['adv_share']:.0f}% of them cross the boundary towards "
+            f"class {target['adv_label']} (limit {100 * max_adv_share:.0f}%): an easy class, not poison that crosses back "
+            "to the classes it came from, so the farthest samples are not the poison")
 
 
 def training_failure(cfg: BurnConfig, signals: dict, signals0: dict) -> str | None:
@@ -353,7 +377,8 @@ def _fingerprint(cfg: BurnConfig, n_train: int, record_dir: str) -> dict:
     keys = ("iterations", "epochs", "batch_size", "lr", "client_optimizer", "adam_betas", "wd", "amsgrad",
             "lr_scheduler", "augment", "bn_eval", "kp_start", "kp_end", "kc_start", "kc_end", "omega_start", "omega_end",
             "pd_output", "attack_space", "clip", "overshoot", "max_iter", "candidates", "random_seed",
-            "premise_share", "premise_min_enrichment", "max_retention_drop", "max_target_rise", "test_every")
+            "premise_share", "premise_min_enrichment", "premise_max_adv_share", "max_retention_drop", "max_target_rise",
+            "test_every")
     return {"record": str(record_dir), "n_train": int(n_train), **{k: _plain(getattr(cfg, k)) for k in keys},
             **cfg.safeguards()}
 
@@ -429,7 +454,8 @@ def burn(model: Classifier, data: DefenseData, cfg: BurnConfig, run: DefenseRun)
     logits0, l2 = result.clean_logits, result.l2
     labels = train.labels.cpu()
     preds0 = logits0.argmax(1)
-    target = suspected_target(l2, labels, logits0.shape[1], cfg.premise_share, cfg.premise_min_enrichment)
+    target = suspected_target(l2, labels, logits0.shape[1], cfg.premise_share, cfg.premise_min_enrichment,
+                              result.adv_label.cpu(), cfg.premise_max_adv_share if guards["premise_check"] else 1.0)
     relabel, reason = relabel_plan(result, labels, guards, target["class"])
     signals0 = training_signals(preds0, preds0, labels, target["class"])
     run.logger.info("premise test (labels of the farthest samples): %s; %d samples not flipped by the attack",
@@ -470,7 +496,8 @@ def burn(model: Classifier, data: DefenseData, cfg: BurnConfig, run: DefenseRun)
                 ranked, clean_pos = select(score, kp, kc)
             poison_pos = ranked[reason[ranked] == RELABEL]
         phase = "phase1" if t == 0 else "phase2"
-        stop_reason = premise_failure(target, cfg.premise_min_enrichment) if guards["premise_check"] and t == 0 else None
+        stop_reason = (premise_failure(target, cfg.premise_min_enrichment, cfg.premise_max_adv_share)
+                       if guards["premise_check"] and t == 0 else None)
         # the model to fall back to: the checkpoint's CPU copy of the previous iteration's weights
         # (one copy of a large model, not two, and none on the accelerator); θ0 before Phase 1
         before = None
