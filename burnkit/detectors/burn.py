@@ -147,9 +147,10 @@ class BurnScore(Detector):
         frame = read_burn_samples(folder, data.inspected.index.numpy(), "S")
         score = frame["S"].to_numpy(dtype=np.float64)
         iters = frame.get("selected_poison_iters", pd.Series([""] * len(frame))).fillna("").astype(str)
-        selected = [set(v.split(";")) - {""} for v in iters]
-        last = max((int(t) for s in selected for t in s), default=None)
-        flags = np.array([str(last) in s for s in selected]) if last is not None else np.zeros(len(frame), bool)
+        # "0;3;7" per sample; a column holding single numbers only (a run stopped after Phase 1) reads as floats
+        selected = [{int(float(t)) for t in v.split(";") if t} for v in iters]
+        last = max((t for s in selected for t in s), default=None)
+        flags = np.array([last in s for s in selected]) if last is not None else np.zeros(len(frame), bool)
         cost = burn_cost(folder)
         run.extra_cost.update({"reused_compute_s": cost["wall_time_s"] if math.isfinite(cost["wall_time_s"]) else 0.0,
                                "reused_from": str(folder)})
