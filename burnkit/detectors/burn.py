@@ -146,9 +146,9 @@ class BurnScore(Detector):
         folder = burn_folder(data.record.record_dir, cfg.burn_output)
         frame = read_burn_samples(folder, data.inspected.index.numpy(), "S")
         score = frame["S"].to_numpy(dtype=np.float64)
-        iters = frame.get("selected_poison_iters", pd.Series([""] * len(frame))).fillna("").astype(str)
+        iters = frame.get("selected_poison_iters", pd.Series([""] * len(frame)))
         # "0;3;7" per sample; a column holding single numbers only (a run stopped after Phase 1) reads as floats
-        selected = [{int(float(t)) for t in v.split(";") if t} for v in iters]
+        selected = [set() if pd.isna(v) else {int(float(t)) for t in str(v).split(";") if t} for v in iters]
         last = max((t for s in selected for t in s), default=None)
         flags = np.array([last in s for s in selected]) if last is not None else np.zeros(len(frame), bool)
         cost = burn_cost(folder)
