@@ -313,6 +313,10 @@ def test_premise_test_refuses_an_easy_class_that_crosses_to_one_neighbour():
     # the sample at position 15 (class 2, also among the farthest five) does not count: only class 3's do
     one_way[15] = 1
     assert burn_mod.suspected_target(l2, labels, 4, 0.25, 1.5, one_way, 0.5)["adv_share"] == pytest.approx(0.75)
+    # samples the attack did not flip (-1) do not count: 2 of the 3 flipped ones cross to class 1
+    one_way[16] = -1
+    unflipped = burn_mod.suspected_target(l2, labels, 4, 0.25, 1.5, one_way, 0.5)
+    assert unflipped["adv_share"] == pytest.approx(2 / 3) and unflipped["class"] is None
     # with the check off (max share 1) the class stays suspected, for avoid_target
     assert burn_mod.suspected_target(l2, labels, 4, 0.25, 1.5, one_way, max_adv_share=1.0)["class"] == 3
 

@@ -244,7 +244,9 @@ def suspected_target(l2: torch.Tensor, labels: torch.Tensor, num_classes: int, s
     A naturally easy class also piles up there (BPP's ship class: 6.5x). What tells them apart is
     where the boundary attack takes them: poison crosses back towards the many classes its images
     came from, an easy class's images cross to one neighbour. So with ``adv_labels`` the suspected
-    class's farthest samples must not send more than ``max_adv_share`` of themselves to one class."""
+    class's farthest samples must not send more than ``max_adv_share`` of themselves to one class.
+    Samples the attack did not flip carry ``-1`` there and are not counted: their "adversarial label"
+    is their own prediction, not a place they crossed to."""
     n_top = share_count(share, len(l2))
     top = torch.argsort(l2, descending=True, stable=True)[:n_top]
     base = torch.bincount(labels, minlength=num_classes).double() / len(labels)
@@ -256,6 +258,7 @@ def suspected_target(l2: torch.Tensor, labels: torch.Tensor, num_classes: int, s
                     "share_in_top": float(there[best]), "share_overall": float(base[best]), "n_top": n_top}
     if adv_labels is not None:
         crossing = adv_labels[top][labels[top] == best]
+        crossing = crossing[crossing >= 0]
         counts = torch.bincount(crossing, minlength=num_classes)
         adv_share = float(counts.max()) / max(len(crossing), 1)
         found_result.update(adv_label=int(torch.argmax(counts)), adv_share=adv_share)
@@ -454,8 +457,9 @@ def burn(model: Classifier, data: DefenseData, cfg: BurnConfig, run: DefenseRun)
     logits0, l2 = result.clean_logits, result.l2
     labels = train.labels.cpu()
     preds0 = logits0.argmax(1)
+    crossed_to = torch.where(result.converged.bool().cpu(), result.adv_label.cpu(), -1)
     target = suspected_target(l2, labels, logits0.shape[1], cfg.premise_share, cfg.premise_min_enrichment,
-                              result.adv_label.cpu(), cfg.premise_max_adv_share if guards["premise_check"] else 1.0)
+                              crossed_to, cfg.premise_max_adv_share if guards["premise_check"] else 1.0)
     relabel, reason = relabel_plan(result, labels, guards, target["class"])
     signals0 = training_signals(preds0, preds0, labels, target["class"])
     run.logger.info("premise test (labels of the farthest samples): %s; %d samples not flipped by the attack",
