@@ -100,3 +100,24 @@ def test_burn_notes_name_the_winner_and_the_gaps():
                      "burn_s: AUROC 0.900, rank 1 of 3; AUROC +0.050 against the best other detector (beatrix 0.850); "
                      "TPR@5%FPR +0.100 against the best other detector (beatrix 0.600); "
                      "precision +0.150 against the best other detector (beatrix 0.450)."]
+
+
+def test_auroc_matrix_ranks_detectors_over_the_attacks():
+    from burnkit.compare.detection import auroc_matrix
+
+    rows = [("badnet", "burn", 0.80), ("badnet", "abl", 0.88), ("badnet", "strip", 0.70),
+            ("blended", "burn", 0.93), ("blended", "abl", 0.61), ("blended", "strip", 0.93),
+            ("wanet", "burn", 0.55), ("wanet", "abl", np.nan), ("wanet", "strip", 0.60)]
+    summary = pd.DataFrame([{"dataset": "cifar10", "model": "smallcnn", "attack": a, "detector": d,
+                             "auroc_mean": v, "auroc_std": np.nan} for a, d, v in rows])
+    summary.loc[0, "auroc_std"] = 0.05  # seeds > 1 on one cell: shown as mean ± std
+    (title, table), = auroc_matrix(summary)
+    assert title == "AUROC on every attack (cifar10 · smallcnn)"
+    # ranks by hand: badnet abl 1, burn 2, strip 3; blended burn = strip 1 (tie), abl 3; wanet strip 1, burn 2
+    # mean ranks: strip (3+1+1)/3 = 1.67, burn (2+1+2)/3 = 1.67, abl (1+3)/2 = 2.0 (no wanet result)
+    assert list(table.index) == ["burn", "strip", "abl"]  # equal mean rank: the experiment's order decides
+    assert table.loc["burn"].tolist() == ["0.800 ± 0.050", "0.930", "0.550", "0.760", "1.7", "blended"]
+    assert table.loc["strip"].tolist() == ["0.700", "0.930", "0.600", "0.743", "1.7", "blended, wanet"]
+    assert table.loc["abl"].tolist() == ["0.880", "0.610", "–", "0.745", "2.0", "badnet"]
+    assert list(table.columns) == ["badnet", "blended", "wanet", "Mean AUROC", "Mean rank", "Best on"]
+    assert auroc_matrix(summary[summary["attack"] == "badnet"]) == []  # one attack: the per-attack table says it all

@@ -147,6 +147,36 @@ def detection_tables(summary: pd.DataFrame, exp: Experiment) -> list[tuple[str, 
     return out
 
 
+def auroc_matrix(summary: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
+    """Per (dataset, model) with two or more attacks: AUROC of every detector on every attack, its mean
+    rank over the attacks (1 = the best AUROC on that attack; ties share the better rank) and the attacks
+    it wins. This answers what a defender needs who does not know the attack: which detector is good
+    everywhere, not only on one record. Rows are sorted by mean rank; a detector without a result on
+    some attack is ranked over the attacks it has."""
+    out = []
+    if summary.empty:
+        return out
+    for (dataset, model), block in summary.groupby(["dataset", "model"], sort=False):
+        attacks = list(dict.fromkeys(block["attack"]))
+        if len(attacks) < 2:
+            continue
+        means = block.pivot_table(index="detector", columns="attack", values="auroc_mean", sort=False, dropna=False)
+        means = means.reindex(index=list(dict.fromkeys(block["detector"])), columns=attacks)
+        stds = block.pivot_table(index="detector", columns="attack", values="auroc_std", sort=False, dropna=False)
+        stds = stds.reindex(index=means.index, columns=attacks)
+        ranks = means.rank(axis=0, ascending=False, method="min")
+        table = pd.DataFrame({attack: [fmt(means.at[d, attack], stds.at[d, attack], scale=1.0, digits=3)
+                                       for d in means.index] for attack in attacks}, index=means.index)
+        table["Mean AUROC"] = [fmt(v, None, scale=1.0, digits=3) for v in means.mean(axis=1, skipna=True)]
+        mean_rank = ranks.mean(axis=1, skipna=True)
+        table["Mean rank"] = [fmt(v, None, scale=1.0, digits=1) for v in mean_rank]
+        table["Best on"] = [", ".join(a for a in attacks if ranks.at[d, a] == 1) or "–" for d in means.index]
+        order = sorted(range(len(means.index)), key=lambda i: (math.isnan(mean_rank.iloc[i]), mean_rank.iloc[i], i))
+        table = table.iloc[order].rename_axis("Detector")
+        out.append((f"AUROC on every attack ({dataset} · {model})", table))
+    return out
+
+
 def burn_notes(block: pd.DataFrame, scripts: dict[str, str]) -> list[str]:
     """Where BURN's rows stand: the best detector by mean AUROC, and each BURN row against the best
     of the other detectors (AUROC, TPR@5%FPR, precision at the poison rate: the winner and the gap)."""
@@ -200,6 +230,10 @@ def write_detection(exp: Experiment, out: Path) -> DetectionReport:
              "Clean samples: clean training images the method used.")
     md = ["## Poison detection", "", intro, ""]
     body = [f"<h2>Poison detection</h2><p>{html.escape(intro)}</p>"]
+    for title, table in auroc_matrix(summary):
+        md += [f"**{title}**", "", markdown_table(table), ""]
+        body.append(f"<h3>{html.escape(title)}</h3>")
+        body.append(table.reset_index().to_html(escape=True, border=0, classes="grid", index=False))
     for title, table, notes in tables:
         md += [f"**{title}**", "", markdown_table(table), ""] + [f"{n}  " for n in notes] + [""]
         body.append(f"<h3>{html.escape(title)}</h3>")
