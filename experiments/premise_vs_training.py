@@ -53,7 +53,9 @@ def premise_measures(train, result, target: int, num_classes: int) -> dict:
     out["clean_adv_to_target"] = float((adv[~flags & conv & (result.clean_label.numpy() != target)] == target).mean())
     out["poison_predicted_target"] = float((result.clean_label.numpy()[flags] == target).mean())
     cfg = BurnConfig()
-    found = suspected_target(result.l2, train.labels, num_classes, cfg.premise_share, cfg.premise_min_enrichment)
+    crossed_to = torch.where(result.converged.bool(), result.adv_label, -1)  # as BURN: unflipped samples do not count
+    found = suspected_target(result.l2, train.labels, num_classes, cfg.premise_share, cfg.premise_min_enrichment,
+                             crossed_to, cfg.premise_max_adv_share)
     out["premise_test"] = found
     out["premise_holds"] = found["class"] is not None  # BURN's test passes (it may name the wrong class)
     out["target_enrichment_top5pct"] = float(
@@ -114,10 +116,12 @@ def main(argv=None) -> None:
     cols = ("epochs_trained", "auroc_l2", "l2_ratio_poison_clean", "precision_top_0.5pct", "precision_top_1pct",
             "precision_top_5pct", "precision_top_10pct", "top_clean_adv_to_target", "clean_adv_to_target",
             "poison_adv_is_original", "poison_predicted_target", "target_enrichment_top5pct", "premise_holds",
-            "suspected_class", "suspected_is_target")
+            "suspected_class", "suspected_is_target", "top_adv_share")
     print(" | ".join(cols))
     for r in rows:
-        r = {**r, "suspected_class": r["premise_test"]["class"], "suspected_is_target": r["premise_test"]["class"] == target}
+        test = r["premise_test"]
+        r = {**r, "suspected_class": test["class"], "suspected_is_target": test["class"] == target,
+             "top_adv_share": test.get("adv_share")}
         print(" | ".join(f"{r[c]:.3f}" if isinstance(r.get(c), float) else str(r.get(c)) for c in cols))
 
 
