@@ -85,6 +85,10 @@ def main(argv=None) -> None:
         train = train.subset(torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed))[:args.n])
     out = Path(args.out or f"experiments/results/premise_{record_dir.name}.json")
     cache = json.loads(out.read_text()) if out.exists() else {}
+    stale = [key for key, row in cache.items() if "adv_share" not in row.get("premise_test", {})]
+    for key in stale:  # made before the premise test checked adversarial labels: rescanned, not mixed in
+        print(f"rescanning {key}: its cached premise test predates the adversarial-label check", flush=True)
+        del cache[key]
     clf = build_classifier(record.model_name, record.info, record.num_classes)
     jobs = [(str(path), lambda path=path: safe_torch_load(path, "training checkpoint"))
             for path in sorted(Path(args.checkpoints).glob("*.pt"))]
