@@ -407,6 +407,23 @@ def test_experiment_expands_cells_with_overrides(tmp_path):
     assert exp.output == tmp_path / "compare" / "e"
 
 
+def test_attack_entries_can_restrict_seeds_and_models(tmp_path):
+    """A corpus mixes records that do not form a grid: an entry's own seeds replace the experiment's, and
+    its models pick from the experiment's."""
+    spec = {**BASE, "seeds": [0, 1], "models": ["smallcnn", "preactresnet18"],
+            "attacks": {"badnet": {"models": ["smallcnn"]},
+                        "blended-long": {"attack": "blended", "seeds": [5], "models": ["preactresnet18"],
+                                         "overrides": {"epochs": 12}}}}
+    exp = load_experiment(write(tmp_path, spec), workdir=str(tmp_path))
+    assert [(r.attack, r.model, r.seed) for r in exp.records] == [
+        ("badnet", "smallcnn", 0), ("badnet", "smallcnn", 1), ("blended-long", "preactresnet18", 5)]
+    assert [c.record for c in exp.defense_cells] == [r.record for r in exp.records]
+    with pytest.raises(BurnError, match="names vgg19, which is not in 'models'"):
+        load_experiment(write(tmp_path, {**spec, "attacks": {"badnet": {"models": ["vgg19"]}}}))
+    with pytest.raises(BurnError, match="attacks.badnet.seeds must be a non-empty list"):
+        load_experiment(write(tmp_path, {**spec, "attacks": {"badnet": {"seeds": []}}}))
+
+
 @pytest.mark.parametrize("change, message", [
     ({"seeds": [0, 1], "record_name": "{attack}_{dataset}"}, "record name 'badnet_digits' is produced for both"),
     ({"attack_overrides": {"save_folder_name": "x"}}, "compare sets per cell"),

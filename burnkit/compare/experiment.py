@@ -29,7 +29,7 @@ TOP_KEYS = {"name", "workdir", "output", "scripts_root", "python", "executor", "
             "submitit", "ray", "allow_unavailable", "seeds", "record_name", "datasets", "models",
             "attack_overrides", "defense_overrides", "attacks", "defenses", "detector_overrides", "detectors"}
 AXIS_KEYS = {"attack_overrides", "defense_overrides", "detector_overrides"}
-ATTACK_KEYS = {"attack", "overrides", "record_name"}
+ATTACK_KEYS = {"attack", "overrides", "record_name", "seeds", "models"}
 DEFENSE_KEYS = {"defense", "overrides"}
 DETECTOR_KEYS = {"detector", "overrides"}
 # flags compare sets itself: a user override would break the cell's identity
@@ -223,14 +223,15 @@ def load_experiment(path: str | Path, workdir: str | None = None) -> Experiment:
     executor = str(raw.get("executor") or "local")
     if executor not in EXECUTORS:
         raise BurnError(f"{where}: executor must be one of {', '.join(EXECUTORS)}, got {executor!r}")
-    seeds = raw.get("seeds", [0])
-    if not isinstance(seeds, list) or not seeds or not all(type(s) is int for s in seeds):
-        raise BurnError(f"{where}: seeds must be a non-empty list of integers, e.g. [0, 1, 2]")
-    if len(set(seeds)) != len(seeds):
-        raise BurnError(f"{where}: seeds {seeds} repeat a value; list each seed once")
+    seeds = _seeds(raw.get("seeds", [0]), "seeds", where)
     datasets = _axis(raw.get("datasets"), "datasets", where)
     models = _axis(raw.get("models"), "models", where)
     attacks = _entries(raw.get("attacks"), "attacks", "attack", ATTACK_KEYS, where, required=True)
+    for entry, a in attacks.items():
+        stray = sorted(set(a["models"] or ()) - set(models))
+        if stray:
+            raise BurnError(f"{where}: attacks.{entry}.models names {', '.join(stray)}, which is not in 'models' "
+                            f"({', '.join(models)}); add it there")
     defenses = _entries(raw.get("defenses"), "defenses", "defense", DEFENSE_KEYS, where, required=False)
     detectors = _entries(raw.get("detectors"), "detectors", "detector", DETECTOR_KEYS, where, required=False)
     gpus = raw.get("gpus")
@@ -249,8 +250,10 @@ def load_experiment(path: str | Path, workdir: str | None = None) -> Experiment:
               "detector": _overrides(raw.get("detector_overrides"), "detector_overrides", DEFENSE_RESERVED, where)}
     template = str(raw.get("record_name") or DEFAULT_RECORD_NAME)
     seen: dict[str, tuple] = {}
-    for (dataset, d_opts), (model, m_opts), (attack, a), seed in itertools.product(
-            datasets.items(), models.items(), attacks.items(), seeds):
+    cells = ((d, m, a, seed) for d, m, a in itertools.product(datasets.items(), models.items(), attacks.items())
+             if a[1]["models"] is None or m[0] in a[1]["models"]
+             for seed in (a[1]["seeds"] or seeds))
+    for (dataset, d_opts), (model, m_opts), (attack, a), seed in cells:
         fields = {"dataset": dataset, "model": model, "attack": attack, "seed": seed, "script": a["script"]}
         record = _format(a["record_name"] or template, fields, "record_name", where)
         _check_name(record, "record_name", where)
@@ -329,8 +332,27 @@ def _entries(value, key: str, script_key: str, allowed: set, where: str, require
         script = str(opts.get(script_key) or entry)
         _check_name(script, f"{key}.{entry}.{script_key}", where)
         out[entry] = {"script": script, "record_name": opts.get("record_name"),
-                      "overrides": _overrides(opts.get("overrides"), f"{key}.{entry}.overrides", reserved, where)}
+                      "overrides": _overrides(opts.get("overrides"), f"{key}.{entry}.overrides", reserved, where),
+                      "seeds": _seeds(opts["seeds"], f"{key}.{entry}.seeds", where) if "seeds" in opts else None,
+                      "models": _entry_models(opts["models"], f"{key}.{entry}.models", where) if "models" in opts else None}
     return out
+
+
+def _seeds(value, key: str, where: str) -> list[int]:
+    """A non-empty list of distinct integer seeds."""
+    if not isinstance(value, list) or not value or not all(type(s) is int for s in value):
+        raise BurnError(f"{where}: {key} must be a non-empty list of integers, e.g. [0, 1, 2]")
+    if len(set(value)) != len(value):
+        raise BurnError(f"{where}: {key} {value} repeats a value; list each seed once")
+    return value
+
+
+def _entry_models(value, key: str, where: str) -> list[str]:
+    """The models an attack entry is restricted to (each must be one of the experiment's ``models``)."""
+    value = [value] if isinstance(value, str) else value
+    if not isinstance(value, list) or not value or not all(isinstance(m, str) for m in value):
+        raise BurnError(f"{where}: {key} must be a non-empty list of model names from 'models'")
+    return value
 
 
 def _overrides(value, key: str, reserved: set, where: str) -> dict:
