@@ -139,6 +139,8 @@ class BurnConfig(DefenseConfig):
     paper_exact: bool = option(False, "Algorithm 1 exactly: unflipped prediction, no skip_own_label, avoid_target "
                                       "or premise_check (overrides those keys)")
     resume: bool = option(True, "continue from the checkpoint of an interrupted run (false: start over)")
+    trace: bool = option(False, "also write burn_trace.pt: the model's training-set logits after every fine-tuning "
+                                "(float16, N x K per iteration), to study label-free checks offline")
 
     def validate(self) -> None:
         super().validate()
@@ -381,7 +383,7 @@ def _fingerprint(cfg: BurnConfig, n_train: int, record_dir: str) -> dict:
             "lr_scheduler", "augment", "bn_eval", "kp_start", "kp_end", "kc_start", "kc_end", "omega_start", "omega_end",
             "pd_output", "attack_space", "clip", "overshoot", "max_iter", "candidates", "random_seed",
             "premise_share", "premise_min_enrichment", "premise_max_adv_share", "max_retention_drop", "max_target_rise",
-            "test_every")
+            "test_every", "trace")
     return {"record": str(record_dir), "n_train": int(n_train), **{k: _plain(getattr(cfg, k)) for k in keys},
             **cfg.safeguards()}
 
@@ -522,7 +524,7 @@ def burn(model: Classifier, data: DefenseData, cfg: BurnConfig, run: DefenseRun)
                     finetune_s = run.fit(model, tune, train_cfg, log=False, phase=f"{phase}_finetune", eval_suite=None,
                                          seed=cfg.random_seed + t, desc=f"burn t={t}",
                                          step=frozen_bn_step if cfg.bn_eval else None).wall_time_s
-            if guards["premise_check"] or t < last:
+            if guards["premise_check"] or t < last or cfg.trace:
                 with _part(timings, "train_forward"):  # θ_{t+1} on the training set: next PD and the checks
                     logits_next = predict(model, train, device, amp=cfg.amp)
                 signals = training_signals(preds0, logits_next.argmax(1), labels, target["class"])
@@ -555,6 +557,8 @@ def burn(model: Classifier, data: DefenseData, cfg: BurnConfig, run: DefenseRun)
                      logits=logits_next if logits_next is not None else state["logits"])
         state["poison_sets"].append(poison_pos)
         state["clean_sets"].append(clean_pos)
+        if cfg.trace:
+            state.setdefault("trace", []).append(None if logits_next is None else logits_next.half())
         atomic_torch_save(state, state_path)  # the checkpoint first, then the CSV
         if not guards["premise_check"]:
             state["model"] = None  # on disk now; only the premise check falls back to it
@@ -566,6 +570,10 @@ def burn(model: Classifier, data: DefenseData, cfg: BurnConfig, run: DefenseRun)
                         len(clean_pos), _pct(signals["retention"]), _pct(signals["target_share"]))
 
     report = write_report(run.out_dir, train, result, state, cfg, target, relabel, reason)
+    if cfg.trace:
+        atomic_torch_save({"logits0": logits0.half(), "logits": state.get("trace", []), "labels": labels,
+                           "poison_sets": state["poison_sets"], "clean_sets": state["clean_sets"],
+                           "rows": state["rows"], "target": target}, run.out_dir / "burn_trace.pt")
     run.extra_results["burn"] = {"timings_s": state["timings"], "safeguards": guards, **report}
     run.logger.info("detection: %s", json.dumps({k: v for k, v in report.items() if k != "iterations"}))
     return model
