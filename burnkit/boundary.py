@@ -29,7 +29,7 @@ from typing import Callable, Iterable, Iterator
 import torch
 from torch import Tensor, nn
 
-__all__ = ["BoundaryResult", "boundary_attack", "scan", "attack_space", "BACKWARD_MODES", "SPACES"]
+__all__ = ["BoundaryResult", "boundary_attack", "scan", "attack_space", "BACKWARD_MODES", "SPACES", "STEP_RULES"]
 
 Forward = Callable[[Tensor], Tensor]
 
@@ -45,6 +45,13 @@ Forward = Callable[[Tensor], Tensor]
 #  "batched": a single ``torch.autograd.grad(..., is_grads_batched=True)`` call over all candidates.
 #     Kept so the choice can be re-measured when PyTorch gains real batching rules.
 BACKWARD_MODES = ("per_class", "batched")
+
+# Where the overshoot η acts.
+#  "total": DeepFool's reference implementation: every step aims at the linearised boundary plus a
+#     small logit margin, the steps are summed in r_tot and the iterate is x0 + (1 + η) r_tot.
+#  "step": the BURN paper's update (§2.3): Δx = η' (f_k̂ - f_k*) / ||∇f_k̂ - ∇f_k*||² (∇f_k* - ∇f_k̂),
+#     x <- x + Δx, with η' = 1 + η (the paper names no value) and no margin.
+STEP_RULES = ("total", "step")
 
 _STEP_MARGIN = 1e-4  # DeepFool's extra logit margin so a step lands past, not on, the boundary
 _TINY = 1e-12
@@ -150,7 +157,7 @@ def boundary_attack(forward: Forward, x: Tensor, *, overshoot: float = 0.02, max
                     candidates: int = 10, lower: Tensor | float | None = None,
                     upper: Tensor | float | None = None, grad_dtype: torch.dtype = torch.float32,
                     module: nn.Module | None = None, return_perturbation: bool = False,
-                    backward: str = "per_class", reforward: bool = True) -> BoundaryResult:
+                    backward: str = "per_class", reforward: bool = True, step_rule: str = "total") -> BoundaryResult:
     """Minimal-L2 DeepFool perturbation of every sample in ``x`` (batched, per-sample stopping).
 
     Args:
@@ -159,7 +166,8 @@ def boundary_attack(forward: Forward, x: Tensor, *, overshoot: float = 0.02, max
         x: inputs in the space distances are measured in (e.g. normalised, or [0, 1] pixels).
         overshoot: η; the iterate is ``x + (1 + η) · r_tot``.
         max_iter: maximum DeepFool steps per sample.
-        candidates: number of classes (including the clean one) considered, chosen by clean logit.
+        candidates: number of classes (including the clean one) considered, chosen by clean logit;
+            ``None`` (or at least the class count): every class, DeepFool's exact argmin over k != k̂.
         lower, upper: optional bounds (scalars or tensors broadcastable to ``x``, e.g. per-channel
             bounds of the normalised space); every iterate is clipped to them.
         grad_dtype: dtype of the input and of all attack arithmetic (fp32 even under autocast).
@@ -169,6 +177,7 @@ def boundary_attack(forward: Forward, x: Tensor, *, overshoot: float = 0.02, max
         backward: "per_class" or "batched", see ``BACKWARD_MODES``.
         reforward: when most of the batch has just flipped, forward the samples still running again
             instead of back-propagating through the finished ones (False: never; for benchmarks).
+        step_rule: "total" (DeepFool's reference) or "step" (the BURN paper's update), see ``STEP_RULES``.
 
     Returns:
         :class:`BoundaryResult` on the device of ``x``.
@@ -179,8 +188,10 @@ def boundary_attack(forward: Forward, x: Tensor, *, overshoot: float = 0.02, max
     """
     if backward not in BACKWARD_MODES:
         raise ValueError(f"backward must be one of {BACKWARD_MODES}, got {backward!r}")
-    if candidates < 2:
+    if candidates is not None and candidates < 2:
         raise ValueError(f"candidates must be >= 2, got {candidates}")
+    if step_rule not in STEP_RULES:
+        raise ValueError(f"step_rule must be one of {STEP_RULES}, got {step_rule!r}")
     if max_iter < 0 or overshoot < 0:
         raise ValueError("max_iter and overshoot must be non-negative")
     if module is None and isinstance(forward, nn.Module):
@@ -218,7 +229,7 @@ def boundary_attack(forward: Forward, x: Tensor, *, overshoot: float = 0.02, max
             xa = x_cur[active].requires_grad_(True)
             logits = forward(xa).to(grad_dtype)
             if step == 0:
-                k = min(candidates, logits.shape[1])
+                k = logits.shape[1] if candidates is None else min(candidates, logits.shape[1])
                 if k < 2:
                     raise ValueError("the attack needs at least two classes")
                 cand = logits.detach().topk(k, dim=1).indices
@@ -254,9 +265,14 @@ def boundary_attack(forward: Forward, x: Tensor, *, overshoot: float = 0.02, max
             rows = torch.arange(len(idx), device=device)
             nearest_label[idx] = cand[idx, 1:].gather(1, nearest[:, None]).squeeze(1)
             w = grads[nearest, rows]
-            scale = (gaps[rows, nearest].abs() + _STEP_MARGIN) / (norms[rows, nearest] ** 2 + _TINY)
-            r_tot[idx] += scale.view(-1, *[1] * (x0.dim() - 1)) * w
-            x_cur[idx] = clip(x0[idx] + (1.0 + overshoot) * r_tot[idx])
+            shape = (-1, *[1] * (x0.dim() - 1))
+            if step_rule == "total":
+                scale = (gaps[rows, nearest].abs() + _STEP_MARGIN) / (norms[rows, nearest] ** 2 + _TINY)
+                r_tot[idx] += scale.view(shape) * w
+                x_cur[idx] = clip(x0[idx] + (1.0 + overshoot) * r_tot[idx])
+            else:
+                scale = (1.0 + overshoot) * gaps[rows, nearest].abs() / (norms[rows, nearest] ** 2 + _TINY)
+                x_cur[idx] = clip(x_cur[idx] + scale.view(shape) * w)
             active = idx
 
     delta = (x_cur - x0).contiguous()

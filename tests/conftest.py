@@ -51,7 +51,8 @@ def pytest_collection_modifyitems(config, items):
 # BURN_TEST_RECORD_SEED trains the shared fixture records with another seed: a test that passes only on
 # the exact floats of one trained model (one CPU, one thread count, one seed) fails under it. Run the
 # suite with it (and with BURN_TEST_THREADS=2) before relying on a trained model's behaviour in a test.
-RECORD_SEED = ["--random_seed", os.environ["BURN_TEST_RECORD_SEED"]] if os.environ.get("BURN_TEST_RECORD_SEED") else []
+FIXTURE_SEED = int(os.environ.get("BURN_TEST_RECORD_SEED") or 0)  # the seed the shared records are made with
+RECORD_SEED = ["--random_seed", str(FIXTURE_SEED)]
 
 DIGITS_TRAINING = ["--dataset", "digits", "--model", "smallcnn", "--epochs", "20", "--lr", "0.05",
                    "--cos_t_max", "20", "--progress", "false", *RECORD_SEED]

@@ -18,7 +18,7 @@ from burnkit.attacks.wanet import identity_grid, noisy_grids, random_warp_field,
 from burnkit.datasets import dataset_info, load_split
 from burnkit.errors import BurnError
 from burnkit.records import read_attack_record
-from conftest import make_record
+from conftest import FIXTURE_SEED, make_record
 
 TARGET = 0
 
@@ -190,7 +190,7 @@ def test_record_images_are_the_trigger_functions_output(dynamic_records):
     test_x, test_y = load_split("digits", None, train=False)
     keep = test_y != TARGET
     wanet = read_attack_record(dynamic_records / "record" / "wanet_digits").load_data().bd_test.numpy_images()
-    cfg, _ = get_attack("wanet").parse(["--dataset", "digits", "--s", "2"])
+    cfg, _ = get_attack("wanet").parse(["--dataset", "digits", "--s", "2", "--random_seed", str(FIXTURE_SEED)])
     attack = get_attack("wanet")(cfg, dataset_info("digits"))
     assert np.array_equal(wanet, attack.apply_trigger(test_x[keep], test_y[keep], None, False))
     bpp = read_attack_record(dynamic_records / "record" / "bpp_digits").load_data().bd_test.numpy_images()

@@ -84,6 +84,38 @@ def test_linear_with_more_classes_than_candidates_searches_top_candidates():
     assert (res.adv_label[:, None] == top5[:, 1:]).any(1).all()
 
 
+def test_paper_step_rule_scales_each_step_without_deepfools_margin():
+    """The BURN paper's update (§2.3) lands at (1 + η) times the exact distance on a linear classifier;
+    DeepFool's reference update adds its 1e-4 logit margin before the overshoot. With a unit normal
+    and distance 1 the two differ by 1.02e-4, far above float error, so each assertion fails on the
+    other rule."""
+    layer = nn.Linear(4, 2)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[0.5, 0.0, 0.0, 0.0], [-0.5, 0.0, 0.0, 0.0]]))  # ||w1 - w0|| = 1
+        layer.bias.zero_()
+    x = torch.tensor([[-1.0, 0.3, -0.2, 0.7]], dtype=torch.float64)  # f1 - f0 = 1: distance exactly 1
+    paper = boundary_attack(layer.double(), x, overshoot=0.02, step_rule="step", grad_dtype=torch.float64)
+    reference = boundary_attack(layer.double(), x, overshoot=0.02, step_rule="total", grad_dtype=torch.float64)
+    assert paper.l2.item() == pytest.approx(1.02, abs=1e-6)
+    assert reference.l2.item() == pytest.approx(1.02 * (1 + 1e-4), abs=1e-6)
+    assert paper.converged.all() and reference.converged.all()
+
+
+def test_every_class_search_finds_a_boundary_the_top_logits_miss():
+    """Three classes; x is predicted 0 with class 1 second by logit, but the boundary with class 2 -
+    the lowest logit, left out of a top-2 search - is much closer (its weight differs most)."""
+    layer = nn.Linear(2, 3)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[0.0, 0.0], [0.0, 0.0], [5.0, 0.0]]))
+        layer.bias.copy_(torch.tensor([1.0, 0.9, -4.0]))
+    x = torch.tensor([[0.1, 0.0]])  # logits 1.0, 0.9, -3.5: gap to class 1 only 0.1 but ||w1 - w0|| = 0
+    every = boundary_attack(layer, x, candidates=None, overshoot=0.02)
+    top2 = boundary_attack(layer, x, candidates=2, overshoot=0.02, max_iter=5)
+    assert every.adv_label.tolist() == [2] and every.converged.all()
+    assert every.l2.item() == pytest.approx(1.02 * (4.5 / 5 + 1e-4 / 5), rel=1e-4)  # |f2 - f0| / ||w2 - w0||
+    assert not top2.converged.any()  # the top-2 search only sees the boundary it cannot cross
+
+
 def test_adversarial_points_are_classified_as_adv_label():
     net = _small_cnn().eval()
     x = torch.rand(24, 3, 16, 16, generator=torch.Generator().manual_seed(0))

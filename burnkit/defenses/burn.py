@@ -69,7 +69,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..boundary import SPACES, BoundaryResult, attack_space, scan
+from ..boundary import SPACES, STEP_RULES, BoundaryResult, attack_space, scan
 from ..config import option
 from ..data import ImageSet, concat
 from ..defense import Defense, DefenseConfig, DefenseData, DefenseRun, register_defense
@@ -116,7 +116,11 @@ class BurnConfig(DefenseConfig):
     clip: bool = option(True, "clip attack iterates to valid images")
     overshoot: float = option(0.02, "boundary attack overshoot η (choice: DeepFool's default; the paper gives none)")
     max_iter: int = option(50, "boundary attack steps per sample (choice: DeepFool's default)")
-    candidates: int = option(3, "candidate classes of the boundary attack, top by logit (choice; evidence in docs/burn.md)")
+    candidates: int = option(3, "candidate classes of the boundary attack, top by logit; 0 = every class, as the "
+                                "paper (choice; evidence in docs/burn.md)")
+    step_rule: str = option("total", "where the boundary attack's overshoot acts: total (DeepFool's reference code: "
+                                     "x0 + (1 + η) r_tot) or step (the paper's §2.3 update: every step scaled by "
+                                     "1 + η)", choices=STEP_RULES)
     scan_batch_size: int = option(256, "samples per boundary-attack batch")
     unflipped: str = option("skip", "samples the boundary attack cannot flip: skip (left out of D_poison), nearest "
                                     "(relabelled with the nearest boundary's class) or prediction (Algorithm 1 read "
@@ -136,8 +140,11 @@ class BurnConfig(DefenseConfig):
                                              "correct non-target training predictions")
     max_target_rise: float = option(0.02, "premise check: a fine-tuning may raise the share of training samples "
                                           "predicted as the suspected target by at most this much")
-    paper_exact: bool = option(False, "Algorithm 1 exactly: unflipped prediction, no skip_own_label, avoid_target "
-                                      "or premise_check (overrides those keys)")
+    paper_exact: bool = option(False, "the paper exactly: its boundary attack (every class, its per-step update, no "
+                                      "clipping) and Algorithm 1 with no safeguard (unflipped prediction, no "
+                                      "skip_own_label, avoid_target or premise_check); overrides those keys. Settings "
+                                      "the paper does not name stay flags: attack_space, overshoot (η), max_iter, "
+                                      "batch_size, augment, bn_eval, wd, amsgrad, pd_output, scan_batch_size")
     resume: bool = option(True, "continue from the checkpoint of an interrupted run (false: start over)")
     trace: bool = option(False, "also write burn_trace.pt: the model's training-set logits after every fine-tuning "
                                 "(float16, N x K per iteration), to study label-free checks offline")
@@ -162,8 +169,19 @@ class BurnConfig(DefenseConfig):
             raise BurnError(f"--premise_share must be in (0, 1], got {self.premise_share}")
         if self.premise_min_enrichment < 1.0:
             raise BurnError(f"--premise_min_enrichment must be >= 1, got {self.premise_min_enrichment}")
-        if self.max_iter < 1 or self.candidates < 2 or self.scan_batch_size < 1 or self.overshoot < 0:
-            raise BurnError("--max_iter >= 1, --candidates >= 2, --scan_batch_size >= 1 and --overshoot >= 0 are required")
+        if self.max_iter < 1 or self.candidates == 1 or self.candidates < 0 or self.scan_batch_size < 1 \
+                or self.overshoot < 0:
+            raise BurnError("--max_iter >= 1, --candidates 0 (every class) or >= 2, --scan_batch_size >= 1 and "
+                            "--overshoot >= 0 are required")
+        if self.step_rule not in STEP_RULES:
+            raise BurnError(f"--step_rule must be one of {', '.join(STEP_RULES)}, got {self.step_rule!r}")
+
+    def scan_settings(self) -> dict:
+        """The boundary attack's settings in force. ``paper_exact``: the paper's §2.3 attack - the argmin
+        over every class k != k̂, every step scaled by η, no clipping (the paper names none)."""
+        if self.paper_exact:
+            return {"candidates": None, "clip": False, "step_rule": "step"}
+        return {"candidates": self.candidates or None, "clip": self.clip, "step_rule": self.step_rule}
 
     def safeguards(self) -> dict:
         """The safeguard settings in force (``paper_exact`` turns them all off)."""
@@ -205,10 +223,12 @@ def frozen_bn_step(model: nn.Module, batch, optimizer, ctx) -> StepOutput:
 def boundary_scan(model: Classifier, images: ImageSet, cfg: BurnConfig, device: torch.device) -> BoundaryResult:
     """Minimal-L2 boundary distance and adversarial label of every sample on ``model`` (θ0)."""
     model.to(device)
-    forward, transform, lower, upper = attack_space(model, cfg.attack_space, cfg.clip)
+    settings = cfg.scan_settings()
+    forward, transform, lower, upper = attack_space(model, cfg.attack_space, settings["clip"])
     return scan(forward, images.images, cfg.scan_batch_size, transform=transform, device=device,
                 progress=cfg.progress, desc="burn: boundary scan", module=model, lower=lower, upper=upper,
-                overshoot=cfg.overshoot, max_iter=cfg.max_iter, candidates=cfg.candidates)
+                overshoot=cfg.overshoot, max_iter=cfg.max_iter, candidates=settings["candidates"],
+                step_rule=settings["step_rule"])
 
 
 def prediction_divergence(logits0: torch.Tensor, logits_t: torch.Tensor, output: str = "logits") -> torch.Tensor:
@@ -381,15 +401,16 @@ def _fingerprint(cfg: BurnConfig, n_train: int, record_dir: str) -> dict:
     """What a checkpoint must agree with to be resumed."""
     keys = ("iterations", "epochs", "batch_size", "lr", "client_optimizer", "adam_betas", "wd", "amsgrad",
             "lr_scheduler", "augment", "bn_eval", "kp_start", "kp_end", "kc_start", "kc_end", "omega_start", "omega_end",
-            "pd_output", "attack_space", "clip", "overshoot", "max_iter", "candidates", "random_seed",
+            "pd_output", "attack_space", "overshoot", "max_iter", "random_seed",
             "premise_share", "premise_min_enrichment", "premise_max_adv_share", "max_retention_drop", "max_target_rise",
             "test_every", "trace")
     return {"record": str(record_dir), "n_train": int(n_train), **{k: _plain(getattr(cfg, k)) for k in keys},
-            **cfg.safeguards()}
+            **cfg.safeguards(), **cfg.scan_settings()}
 
 
 def _scan_fingerprint(full: dict) -> dict:
-    return {k: full[k] for k in ("record", "n_train", "attack_space", "clip", "overshoot", "max_iter", "candidates")}
+    return {k: full[k] for k in ("record", "n_train", "attack_space", "clip", "overshoot", "max_iter", "candidates",
+                                 "step_rule")}
 
 
 def _cpu_copy(state_dict: dict) -> OrderedDict:
@@ -653,7 +674,7 @@ def write_report(out_dir: Path, train: ImageSet, result: BoundaryResult, state: 
             "test_ra")
     summary["iterations"] = [{k: r.get(k) for k in keys} for r in state["rows"]]
     summary.update({"attack_space": cfg.attack_space, "suspected_target": target, "stopped": state["stopped"],
-                    "safeguards": cfg.safeguards()})
+                    "safeguards": cfg.safeguards(), "scan": cfg.scan_settings()})
     write_json(out_dir / "burn_detection.json", summary)
     plot_report(out_dir, train, result, state)
     return summary

@@ -1,0 +1,194 @@
+"""Fit BURN's label-free checks on the calibration corpus (and, once frozen, judge them on the held-out one).
+
+For every record of a corpus experiment that has its ``burn-observe`` run (BURN with the paper's
+schedule and no check that stops it, ``--trace true``), this script gathers, from files only:
+
+* the premise signals of every enriched class (burnkit.defenses.burn_checks.class_signatures) from
+  θ0's scan, and - with ``--probe`` - the unlearning probe on the top enriched classes (it loads the
+  record and θ0 and fine-tunes a copy: seconds on the small CNN);
+* per fine-tuning, the label-free signals computed from the trace (training-set predictions of θt)
+  next to the test ACC/ASR the run scored for this analysis;
+* the ground truth, for scoring only: the true target (the label the record's relabelled poison
+  carries), θ0's distance AUROC, ACC/ASR before and after.
+
+Output: ``<out>/premise.csv`` (one row per record and enriched class), ``<out>/iterations.csv`` (one
+row per record and fine-tuning), ``<out>/records.csv``; the tables that choose the rules are made
+from them (docs/burn-corpus.md).
+
+    python experiments/burn_corpus/analyse.py --workdir /work/runs/corpus \
+        --experiments experiments/burn_corpus/calibration.yaml experiments/burn_corpus/calibration_preact.yaml \
+        --out experiments/results/burn_corpus/calibration --probe
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from burnkit.compare.experiment import load_experiment  # noqa: E402
+from burnkit.defenses.burn_checks import class_signatures, farthest_mask, probe_unlearning  # noqa: E402
+from burnkit.safe_load import safe_torch_load  # noqa: E402
+
+OBSERVER = "burn-observe"
+
+
+def true_target(samples: pd.DataFrame) -> int | None:
+    """The label the relabelled poison carries (ground truth, for scoring only)."""
+    relabelled = samples[(samples["is_poison"] == 1) & (samples["label"] != samples["original_label"])]
+    if len(relabelled):
+        return int(relabelled["label"].mode().iloc[0])
+    poison = samples[samples["is_poison"] == 1]  # clean-label attacks: the poison's own (target) class
+    return int(poison["label"].mode().iloc[0]) if len(poison) else None
+
+
+def scan_tensors(samples: pd.DataFrame):
+    l2 = torch.tensor(samples["boundary_l2"].to_numpy(), dtype=torch.float)
+    labels = torch.tensor(samples["label"].to_numpy())
+    converged = torch.tensor(samples["attack_converged"].astype(bool).to_numpy())
+    crossed = torch.where(converged, torch.tensor(samples["adv_label"].to_numpy()), torch.tensor(-1))
+    return l2, labels, crossed
+
+
+def probe_record(workdir: Path, record: str, samples: pd.DataFrame, classes: list[int], share: float,
+                 seed: int = 0) -> list[dict]:
+    """The unlearning probe for each class in ``classes`` on this record's θ0 (Phase 1's fine-tuning)."""
+    from burnkit.data import Augment
+    from burnkit.defenses.burn import BurnConfig
+    from burnkit.engine import resolve_device
+    from burnkit.models import build_classifier, load_bb_state_dict
+    from burnkit.records import read_attack_record
+
+    rec = read_attack_record(workdir / "record" / record)
+    data = rec.load_data(workdir / "data")
+    train = data.bd_train
+    position = {int(i): p for p, i in enumerate(train.index.tolist())}
+    order = torch.tensor([position[int(i)] for i in samples["index"]])
+    train = train.subset(order)  # the order of burn_samples.csv
+    model = build_classifier(rec.model_name, rec.info, rec.num_classes)
+    load_bb_state_dict(model, rec.state_dict)
+    l2, labels, crossed = scan_tensors(samples)
+    preds0 = torch.tensor(samples["clean_pred"].to_numpy())
+    far = farthest_mask(l2, share)
+    cfg = BurnConfig()
+    device = resolve_device("cpu")
+    out = []
+    for c in classes:
+        own = labels == c
+        # far: c's farthest samples the attack flipped to another class (what Phase 1 would relabel)
+        far_pos = torch.nonzero(far & own & (crossed >= 0) & (crossed != c)).flatten()
+        # near: c's samples θ0 predicts as c, closer to the boundary than c's median
+        median = l2[own].median() if bool(own.any()) else 0.0
+        near_pos = torch.nonzero(own & (preds0 == c) & (l2 < median)).flatten()
+        res = probe_unlearning(model, train, far_pos, near_pos, crossed.clamp_min(0), c, cfg.train_config(), device,
+                               augment=Augment(rec.info.crop_padding, rec.info.train_flip), seed=seed)
+        out.append({"class": c, **res})
+    return out
+
+
+def iteration_rows(trace: dict, target_class: int | None) -> list[dict]:
+    """Label-free signals of every fine-tuning, from the trace (training-set logits of θt)."""
+    labels = trace["labels"]
+    logits0 = trace["logits0"].float()
+    preds0 = logits0.argmax(1)
+    suspect = trace["target"].get("class") if target_class is None else target_class
+    rows = []
+    seen_poison: set[int] = set()
+    seen_clean: set[int] = set()
+    previous_poison = None
+    for t, (row, logits) in enumerate(zip(trace["rows"], trace["logits"])):
+        poison_pos, clean_pos = trace["poison_sets"][t], trace["clean_sets"][t]
+        seen_poison |= set(poison_pos.tolist())
+        seen_clean |= set(clean_pos.tolist())
+        out = {"iteration": t, "n_poison": len(poison_pos), "n_clean": len(clean_pos),
+               "test_acc": row.get("test_acc"), "test_asr": row.get("test_asr"), "test_ra": row.get("test_ra"),
+               "poison_precision": row.get("poison_precision"), "relabel_acc": row.get("relabel_acc")}
+        if len(poison_pos):
+            out["poison_target_label_share"] = float((labels[poison_pos] == suspect).double().mean()) if suspect is not None else None
+            if previous_poison is not None and len(previous_poison):
+                a, b = set(poison_pos.tolist()), set(previous_poison.tolist())
+                out["poison_jaccard_prev"] = len(a & b) / len(a | b)
+        previous_poison = poison_pos
+        if logits is not None:
+            preds = logits.float().argmax(1)
+            untouched = torch.ones(len(labels), dtype=torch.bool)
+            untouched[list(seen_poison | seen_clean)] = False
+            ref = (preds0 == labels) & untouched
+            if suspect is not None:
+                ref &= preds0 != suspect
+                out["target_share"] = float((preds == suspect).double().mean())
+                target_labelled = (labels == suspect) & untouched & (preds0 == suspect)
+                out["target_labelled_left"] = float((preds[target_labelled] != suspect).double().mean())
+            out["retention_untouched"] = float((preds[ref] == labels[ref]).double().mean())
+            out["agreement_theta0"] = float((preds == preds0).double().mean())
+        rows.append(out)
+    return rows
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workdir", required=True)
+    parser.add_argument("--experiments", nargs="+", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--output_name", default=OBSERVER, help="the BURN run folder to read")
+    parser.add_argument("--share", type=float, default=0.05, help="the farthest share the premise test reads")
+    parser.add_argument("--probe", action="store_true", help="run the unlearning probe (loads each record)")
+    parser.add_argument("--probe_classes", type=int, default=3, help="probe the top-N enriched classes")
+    args = parser.parse_args(argv)
+    workdir = Path(args.workdir)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    premise, iterations, records = [], [], []
+    for path in args.experiments:
+        exp = load_experiment(path, workdir=str(workdir))
+        for cell in exp.records:
+            run = workdir / "record" / cell.record / "defense" / args.output_name
+            if not (run / "burn_samples.csv").is_file() or not (run / "defense_result.pt").is_file():
+                print(f"skip {cell.record}: no finished {args.output_name} run", file=sys.stderr)
+                continue
+            samples = pd.read_csv(run / "burn_samples.csv", keep_default_na=False)
+            detection = json.loads((run / "burn_detection.json").read_text())
+            df = pd.read_csv(run / "burn_df.csv")
+            target = true_target(samples)
+            num_classes = int(max(samples["label"].max(), samples["adv_label"].max())) + 1
+            num_classes = max(num_classes, 10)
+            l2, labels, crossed = scan_tensors(samples)
+            sig = class_signatures(l2, crossed, labels, num_classes, args.share)
+            probes = {}
+            if args.probe:
+                top = [r["class"] for r in sig[: args.probe_classes]]
+                probes = {p["class"]: p for p in probe_record(workdir, cell.record, samples, top, args.share)}
+            for rank, row in enumerate(sig):
+                premise.append({"record": cell.record, "attack": cell.attack, "model": cell.model, "seed": cell.seed,
+                                "true_target": target, "rank": rank, "is_target": row["class"] == target, **row,
+                                **{f"probe_{k}": v for k, v in probes.get(row["class"], {}).items() if k != "class"}})
+            trace_path = run / "burn_trace.pt"
+            if trace_path.is_file():
+                for row in iteration_rows(safe_torch_load(trace_path, "trace"), target):
+                    iterations.append({"record": cell.record, "attack": cell.attack, "model": cell.model, **row})
+            records.append({"record": cell.record, "attack": cell.attack, "model": cell.model, "seed": cell.seed,
+                            "true_target": target, "auroc_l2": detection.get("auroc_l2"),
+                            "acc_before": None, "asr_before": None,
+                            "acc_final": df["test_acc"].dropna().iloc[-1] if df["test_acc"].notna().any() else None,
+                            "asr_final": df["test_asr"].dropna().iloc[-1] if df["test_asr"].notna().any() else None})
+            summary = workdir / "record" / cell.record / "attack_df_summary.csv"
+            if summary.is_file():
+                last = pd.read_csv(summary).set_index(pd.read_csv(summary).columns[0])
+                for key, col in (("acc_before", "test_acc"), ("asr_before", "test_asr")):
+                    if col in last.columns:
+                        records[-1][key] = float(last[col].dropna().iloc[-1])
+    pd.DataFrame(premise).to_csv(out / "premise.csv", index=False)
+    pd.DataFrame(iterations).to_csv(out / "iterations.csv", index=False)
+    pd.DataFrame(records).to_csv(out / "records.csv", index=False)
+    print(f"{len(records)} records -> {out}")
+
+
+if __name__ == "__main__":
+    main()
