@@ -184,7 +184,7 @@ class Attack:
                    augment=Augment(self.info.crop_padding, self.info.train_flip), seed=cfg.random_seed,
                    attack_columns=True, checkpoint=checkpoint, resume=cfg.resume, on_row=on_row,
                    desc=self.name, progress=cfg.progress, eval_every=cfg.test_every,
-                   fingerprint=self.fingerprint(train_set))
+                   fingerprint=self.fingerprint(train_set), flags=cfg)
 
     def fingerprint(self, train_set: ImageSet) -> dict:
         """What a training checkpoint must agree with to be resumed: every setting that changes the

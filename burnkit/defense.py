@@ -197,6 +197,7 @@ class DefenseRun:
         kwargs.setdefault("progress", self.cfg.progress)
         kwargs.setdefault("eval_every", self.cfg.test_every)
         kwargs.setdefault("desc", f"{self.name}:{phase}")
+        kwargs.setdefault("flags", self.cfg)
         if log:
             user_on_row = kwargs.pop("on_row", None)
 
