@@ -175,6 +175,24 @@ def killed_attack_with_nan_checkpoint(work: Path):
     torch.save(state, path)
 
 
+def huge_png() -> bytes:
+    """A PNG whose header says 15,000 x 15,000 pixels (a decompression bomb; no pixel data needed)."""
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("L", (1, 1)).save(buf, "PNG")
+    data = bytearray(buf.getvalue())
+    data[16:24] = struct.pack(">II", 15000, 15000)  # IHDR width and height
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    return bytes(data)
+
+
+LONG_NAME = "n" * 300  # over the 255 bytes a file name may have
+
+
 # ----------------------------------------------------------------------------- the table
 
 
@@ -340,7 +358,7 @@ CASES = [
     Case("png-corrupt", "defense:ft", ft(), "is unreadable"),  # setup below
     Case("png-huge", "defense:ft", ft(), "far larger than the dataset's 8x8"),  # setup below
     Case("record-payload", "defense:ft", ft(), "refers to code outside the safe allowlist"),  # setup below
-    # --- non-finite models
+    # --- non-finite models, folders in the way, names too long, huge trigger images
     Case("record-nan-weights", "defense:ft", ft(), "holds NaN in model[", poison_weights(float("nan"))),
     Case("record-one-inf-weight", "defense:ft", ft(), "holds Inf in model[", poison_weights(float("inf"), every=False)),
     Case("burn-record-nan", "defense:burn", burn(), "holds NaN in model[", poison_weights(float("nan"))),
@@ -354,6 +372,22 @@ CASES = [
     Case("resume-nan-checkpoint", "attack:badnet", [*DIGITS_TRAINING, "--save_folder_name", "killed", "--epochs", "3"],
          "training checkpoint record/killed/checkpoint/train_state.pt holds NaN", killed_attack_with_nan_checkpoint),
     Case("burn-state-nan", "defense:burn", burn(), "the BURN checkpoint"),  # setup below
+    Case("checkpoint-folder-is-a-file", "defense:ft", ft(), "is a file, not a folder",
+         write_file(f"record/{RECORD}/defense/ft/checkpoint", "x")),
+    Case("default-log-folder-is-a-file", "defense:ft", ft(), "is a file, not a folder",
+         write_file(f"record/{RECORD}/defense/ft/log", "x")),
+    Case("attack-checkpoint-folder-is-a-file", "attack:badnet", badnet("--save_folder_name", "t"), "is a file, not a folder",
+         write_file("record/t/checkpoint", "x")),
+    Case("detector-log-folder-is-a-file", "detector:spectral", quick(), "is a file, not a folder",
+         write_file(f"record/{RECORD}/detection/spectral_pretrain/log", "x")),
+    Case("save-folder-name-too-long", "attack:badnet", badnet("--save_folder_name", LONG_NAME), "File name too long"),
+    Case("output-name-too-long", "defense:ft", ft("--output_name", LONG_NAME), "its name is 300 bytes long"),
+    Case("log-name-too-long", "defense:ft", ft("--log", LONG_NAME), "its name is 300 bytes long"),
+    Case("result-file-too-long", "defense:ft", ["--result_file", LONG_NAME], "File name too long"),
+    Case("trigger-png-bomb", "attack:badnet", badnet("--patch_mask_path", "big.png", "--save_folder_name", "t"),
+         "is too large to decode safely", write_file("big.png", huge_png())),
+    Case("blended-trigger-png-bomb", "attack:blended", badnet("--attack_trigger_img_path", "big.png", "--save_folder_name", "t"),
+         "is too large to decode safely", write_file("big.png", huge_png())),
     Case("lf-pattern-nan", "attack:lf", badnet("--lowFrequencyPatternPath", "p.npy", "--save_folder_name", "t"),
          "holds NaN in the pattern", lambda w: np.save(w / "p.npy", np.full((8, 8, 1), np.nan))),
     # --- attack flags and resumes
