@@ -5,13 +5,21 @@ Every file is written under a temporary name in its final folder and renamed int
 one. ``tempfile.mkstemp`` creates files with mode 0600; :func:`publish` gives them the mode a plain
 ``open()`` would (0666 minus the umask), so colleagues on a shared machine can read the records.
 
+A writer killed with SIGKILL cannot remove its temporary file, so the name carries the writer's
+host and process id (``.<name>.<host>-<pid>.<random>.tmp``): every later write into the same folder
+removes the temporary files of writers on this host that no longer exist, and leaves those of live
+writers (another run writing beside this one) alone.
+
 Data reaches the file through a Python file object, never a bare path: a full disk or a lost quota
 then surfaces as an :class:`OSError` with its errno (one line at the command line) instead of the
 ``RuntimeError: unexpected pos`` that torch's zip writer raises when it writes a path itself.
 """
 from __future__ import annotations
 
+import hashlib
 import os
+import re
+import socket
 import tempfile
 from pathlib import Path
 from typing import BinaryIO, Callable
@@ -19,6 +27,8 @@ from typing import BinaryIO, Callable
 from .errors import RERUN, BurnError
 
 NAME_MAX = 255  # bytes per name on Linux/macOS file systems, when the folder cannot be asked
+_HOST = hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
+_TEMP = re.compile(r"^\..*\.(?P<host>[0-9a-f]{8})-(?P<pid>\d+)\.[^.]+\.tmp$")
 
 
 def current_umask() -> int:
@@ -54,13 +64,44 @@ def shorten(name: str, max_bytes: int) -> str:
 
 
 def temp_path(final: str | Path) -> str:
-    """A fresh temporary file next to ``final`` (same filesystem, so the rename is atomic)."""
+    """A fresh temporary file next to ``final`` (same filesystem, so the rename is atomic), named
+    after this writer (see the module docstring); temporary files of dead writers there are removed."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=f".{shorten(final.name, name_max(final.parent) - 14)}.",
-                               suffix=".tmp")
+    remove_dead_temporaries(final.parent)
+    tag = f".{_HOST}-{os.getpid()}."
+    room = name_max(final.parent) - len(tag) - len(".tmp") - 8 - 1  # mkstemp adds 8 random characters
+    fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=f".{shorten(final.name, room)}{tag}", suffix=".tmp")
     os.close(fd)
     return tmp
+
+
+def remove_dead_temporaries(folder: str | Path) -> None:
+    """Delete the temporary files in ``folder`` whose writer - a process of this host - is gone."""
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return
+    for entry in entries:
+        match = _TEMP.match(entry.name)
+        if match is None or match["host"] != _HOST or _process_exists(int(match["pid"])):
+            continue
+        try:
+            os.unlink(entry.path)
+        except OSError:  # already gone (another run swept it), or not ours to delete
+            pass
+
+
+def _process_exists(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True  # exists (another user's) or not a pid we can judge: keep its file
+    return True
 
 
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:

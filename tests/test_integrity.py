@@ -7,6 +7,8 @@
 * A full disk while a ``.pt`` file is written is one line, for the OS error and for torch's own zip
   writer error, and leaves every earlier file as it was and no temporary file.
 * A record name of 250 characters can be replaced with ``--overwrite``.
+* A writer killed with SIGKILL leaves a temporary file; the next write into that folder removes it,
+  and never the temporary file of a writer that is still running.
 
 Every case runs a real entry point on the tiny digits records (see conftest).
 """
@@ -15,7 +17,9 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -28,6 +32,7 @@ from burnkit.safe_load import safe_torch_load
 from conftest import DIGITS_TRAINING
 from test_bad_inputs import FAST_BURN, RECORD, edit_record, run_entry, snapshot
 
+REPO = Path(__file__).resolve().parents[1]
 
 
 def one_line_error(capsys, entry: str, argv: list[str]) -> str:
@@ -252,3 +257,62 @@ def test_a_record_with_a_250_character_name_can_be_overwritten(digits_copy):
     assert len(old.name.encode()) <= 255 and old.name.startswith("r" * 200)
     assert (old / "attack_result.pt").read_bytes() == first
     assert (digits_copy / "record" / name / "attack_result.pt").is_file()
+
+
+# ----------------------------------------------------------------------------- temporary files
+
+
+HANG_IN_STATE_SAVE = """
+import sys, time, torch
+real = torch.save
+def save(obj, f, *args, **kwargs):
+    if ".burn_state.pt." in str(getattr(f, "name", f)):
+        print("SAVING", flush=True)
+        time.sleep(300)
+    return real(obj, f, *args, **kwargs)
+torch.save = save
+from burnkit.defense import get_defense
+get_defense("burn").main(sys.argv[1:])
+"""
+
+HOLD_A_TEMPORARY = """
+import sys, time
+from burnkit.fileio import temp_path
+print(temp_path(sys.argv[1]), flush=True)
+time.sleep(300)
+"""
+
+
+def test_a_killed_writers_temporary_file_is_removed_and_a_live_writers_is_kept(digits_copy):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    argv = ["--result_file", RECORD, *FAST_BURN]
+    killed = subprocess.Popen([sys.executable, "-c", HANG_IN_STATE_SAVE, *argv], cwd=digits_copy, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    live = None
+    try:
+        for line in killed.stdout:  # BURN's log lines, then the marker
+            if line.strip() == "SAVING":
+                break
+        else:
+            pytest.fail(killed.stderr.read())
+        checkpoints = digits_copy / "record" / RECORD / "defense" / "burn" / "checkpoint"
+        os.kill(killed.pid, signal.SIGKILL)
+        killed.wait()
+        (left,) = temporaries(checkpoints)  # what SIGKILL leaves: the state's temporary file
+        assert left.name.startswith(".burn_state.pt.")
+        live = subprocess.Popen([sys.executable, "-c", HOLD_A_TEMPORARY, str(checkpoints / "burn_state.pt")],
+                                cwd=digits_copy, env=env, stdout=subprocess.PIPE, text=True)
+        held = Path(live.stdout.readline().strip())
+        assert held.is_file()
+
+        run_entry("defense:burn", argv)  # the same command again: it resumes and finishes
+
+        assert not left.exists()
+        assert held.exists()  # a running writer's file is never touched
+        assert temporaries(digits_copy) == [held]
+        assert (checkpoints.parent / "defense_result.pt").is_file()
+    finally:
+        for proc in (killed, live):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
