@@ -50,7 +50,7 @@ from .registry import Registry
 from .models import Classifier, build_classifier
 from .options import TrainingOptions
 from .records import PoisonedSplit, atomic_torch_save, write_attack_record
-from .results import MetricLog, check_writable_folder, move_aside, plot_metrics, run_environment, write_json
+from .results import MetricLog, check_output_folders, move_aside, plot_metrics, run_environment, write_json
 
 _REGISTRY = Registry("attack", "burnkit.attacks")
 # settings that do not change the trained model: a resumed run may change them
@@ -184,7 +184,7 @@ class Attack:
                    augment=Augment(self.info.crop_padding, self.info.train_flip), seed=cfg.random_seed,
                    attack_columns=True, checkpoint=checkpoint, resume=cfg.resume, on_row=on_row,
                    desc=self.name, progress=cfg.progress, eval_every=cfg.test_every,
-                   fingerprint=self.fingerprint(train_set))
+                   fingerprint=self.fingerprint(train_set), flags=cfg)
 
     def fingerprint(self, train_set: ImageSet) -> dict:
         """What a training checkpoint must agree with to be resumed: every setting that changes the
@@ -238,7 +238,8 @@ class Attack:
         if replace_old and not cfg.overwrite:
             raise BurnError(f"{record_dir} already holds an attack record; choose another --save_folder_name, or pass "
                             "--overwrite true to replace it (the old folder, defenses included, is kept, renamed)")
-        check_writable_folder(record_dir, "the record folder")
+        check_output_folders(record_dir, {"the checkpoint folder": record_dir / "checkpoint"}, moved_aside=replace_old,
+                             what="the record folder")
         device = resolve_device(cfg.device)
         root = resolve_data_root(cfg.dataset_path, cfg.dataset)
         train_x, train_y = load_split(cfg.dataset, root, train=True, download=cfg.download)

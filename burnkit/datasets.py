@@ -33,7 +33,7 @@ import numpy as np
 from PIL import Image
 
 from .errors import BurnError
-from .fileio import publish
+from .fileio import atomic_write
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".tif", ".tiff", ".webp"}
 
@@ -505,11 +505,7 @@ def _write_cache(root: Path, name: str, split: str, source: str, inputs: list[Pa
         try:
             folder.mkdir(parents=True, exist_ok=True)
             for suffix, arr in ((".images.npy", images), (".labels.npy", labels)):
-                final = folder / f"{stem}{suffix}"
-                tmp = final.with_name(final.name + f".tmp{os.getpid()}")
-                with open(tmp, "wb") as f:
-                    np.save(f, arr, allow_pickle=False)
-                publish(tmp, final)
+                atomic_write(folder / f"{stem}{suffix}", lambda f, arr=arr: np.save(f, arr, allow_pickle=False))
         except OSError:
             continue  # read-only data folder: try the user cache
         for old in folder.glob(f"{prefix}*.npy"):

@@ -44,7 +44,7 @@ from .registry import Registry
 from .models import Classifier, build_classifier, load_bb_state_dict
 from .options import TrainingOptions
 from .records import AttackRecord, read_attack_record, write_defense_result
-from .results import MetricLog, check_writable_folder, move_aside, plot_metrics, run_environment, write_json
+from .results import MetricLog, check_output_folders, move_aside, plot_metrics, run_environment, write_json
 
 _REGISTRY = Registry("defense", "burnkit.defenses")
 register_defense = _REGISTRY.register  # class decorator
@@ -145,8 +145,7 @@ class DefenseRun:
         self.name = name
         self.cfg = cfg
         self.out_dir = out_dir
-        self.log_dir = Path(cfg.log) if cfg.log else out_dir / "log"
-        self.checkpoint_dir = Path(cfg.checkpoint_save) if cfg.checkpoint_save else out_dir / "checkpoint"
+        self.log_dir, self.checkpoint_dir = run_folders(cfg, out_dir).values()
         self.device = device
         self.data = data
         self.record = record
@@ -197,6 +196,7 @@ class DefenseRun:
         kwargs.setdefault("progress", self.cfg.progress)
         kwargs.setdefault("eval_every", self.cfg.test_every)
         kwargs.setdefault("desc", f"{self.name}:{phase}")
+        kwargs.setdefault("flags", self.cfg)
         if log:
             user_on_row = kwargs.pop("on_row", None)
 
@@ -294,11 +294,7 @@ class Defense:
         if finished and not cfg.overwrite:
             raise BurnError(f"{out_dir} already holds a finished {self.name} result; pass --overwrite true to "
                             "replace it (the old folder is kept, renamed) or --output_name NEW for a second one")
-        check_writable_folder(out_dir, "the output folder")
-        if cfg.log:
-            check_writable_folder(cfg.log, "--log")
-        if cfg.checkpoint_save:
-            check_writable_folder(cfg.checkpoint_save, "--checkpoint_save")
+        check_output_folders(out_dir, run_folders(cfg, out_dir), moved_aside=finished)
         if not finished:  # a finished output is moved aside with its checkpoints
             self.preflight(cfg, record, out_dir)
         device = resolve_device(cfg.device)
@@ -366,6 +362,13 @@ class Defense:
                     _pct(final.get("test_asr")), _pct(final.get("test_ra")), cost["wall_time_s"], out_dir)
         _close_logger(logger)
         return {"model": model, "out_dir": out_dir, "final": final, "before": run.before, "cost": cost}
+
+
+def run_folders(cfg: DefenseConfig, out_dir: Path) -> dict[str, Path]:
+    """The log and checkpoint folders of a run: ``--log`` / ``--checkpoint_save``, else inside ``out_dir``."""
+    return {"the log folder (--log)": Path(cfg.log) if cfg.log else out_dir / "log",
+            "the checkpoint folder (--checkpoint_save)": Path(cfg.checkpoint_save) if cfg.checkpoint_save
+            else out_dir / "checkpoint"}
 
 
 def _train_set_size(record: AttackRecord) -> int | None:
@@ -461,7 +464,7 @@ def attach_log_file(logger: logging.Logger, log_dir: Path) -> None:
     """Open the log file and write what was buffered so far into it."""
     log_dir = Path(log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
-    fh = logging.FileHandler(log_dir / f"{time.strftime('%Y_%m_%d_%H_%M_%S')}.log")
+    fh = _LogFile(log_dir / f"{time.strftime('%Y_%m_%d_%H_%M_%S')}.log")
     fh.setFormatter(logging.Formatter(LOG_FORMAT))
     fh.setLevel(logging.DEBUG)
     for handler in list(logger.handlers):
@@ -471,6 +474,18 @@ def attach_log_file(logger: logging.Logger, log_dir: Path) -> None:
             logger.removeHandler(handler)
             handler.close()
     logger.addHandler(fh)
+
+
+class _LogFile(logging.FileHandler):
+    """A run's log file. A write that fails (a full disk) stops the run with that error - one line at
+    the command line - instead of logging's default: a traceback on stderr for every record, while
+    the run goes on."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        err = sys.exc_info()[1]
+        if isinstance(err, OSError):
+            raise err
+        super().handleError(record)
 
 
 def _close_logger(logger: logging.Logger) -> None:

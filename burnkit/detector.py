@@ -56,7 +56,7 @@ from .models import Classifier, build_classifier, load_bb_state_dict
 from .options import TrainingOptions
 from .records import AttackRecord, read_attack_record
 from .registry import Registry
-from .results import atomic_write_text, check_writable_folder, move_aside, run_environment, write_json
+from .results import atomic_write_text, check_output_folders, move_aside, run_environment, write_json
 
 _REGISTRY = Registry("detector", "burnkit.detectors")
 register_detector = _REGISTRY.register
@@ -229,11 +229,11 @@ class Detector:
         if finished and not cfg.overwrite:
             raise BurnError(f"{out_dir} already holds a finished {self.name} detection; pass --overwrite true to "
                             "replace it (the old folder is kept, renamed) or --output_name NEW for a second one")
-        check_writable_folder(out_dir, "the output folder")
-        if cfg.log:
-            check_writable_folder(cfg.log, "--log")
+        log_dir = Path(cfg.log) if cfg.log else out_dir / "log"
+        folders = {"the log folder (--log)": log_dir}
         if cfg.csv_save_path:
-            check_writable_folder(Path(cfg.csv_save_path).parent, "--csv_save_path's folder")
+            folders["--csv_save_path's folder"] = Path(cfg.csv_save_path).parent
+        check_output_folders(out_dir, folders, moved_aside=finished)
         device = resolve_device(cfg.device)
         info = dataset_info(record.clean_data)
         seed_everything(cfg.random_seed)
@@ -253,7 +253,6 @@ class Detector:
         history = (out_dir / INFO_CSV).read_text() if finished and (out_dir / INFO_CSV).is_file() else ""
         replaced = move_aside(out_dir) if finished else None
         out_dir.mkdir(parents=True, exist_ok=True)
-        log_dir = Path(cfg.log) if cfg.log else out_dir / "log"
         logger = _make_logger(self.name, log_dir)
         np.savetxt(log_dir / "index.txt", clean_idx, fmt="%d")
         if replaced is not None:

@@ -26,6 +26,7 @@ from .data import Augment, Batch, ImageSet, batches, num_batches
 from .errors import BurnError
 from .metrics import accuracy
 from .results import NOT_SCORED
+from .safe_load import first_nonfinite
 
 # --------------------------------------------------------------------------- seeding, devices
 
@@ -345,18 +346,38 @@ def _loss_and_preds(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, 
 
 def evaluate(model: nn.Module, suite: EvalSuite, device: torch.device, batch_size: int | None = None,
              amp: bool = False) -> Metrics:
-    """ACC on the clean test split, ASR and RA on ``bd_test`` (spec §3.6)."""
-    logits = predict(model, suite.clean_test, device, batch_size, amp)
+    """ACC on the clean test split, ASR and RA on ``bd_test`` (spec §3.6). Outputs that are NaN/Inf
+    are an error, not a score: ``argmax`` over NaN is class 0, so a diverged model would otherwise
+    report the ASR of target 0 as 100 %."""
+    logits = _finite_outputs(predict(model, suite.clean_test, device, batch_size, amp), "clean test", amp, device)
     clean_loss, preds = _loss_and_preds(logits, suite.clean_test.labels)
     acc = accuracy(preds, suite.clean_test.labels)
     asr = ra = bd_loss = ra_loss = None
     if suite.bd_test is not None and len(suite.bd_test):
-        bd_logits = predict(model, suite.bd_test, device, batch_size, amp)
+        bd_logits = _finite_outputs(predict(model, suite.bd_test, device, batch_size, amp), "backdoor test", amp, device)
         bd_loss, bd_preds = _loss_and_preds(bd_logits, suite.bd_test.labels)
         ra_loss = F.cross_entropy(bd_logits.double(), suite.bd_test.original_labels.cpu()).item()
         asr = accuracy(bd_preds, suite.bd_test.labels)
         ra = accuracy(bd_preds, suite.bd_test.original_labels)
     return Metrics(acc, asr, ra, clean_loss, bd_loss, ra_loss)
+
+
+class NonFiniteOutputs(BurnError):
+    """A model's outputs hold NaN/Inf (``symptom`` says where); :func:`fit` reports it as a divergence."""
+
+    def __init__(self, message: str, symptom: str):
+        super().__init__(message)
+        self.symptom = symptom
+
+
+def _finite_outputs(logits: torch.Tensor, split: str, amp: bool, device: torch.device) -> torch.Tensor:
+    bad = int((~torch.isfinite(logits)).any(1).sum()) if logits.numel() else 0
+    if bad:
+        symptom = f"the outputs are NaN/Inf on {bad} of {len(logits)} {split} images"
+        hint = " (or pass --amp false: half precision may overflow)" if amp and device.type == "cuda" else ""
+        raise NonFiniteOutputs(f"the model's {symptom[4:]}, so ACC, ASR and RA cannot be measured: the model has "
+                               f"diverged; re-create it with a lower learning rate{hint}", symptom)
+    return logits
 
 
 # --------------------------------------------------------------------------- training
@@ -384,7 +405,7 @@ def fit(model: nn.Module, train_set: ImageSet, cfg: TrainConfig, *, device: torc
         on_row: Callable[[dict], None] | None = None,
         attack_columns: bool = False, checkpoint: str | Path | None = None, resume: bool = True,
         desc: str = "train", progress: bool = True, eval_before: bool = False,
-        eval_every: int = 1, fingerprint: dict | None = None) -> FitResult:
+        eval_every: int = 1, fingerprint: dict | None = None, flags=None) -> FitResult:
     """Train ``model`` on ``train_set`` for ``cfg.epochs`` epochs and score every epoch.
 
     Args:
@@ -407,6 +428,9 @@ def fit(model: nn.Module, train_set: ImageSet, cfg: TrainConfig, *, device: torc
             cost as much as a small model's epoch.
         fingerprint: what the run depends on (settings, data digest); saved in the checkpoint, and a
             checkpoint with another fingerprint is refused instead of silently continued.
+        flags: the run's command-line config; when training diverges (a NaN/Inf loss or weights, which
+            stops the run before anything of that epoch is scored or saved), the error names its
+            learning-rate flag.
 
     Returns:
         FitResult with one row per epoch (BackdoorBench's columns), wall time and epochs run.
@@ -482,6 +506,9 @@ def fit(model: nn.Module, train_set: ImageSet, cfg: TrainConfig, *, device: torc
             batch.x = _layout(batch.x, device)
             out = step(model, batch, optimizer, ctx)
             losses.append(float(out.loss))
+            if scaler is None and not math.isfinite(losses[-1]):  # AMP's scaler skips such steps itself
+                bar.close()
+                raise _diverged(desc, epoch, cfg, optimizer, flags, f"the loss became {losses[-1]}", ckpt_path)
             if out.logits is not None:
                 correct.add(out.logits.argmax(1), batch)
             if scheduler is not None and cfg.scheduler_step == "batch":
@@ -489,6 +516,10 @@ def fit(model: nn.Module, train_set: ImageSet, cfg: TrainConfig, *, device: torc
             bar.update(1)
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
         bar.close()
+        weights = first_nonfinite(model.state_dict(), "model")
+        if weights is not None or (losses and not any(math.isfinite(v) for v in losses)):
+            raise _diverged(desc, epoch, cfg, optimizer, flags,
+                            f"the weights hold {weights}" if weights else "the loss of every step was NaN/Inf", ckpt_path)
         train_loss = sum(losses) / max(1, len(losses))
         if scheduler is not None and cfg.scheduler_step == "epoch":
             _scheduler_step(scheduler, train_loss)
@@ -497,8 +528,11 @@ def fit(model: nn.Module, train_set: ImageSet, cfg: TrainConfig, *, device: torc
         if attack_columns:
             row.update(correct.attack_columns())
         if eval_suite is not None:
-            row.update(evaluate(model, eval_suite, device, amp=use_amp).row()
-                       if test_due(epoch, cfg.epochs, eval_every) else Metrics.skipped_row())
+            try:
+                row.update(evaluate(model, eval_suite, device, amp=use_amp).row()
+                           if test_due(epoch, cfg.epochs, eval_every) else Metrics.skipped_row())
+            except NonFiniteOutputs as err:  # finite but overflowing weights: the same divergence
+                raise _diverged(desc, epoch, cfg, optimizer, flags, err.symptom, ckpt_path) from None
         epoch_times.append(time.perf_counter() - epoch_start)
         if epoch_end is not None:
             epoch_end(epoch, model, row)
@@ -513,6 +547,24 @@ def fit(model: nn.Module, train_set: ImageSet, cfg: TrainConfig, *, device: torc
     wall = time.perf_counter() - started
     return FitResult(rows, wall, cfg.epochs - start_epoch, start_epoch,
                      extra={"epoch_times_s": epoch_times, "train_s_all_sessions": trained_before_s + wall})
+
+
+def _diverged(desc: str, epoch: int, cfg: TrainConfig, optimizer: torch.optim.Optimizer, flags, symptom: str,
+              checkpoint: Path | None) -> BurnError:
+    """The one-line error for a training that turned NaN/Inf, naming the learning-rate flag to lower:
+    the ``flags`` (the command-line config) whose value is this optimiser's learning rate, else
+    ``--lr`` when the optimiser was built from ``cfg.lr``."""
+    rates = {float(group.get("initial_lr", group["lr"])) for group in optimizer.param_groups}
+    if flags is not None:
+        names = [f"--{k}" for k, v in vars(flags).items() if "lr" in k.lower() and isinstance(v, float) and v in rates]
+    else:
+        names = ["--lr"] if cfg.lr in rates else []
+    rate = " / ".join(f"{r:g}" for r in sorted(rates))
+    what = " or ".join(names) if names else "the learning rate"
+    resume = " with --resume false (the checkpoint of the last good epoch was made with the old rate)" \
+        if checkpoint is not None and checkpoint.exists() else ""
+    return BurnError(f"{desc}: training diverged in epoch {epoch + 1} of {cfg.epochs} ({symptom}), so nothing of it is "
+                     f"scored or saved; lower {what} (now {rate}) and run again{resume}")
 
 
 def _scheduler_step(scheduler, loss: float) -> None:

@@ -17,8 +17,34 @@ class BurnError(Exception):
 
 
 EXIT_USAGE = 2
-# a full or read-only disk, a quota, missing permissions: the user's environment, not a bug
-ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+RERUN = "then run the same command again (finished files are complete; an interrupted run resumes)"
+# the user's environment, not a bug: a full or read-only disk, a quota, missing permissions, a name
+# longer than the file system allows, a file where a folder must be - each with its fix
+ENVIRONMENT_FIXES = {
+    errno.ENOSPC: f"free space, {RERUN}", errno.EDQUOT: f"free space or raise the quota, {RERUN}",
+    errno.EROFS: f"write to a writable disk, {RERUN}", errno.EACCES: f"fix the permissions, {RERUN}",
+    errno.EPERM: f"fix the permissions, {RERUN}", errno.ENAMETOOLONG: "choose a shorter name",
+    errno.ENOTDIR: "move the file in the way aside or choose another path",
+    errno.EEXIST: "move the file in the way aside or choose another path",
+    errno.EISDIR: "move the folder in the way aside or choose another path",
+}
+
+
+def environment_error(err: OSError) -> str | None:
+    """The one-line message for an :class:`OSError` the user's environment caused, else None."""
+    fix = ENVIRONMENT_FIXES.get(err.errno)
+    if fix is None:
+        return None
+    where = f" {_shown(str(err.filename))}" if err.filename else ""
+    verb = "cannot write" if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS) else "cannot use"
+    return f"{verb}{where}: {err.strerror or err}; {fix}"
+
+
+def _shown(path: str, limit: int = 40) -> str:
+    """``path`` with every name longer than ``limit`` characters cut (a name too long for the file
+    system is what the message is about, not something to print in full)."""
+    return "/".join(part if len(part) <= limit else f"{part[:limit]}...({len(part.encode())} bytes)"
+                    for part in path.split("/"))
 
 
 @contextmanager
@@ -31,11 +57,10 @@ def cli_errors(prog: str):
         print(f"{prog}: error: {message}", file=sys.stderr)
         raise SystemExit(EXIT_USAGE) from None
     except OSError as err:
-        if err.errno not in ENVIRONMENT_ERRNOS:
+        message = environment_error(err)
+        if message is None:
             raise  # anything else is a bug: keep its traceback
-        where = f" {err.filename}" if err.filename else ""
-        print(f"{prog}: error: cannot write{where}: {err.strerror}; free space or fix the permissions, then run "
-              "the same command again (finished files are complete; an interrupted run resumes)", file=sys.stderr)
+        print(f"{prog}: error: {' '.join(message.split())}", file=sys.stderr)
         raise SystemExit(EXIT_USAGE) from None
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)

@@ -25,7 +25,7 @@ from .data import ImageSet
 from .datasets import DatasetInfo, dataset_info, load_split, resolve_data_root
 from .errors import BurnError
 from .fileio import atomic_torch_save  # noqa: F401  (re-exported: callers import it from here)
-from .safe_load import safe_torch_load
+from .safe_load import first_nonfinite, safe_torch_load
 
 RECORD_KEYS = ("model_name", "num_classes", "model", "data_path", "img_size", "clean_data", "bd_train", "bd_test")
 DEFENSE_KEYS = ("model_name", "num_classes", "model")
@@ -366,6 +366,7 @@ def write_attack_record(record_dir: str | Path, *, model_name: str, num_classes:
     half record. ``extra`` adds top-level keys (BackdoorBench's ``**kwargs``, spec §1.3; its loader
     ignores them), e.g. ``train_subset_index``.
     """
+    require_finite_weights(state_dict, "attack record")
     record_dir = Path(record_dir)
     record_dir.mkdir(parents=True, exist_ok=True)
     info = dataset_info(clean_data)
@@ -410,6 +411,7 @@ def _write_split(record_dir: Path, name: str, split: str, data: PoisonedSplit) -
 
 def write_defense_result(out_dir: str | Path, model_name: str, num_classes: int, state_dict) -> Path:
     """``defense_result.pt`` with exactly ``model_name``, ``num_classes`` and ``model`` (spec §3.7)."""
+    require_finite_weights(state_dict, "defense result")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     payload = {"model_name": model_name, "num_classes": int(num_classes),
@@ -417,6 +419,17 @@ def write_defense_result(out_dir: str | Path, model_name: str, num_classes: int,
     path = out_dir / "defense_result.pt"
     atomic_torch_save(payload, path)
     return path
+
+
+def require_finite_weights(state_dict, what: str) -> None:
+    """Refuse to write a model whose weights hold NaN/Inf: the file marks its output as finished,
+    and scores from such a model are artefacts. :func:`burnkit.engine.fit` stops a diverging
+    training earlier with the flag to change; this catches every other way a model can diverge
+    (an algorithm's own optimisation loop)."""
+    bad = first_nonfinite(state_dict, "model")
+    if bad is not None:
+        raise BurnError(f"the final model's weights hold {bad}: its training diverged, so no {what} was written; "
+                        "lower the learning rate and run again")
 
 
 def read_defense_result(path: str | Path) -> dict:

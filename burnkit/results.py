@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .fileio import atomic_write_bytes
+from .fileio import atomic_write_bytes, name_max, shorten
 
 NAN = "nan_value"
 ACC_LIKE = ("train_acc", "train_acc_clean_only", "train_asr_bd_only", "train_ra_bd_only",
@@ -146,15 +146,21 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 
 def check_writable_folder(folder: str | Path, what: str) -> None:
-    """Fail early, with one line, when ``folder`` cannot be created or written: a path component
-    is a file, or the nearest existing folder refuses writes (tried for real, so read-only mounts
-    are caught even for root). Leaves nothing behind."""
+    """Fail early, with one line, when ``folder`` cannot be created or written: a name in it is
+    longer than the file system allows, a path component is a file, or the nearest existing folder
+    refuses writes (tried for real, so read-only mounts are caught even for root). Leaves nothing
+    behind."""
     from .errors import BurnError
 
     folder = Path(folder)
     probe = folder
-    while not probe.exists() and probe.parent != probe:
+    while not _exists(probe) and probe.parent != probe:
         probe = probe.parent
+    limit = name_max(probe if probe.is_dir() else probe.parent)
+    for part in folder.parts:
+        if len(part.encode()) > limit:
+            raise BurnError(f"{what} {shorten(part, 40)}... cannot be created: its name is {len(part.encode())} bytes "
+                            f"long and the file system allows {limit}; choose a shorter name")
     if probe.exists() and not probe.is_dir():
         raise BurnError(f"{what} {folder} cannot be created: {probe} is a file, not a folder; move the file "
                         "away or choose another path")
@@ -165,18 +171,42 @@ def check_writable_folder(folder: str | Path, what: str) -> None:
                         "permissions or choose another folder") from None
 
 
+def check_output_folders(out_dir: Path, folders: dict[str, Path], moved_aside: bool,
+                         what: str = "the output folder") -> None:
+    """:func:`check_writable_folder` for ``out_dir`` and every folder a run creates (``folders``:
+    ``{description: path}``, e.g. its log and checkpoint folders, default or given), so that a file
+    in the way is found before anything is written. Folders inside an ``out_dir`` that is to be
+    moved aside (``--overwrite``) are not checked: the new run gets a fresh ``out_dir``."""
+    check_writable_folder(out_dir, what)
+    for description, folder in folders.items():
+        if not (moved_aside and Path(folder).is_relative_to(out_dir)):
+            check_writable_folder(folder, description)
+
+
 def move_aside(folder: str | Path) -> Path:
     """Rename a finished output folder to ``<name>.replaced-<time>`` (``--overwrite true``): the new
-    run starts from an empty folder and the old results stay on disk until the user deletes them."""
+    run starts from an empty folder and the old results stay on disk until the user deletes them.
+    A name too long to take the suffix is shortened to fit the file system's limit."""
     folder = Path(folder)
     stamp = time.strftime("%Y%m%d_%H%M%S")
-    target = folder.with_name(f"{folder.name}.replaced-{stamp}")
+    limit = name_max(folder.parent)
     n = 1
-    while target.exists():
+    while True:
+        suffix = f".replaced-{stamp}" + (f"-{n}" if n > 1 else "")
+        target = folder.with_name(shorten(folder.name, limit - len(suffix.encode())) + suffix)
+        if not target.exists():
+            break
         n += 1
-        target = folder.with_name(f"{folder.name}.replaced-{stamp}-{n}")
     os.replace(folder, target)
     return target
+
+
+def _exists(path: Path) -> bool:
+    """``path.exists()`` that treats a name the file system refuses as absent."""
+    try:
+        return path.exists()
+    except OSError:
+        return False
 
 
 def write_json(path: str | Path, payload: dict) -> None:

@@ -5,6 +5,11 @@ They are read with ``torch.load(weights_only=True)`` plus an explicit allowlist 
 globals such a file needs (spec §9.1), under both the NumPy 1 (``numpy.core``) and NumPy 2
 (``numpy._core``) module names. Anything else in the pickle - ``os.system``, ``builtins.eval``, a
 class from some package - makes the load fail before it can be called.
+
+A file whose tensors hold NaN or Inf is refused here too: weights that diverged still load and
+run, and every accuracy, ASR or distance computed from them is an artefact (an all-NaN model
+predicts class 0 everywhere, i.e. "100 % ASR" for target 0), so such a file must never reach an
+algorithm.
 """
 from __future__ import annotations
 
@@ -49,9 +54,10 @@ def safe_torch_load(path: str | Path, what: str = "file", fix: str | None = None
 
     Every ``.pt`` file the package reads goes through here - records, defense results and our own
     checkpoints alike, since a record folder is shared as a whole and can carry any file.
-    Raises :class:`BurnError` for a missing, truncated or non-torch file and for a file that
-    needs any global outside the allowlist (the offending names are listed, never imported).
-    ``fix`` replaces the default advice at the end of the message.
+    Raises :class:`BurnError` for a missing, truncated or non-torch file, for a file that needs any
+    global outside the allowlist (the offending names are listed, never imported) and for a file
+    whose tensors or arrays hold NaN/Inf (:func:`first_nonfinite`). ``fix`` replaces the default
+    advice at the end of the message.
     """
     path = Path(path)
     if not path.is_file():
@@ -59,7 +65,7 @@ def safe_torch_load(path: str | Path, what: str = "file", fix: str | None = None
     advice = fix or "re-create it or check that the copy is complete"
     try:
         with torch.serialization.safe_globals(NUMPY_SAFE_GLOBALS):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         detail = _weights_only_detail(err)
         named = re.search(r"GLOBAL ([\w.]+)", detail)  # a legacy (non-zip) pickle names it only here
@@ -76,6 +82,39 @@ def safe_torch_load(path: str | Path, what: str = "file", fix: str | None = None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, TypeError, AttributeError,
             IndexError, KeyError, MemoryError) as err:
         raise BurnError(f"{what} {path} is corrupt or not a torch file ({_first_line(err)}); {advice}") from None
+    bad = first_nonfinite(loaded)
+    if bad is not None:
+        raise BurnError(f"{what} {path} holds {bad}: the model it stores diverged, and every score computed from it "
+                        f"would be meaningless; {fix or 're-create it (if its training diverged, with a lower --lr)'}")
+    return loaded
+
+
+def first_nonfinite(obj, name: str = "") -> str | None:
+    """``"NaN in model['conv1.weight'] (288 of 288 values)"`` for the first floating-point tensor or
+    NumPy array inside ``obj`` (nested dicts, lists and tuples) that holds NaN or Inf; None when all
+    are finite. Every file read and every model written is checked with this one walk, so a
+    diverged model can neither enter nor leave a run."""
+    stack = [(name, obj)]
+    while stack:
+        where, value = stack.pop()
+        if isinstance(value, dict):
+            items = list(value.items())
+            stack.extend((f"{where}[{k!r}]" if where else str(k), v) for k, v in reversed(items))
+        elif isinstance(value, (list, tuple)):
+            stack.extend((f"{where}[{i}]", v) for i, v in reversed(list(enumerate(value))))
+        elif torch.is_tensor(value) and (value.is_floating_point() or value.is_complex()):
+            finite = torch.isfinite(value)
+            if not bool(finite.all()):
+                return _describe(where, value.isnan().any().item(), int((~finite).sum()), value.numel())
+        elif isinstance(value, np.ndarray) and value.dtype.kind in "fc":
+            finite = np.isfinite(value)
+            if not finite.all():
+                return _describe(where, bool(np.isnan(value).any()), int((~finite).sum()), value.size)
+    return None
+
+
+def _describe(where: str, has_nan: bool, bad: int, total: int) -> str:
+    return f"{'NaN' if has_nan else 'Inf'} in {where or 'its data'} ({bad} of {total} values)"
 
 
 def _unsafe_globals(path: Path) -> list[str]:

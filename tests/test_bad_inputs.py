@@ -26,6 +26,7 @@ import yaml
 from burnkit.attack import get_attack
 from burnkit.compare import main as compare_main
 from burnkit.defense import get_defense
+from burnkit.detector import get_detector
 from burnkit.safe_load import safe_torch_load
 from conftest import DIGITS_TRAINING
 
@@ -150,13 +151,55 @@ def experiment(spec_change: dict):
     return setup
 
 
+def poison_weights(value: float, every: bool = True):
+    """A setup giving the record's model ``value`` (NaN, Inf) in every weight, or in one weight only."""
+    def change(raw):
+        floats = [v for v in raw["model"].values() if v.is_floating_point()]
+        if every:
+            for v in floats:
+                v.fill_(value)
+        else:
+            floats[0].view(-1)[0] = value
+    return edit_record(change)
+
+
+def killed_attack_with_nan_checkpoint(work: Path):
+    """An interrupted attack whose checkpoint's weights are NaN (as one saved before the engine stopped
+    diverging runs, or damaged since)."""
+    killed_attack(work, "killed")
+    path = work / "record" / "killed" / "checkpoint" / "train_state.pt"
+    state = safe_torch_load(path)
+    for v in state["model"].values():
+        if v.is_floating_point():
+            v.fill_(float("nan"))
+    torch.save(state, path)
+
+
+def huge_png() -> bytes:
+    """A PNG whose header says 15,000 x 15,000 pixels (a decompression bomb; no pixel data needed)."""
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("L", (1, 1)).save(buf, "PNG")
+    data = bytearray(buf.getvalue())
+    data[16:24] = struct.pack(">II", 15000, 15000)  # IHDR width and height
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    return bytes(data)
+
+
+LONG_NAME = "n" * 300  # over the 255 bytes a file name may have
+
+
 # ----------------------------------------------------------------------------- the table
 
 
 @dataclass
 class Case:
     id: str
-    entry: str  # "defense:<name>", "attack:<name>" or "compare"
+    entry: str  # "defense:<name>", "attack:<name>", "detector:<name>" or "compare"
     argv: list[str]
     message: str  # a substring of the one error line
     setup: Callable[[Path], None] | None = None
@@ -315,6 +358,38 @@ CASES = [
     Case("png-corrupt", "defense:ft", ft(), "is unreadable"),  # setup below
     Case("png-huge", "defense:ft", ft(), "far larger than the dataset's 8x8"),  # setup below
     Case("record-payload", "defense:ft", ft(), "refers to code outside the safe allowlist"),  # setup below
+    # --- non-finite models, folders in the way, names too long, huge trigger images
+    Case("record-nan-weights", "defense:ft", ft(), "holds NaN in model[", poison_weights(float("nan"))),
+    Case("record-one-inf-weight", "defense:ft", ft(), "holds Inf in model[", poison_weights(float("inf"), every=False)),
+    Case("burn-record-nan", "defense:burn", burn(), "holds NaN in model[", poison_weights(float("nan"))),
+    Case("burn-record-one-inf", "defense:burn", burn(), "holds Inf in model[", poison_weights(float("inf"), every=False)),
+    Case("sau-record-nan", "defense:sau", quick("--epochs", "1"), "holds NaN in model[", poison_weights(float("nan"))),
+    Case("clp-record-one-inf", "defense:clp", quick(), "holds Inf in model[", poison_weights(float("inf"), every=False)),
+    Case("burn-detector-record-nan", "detector:burn", quick("--max_iter", "5", "--candidates", "2"), "holds NaN in model[",
+         poison_weights(float("nan"))),
+    Case("spectral-detector-record-one-inf", "detector:spectral", quick(), "holds Inf in model[",
+         poison_weights(float("inf"), every=False)),
+    Case("resume-nan-checkpoint", "attack:badnet", [*DIGITS_TRAINING, "--save_folder_name", "killed", "--epochs", "3"],
+         "training checkpoint record/killed/checkpoint/train_state.pt holds NaN", killed_attack_with_nan_checkpoint),
+    Case("burn-state-nan", "defense:burn", burn(), "the BURN checkpoint"),  # setup below
+    Case("checkpoint-folder-is-a-file", "defense:ft", ft(), "is a file, not a folder",
+         write_file(f"record/{RECORD}/defense/ft/checkpoint", "x")),
+    Case("default-log-folder-is-a-file", "defense:ft", ft(), "is a file, not a folder",
+         write_file(f"record/{RECORD}/defense/ft/log", "x")),
+    Case("attack-checkpoint-folder-is-a-file", "attack:badnet", badnet("--save_folder_name", "t"), "is a file, not a folder",
+         write_file("record/t/checkpoint", "x")),
+    Case("detector-log-folder-is-a-file", "detector:spectral", quick(), "is a file, not a folder",
+         write_file(f"record/{RECORD}/detection/spectral_pretrain/log", "x")),
+    Case("save-folder-name-too-long", "attack:badnet", badnet("--save_folder_name", LONG_NAME), "File name too long"),
+    Case("output-name-too-long", "defense:ft", ft("--output_name", LONG_NAME), "its name is 300 bytes long"),
+    Case("log-name-too-long", "defense:ft", ft("--log", LONG_NAME), "its name is 300 bytes long"),
+    Case("result-file-too-long", "defense:ft", ["--result_file", LONG_NAME], "File name too long"),
+    Case("trigger-png-bomb", "attack:badnet", badnet("--patch_mask_path", "big.png", "--save_folder_name", "t"),
+         "is too large to decode safely", write_file("big.png", huge_png())),
+    Case("blended-trigger-png-bomb", "attack:blended", badnet("--attack_trigger_img_path", "big.png", "--save_folder_name", "t"),
+         "is too large to decode safely", write_file("big.png", huge_png())),
+    Case("lf-pattern-nan", "attack:lf", badnet("--lowFrequencyPatternPath", "p.npy", "--save_folder_name", "t"),
+         "holds NaN in the pattern", lambda w: np.save(w / "p.npy", np.full((8, 8, 1), np.nan))),
     # --- attack flags and resumes
     Case("save-folder-escapes", "attack:badnet", badnet("--save_folder_name", "../../x"), "--save_folder_name must be a plain folder name"),
     Case("save-folder-absolute", "attack:badnet", badnet("--save_folder_name", "/tmp/x"), "--save_folder_name must be a plain folder name"),
@@ -397,6 +472,15 @@ def _late_setups():
         out = work / "record" / RECORD / "defense" / "burn"
         (out / "defense_result.pt").unlink()  # as if killed before the end
 
+    def burn_state_nan(work):
+        get_defense("burn").main(["--result_file", RECORD, *FAST_BURN])
+        out = work / "record" / RECORD / "defense" / "burn"
+        (out / "defense_result.pt").unlink()  # as if killed before the end
+        path = out / "checkpoint" / "burn_state.pt"
+        state = safe_torch_load(path)
+        next(v for v in state["model"].values() if v.is_floating_point()).view(-1)[0] = float("nan")
+        torch.save(state, path)
+
     def archive_truncated(work):
         data = tar_bytes({f"train/c{i}/{j}.png": os.urandom(2000) for i in range(10) for j in range(5)})
         (work / "c.tar.gz").write_bytes(data[: len(data) // 2])
@@ -406,7 +490,7 @@ def _late_setups():
 
     return {"record-truncated": truncated, "record-a-list": a_list, "png-missing": png_missing,
             "png-corrupt": png_corrupt, "png-huge": png_huge, "record-payload": payload, "burn-other-settings": burn_other_settings,
-            "archive-truncated": archive_truncated, "resume-other-model": killed_smallcnn}
+            "archive-truncated": archive_truncated, "resume-other-model": killed_smallcnn, "burn-state-nan": burn_state_nan}
 
 
 class _Payload:
@@ -427,7 +511,7 @@ def run_entry(entry: str, argv: list[str]):
     if entry == "compare":
         return compare_main(argv)
     kind, name = entry.split(":")
-    cls = get_defense(name) if kind == "defense" else get_attack(name)
+    cls = {"defense": get_defense, "attack": get_attack, "detector": get_detector}[kind](name)
     return cls.main(argv)
 
 

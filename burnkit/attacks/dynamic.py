@@ -325,7 +325,8 @@ class DynamicAttack(Attack):
 
         return fit(model, train_set, self.train_config(), device=device, step=self.step, seed=cfg.random_seed,
                    epoch_end=epoch_end, on_row=on_row, checkpoint=checkpoint if self.resumable else None,
-                   resume=cfg.resume, desc=self.name, progress=cfg.progress, fingerprint=self.fingerprint(train_set))
+                   resume=cfg.resume, desc=self.name, progress=cfg.progress, fingerprint=self.fingerprint(train_set),
+                   flags=cfg)
 
     # -- the record ----------------------------------------------------------------------------
 

@@ -177,7 +177,7 @@ class InputAware(DynamicAttack):
             schedM = torch.optim.lr_scheduler.MultiStepLR(optM, cfg.schedulerM_milestones, cfg.schedulerM_lambda)
             mask_cfg = TrainConfig(epochs=cfg.clean_train_epochs, batch_size=cfg.batch_size, augment=False)
             fit(self.netM, self.train_set, mask_cfg, device=device, step=self.mask_step, optimizer=optM,
-                scheduler=schedM, seed=cfg.random_seed, desc=f"{self.name} mask", progress=cfg.progress,
+                scheduler=schedM, seed=cfg.random_seed, desc=f"{self.name} mask", progress=cfg.progress, flags=cfg,
                 on_row=lambda row: self.logger.info("mask pre-training epoch %d: loss %.4f", row["epoch"],
                                                     row["train_epoch_loss_avg_over_batch"]))
         self.netM.eval().requires_grad_(False)

@@ -29,6 +29,7 @@ from ..config import option
 from ..datasets import DatasetInfo
 from ..errors import BurnError
 from ..resources import DEFAULT_CACHE, lf_pattern_path, missing, resource_command
+from ..safe_load import first_nonfinite
 
 
 @dataclass
@@ -44,6 +45,9 @@ def load_lf_pattern(path: str | Path, info: DatasetInfo) -> np.ndarray:
         raw = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as err:
         raise BurnError(f"LF pattern {path} is not a readable .npy array ({err}); regenerate it") from None
+    bad = first_nonfinite(raw, "the pattern")
+    if bad is not None:  # NaN would turn into arbitrary pixel values in the poisoned images
+        raise BurnError(f"LF pattern {path} holds {bad}; regenerate it")
     pattern = np.asarray(raw, dtype=np.float64)
     if pattern.ndim == 4:
         pattern = pattern[0]

@@ -25,7 +25,10 @@ def load_trigger_image(path: str | Path, size_hw: tuple[int, int], channels: int
             if img.size != (size_hw[1], size_hw[0]):
                 img = img.resize((size_hw[1], size_hw[0]), Image.BILINEAR)
             arr = np.asarray(img, dtype=np.uint8)
-    except OSError as err:
+    except Image.DecompressionBombError as err:  # refused before decoding: a trigger path is user input
+        raise BurnError(f"trigger image {path} is too large to decode safely ({err}); pass a smaller image (it is "
+                        f"resized to {size_hw[1]}x{size_hw[0]} anyway)") from None
+    except (OSError, ValueError) as err:
         raise BurnError(f"trigger image {path} is unreadable: {err}") from None
     return arr[..., None] if arr.ndim == 2 else arr
 
