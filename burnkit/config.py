@@ -26,7 +26,7 @@ from typing import Any
 
 import yaml
 
-from .errors import BurnError
+from .errors import BurnError, brief
 
 TRUE = {"true", "1", "yes", "y", "on"}
 FALSE = {"false", "0", "no", "n", "off", "none", "null"}
@@ -74,15 +74,20 @@ def coerce(value: Any, tp, key: str, source: str):
         return None
     try:
         return _coerce(value, base)
+    except BurnError as err:  # a list written in YAML that cannot be read
+        shown = f"--{key}" if source == "command line" else f"'{key}'"
+        raise BurnError(f"{source}: {shown}: {err}") from None
     except (TypeError, ValueError):
         if source == "command line":
-            raise BurnError(f"command line: --{key} must be {_type_name(base)}, got {value!r}") from None
-        raise BurnError(f"{source}: '{key}' must be {_type_name(base)}, got {value!r}; "
+            raise BurnError(f"command line: --{key} must be {_type_name(base)}, got {brief(value)}") from None
+        raise BurnError(f"{source}: '{key}' must be {_type_name(base)}, got {brief(value)}; "
                         f"fix the YAML value or pass --{key}") from None
 
 
 def _coerce(value, tp):
     origin = typing.get_origin(tp)
+    if tp in (bool, int, float) and isinstance(value, (list, tuple, dict)):
+        raise ValueError("not a single value")  # never turned into text to be parsed
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -133,7 +138,7 @@ def _as_list(value) -> list:
         return list(value)
     text = str(value).strip()
     if text.startswith("["):
-        parsed = yaml.safe_load(text)
+        parsed = parse_yaml(text, "the value")
         if not isinstance(parsed, list):
             raise ValueError(value)
         return parsed
@@ -185,7 +190,8 @@ def check_field(name: str, rules: dict, value: Any, source: str) -> Any:
             if item.lower() not in canonical:
                 near = difflib.get_close_matches(item, [str(c) for c in choices], n=1)
                 hint = f" (did you mean {near[0]!r}?)" if near else ""
-                raise BurnError(f"{source}: {shown} must be one of {', '.join(map(str, choices))}, got {item!r}{hint}")
+                raise BurnError(f"{source}: {shown} must be one of {', '.join(map(str, choices))}, "
+                                f"got {brief(item)}{hint}")
             item = canonical[item.lower()]
         if isinstance(item, (int, float)) and not isinstance(item, bool):
             low, above, high = meta.get("low"), meta.get("above"), meta.get("high")
@@ -194,7 +200,7 @@ def check_field(name: str, rules: dict, value: Any, source: str) -> Any:
                 lower = f">= {low}" if low is not None else (f"> {above}" if above is not None else None)
                 upper = f"<= {high}" if high is not None else None
                 rule = " and ".join(r for r in (lower, upper) if r)
-                raise BurnError(f"{source}: {shown} must be {rule}, got {item!r}")
+                raise BurnError(f"{source}: {shown} must be {rule}, got {brief(item)}")
         out.append(item)
     if isinstance(value, (list, tuple)):
         return type(value)(out)
@@ -261,16 +267,96 @@ def parse_cli(parser: argparse.ArgumentParser, config_cls, argv, prog: str) -> d
     return vars(args)
 
 
-def load_yaml(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise BurnError(f"YAML file {path} not found; check --yaml_path")
+MAX_YAML_BYTES = 1 << 20  # a settings file; anything larger is not one
+ALIAS_BUDGET = 10_000  # values that aliases may add to one YAML document, all aliases together
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with the limits a file from elsewhere needs (YAML files are shared like
+    records). An alias (``*name``) repeats an anchored value, so a few hundred bytes of nested
+    aliases stand for billions of values that printing or converting would expand: here aliases may
+    add at most :data:`ALIAS_BUDGET` values in all and may not refer to a value that contains them.
+    A key given twice in one mapping is refused (PyYAML silently keeps the last); a key merged with
+    ``<<`` and then given explicitly is an override, not a repeat. Everything is checked while the
+    document is composed, before any value is built."""
+
+    MERGE = "tag:yaml.org,2002:merge"
+
+    def __init__(self, text: str, source: str):
+        super().__init__(text)
+        self.source = source
+        self.sizes: dict[int, int] = {}  # id(node) -> the values it stands for, aliases expanded
+        self.aliased = 0
+
+    def compose_node(self, parent, index):
+        is_alias = self.check_event(yaml.AliasEvent)
+        line = self.peek_event().start_mark.line + 1
+        node = super().compose_node(parent, index)
+        if is_alias:
+            size = self.sizes.get(id(node))
+            if size is None:  # the anchored value is still being composed: it contains this alias
+                raise BurnError(f"{self.source}: the alias at line {line} refers to a value that contains it; "
+                                "write the value out")
+            self.aliased += size
+            if self.aliased > ALIAS_BUDGET:
+                raise BurnError(f"{self.source} holds aliases that expand to more than {ALIAS_BUDGET} values "
+                                f"(line {line}); write the values out")
+            return node
+        if isinstance(node, yaml.SequenceNode):
+            children = node.value
+        elif isinstance(node, yaml.MappingNode):
+            children = [child for pair in node.value for child in pair]
+        else:
+            children = []
+        self.sizes[id(node)] = 1 + sum(self.sizes[id(child)] for child in children)
+        return node
+
+    def compose_mapping_node(self, anchor):
+        node = super().compose_mapping_node(anchor)
+        seen: dict[tuple, int] = {}
+        for key, _ in node.value:
+            if not isinstance(key, yaml.ScalarNode) or key.tag == self.MERGE:
+                continue
+            line, ident = key.start_mark.line + 1, (key.tag, key.value)
+            if ident in seen:
+                raise BurnError(f"{self.source}: key {brief(key.value)} is given twice (lines {seen[ident]} and "
+                                f"{line}); keep one")
+            seen[ident] = line
+        return node
+
+
+def parse_yaml(text: str, source: str):
+    """YAML ``text`` as Python values through :class:`_BoundedLoader`; every problem is a one-line
+    :class:`BurnError` that starts with ``source``."""
+    loader = _BoundedLoader(text, source)
     try:
-        data = yaml.safe_load(path.read_text())
+        return loader.get_single_data()
     except yaml.YAMLError as err:
         where = getattr(err, "problem_mark", None)
         loc = f" at line {where.line + 1}" if where is not None else ""
-        raise BurnError(f"YAML file {path} is not valid YAML{loc}: {getattr(err, 'problem', err)}; fix the file") from None
+        problem = str(getattr(err, "problem", None) or err)[:200]
+        raise BurnError(f"{source} is not valid YAML{loc}: {problem}; fix it") from None
+    except ValueError as err:  # e.g. an integer of more digits than Python converts
+        raise BurnError(f"{source} holds a value that cannot be read ({str(err)[:120]}); fix it") from None
+    finally:
+        loader.dispose()
+
+
+def load_yaml(path: str | Path) -> dict:
+    """A YAML file of settings (a mapping), read as UTF-8 through :func:`parse_yaml`."""
+    path = Path(path)
+    if not path.is_file():
+        raise BurnError(f"YAML file {path} not found; check --yaml_path")
+    size = path.stat().st_size
+    if size > MAX_YAML_BYTES:
+        raise BurnError(f"YAML file {path} is {size} bytes, more than a settings file's {MAX_YAML_BYTES}; "
+                        "check the path")
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise BurnError(f"YAML file {path} is not UTF-8 text (byte {err.object[err.start]:#04x} at offset "
+                        f"{err.start}); save it as UTF-8") from None
+    data = parse_yaml(text, f"YAML file {path}")
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -284,9 +370,9 @@ def check_yaml_keys(config_cls, yaml_values: dict, source: str) -> None:
     compat = compat_keys(config_cls)
     for key in yaml_values:
         if not isinstance(key, str):
-            raise BurnError(f"{source}: key {key!r} is not a name; YAML keys are option names such as 'lr'")
+            raise BurnError(f"{source}: key {brief(key)} is not a name; YAML keys are option names such as 'lr'")
         if key not in fields and key not in compat:
-            raise BurnError(f"{source}: unknown key '{key}'{suggest(key, fields)}; fix or remove it "
+            raise BurnError(f"{source}: unknown key {brief(key)}{suggest(key, fields)}; fix or remove it "
                             "(see --help for the keys)")
 
 

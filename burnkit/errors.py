@@ -8,6 +8,7 @@ still show their traceback.
 from __future__ import annotations
 
 import errno
+import reprlib
 import sys
 from contextlib import contextmanager
 
@@ -17,6 +18,30 @@ class BurnError(Exception):
 
 
 EXIT_USAGE = 2
+MAX_MESSAGE = 2000  # characters of one error line; a longer message is cut (it can only be an echoed value)
+
+_SHORT = reprlib.Repr()
+_SHORT.maxstring = _SHORT.maxother = _SHORT.maxlong = 60
+_SHORT.maxlist = _SHORT.maxtuple = _SHORT.maxdict = _SHORT.maxset = 6
+_SHORT.maxlevel = 2
+
+
+def brief(value) -> str:
+    """``repr(value)`` cut to about 60 characters, built without ever rendering the whole value: a
+    message may quote what the user gave, but a value from a file can be arbitrarily large (or a
+    shared structure that is tiny in memory and huge when printed)."""
+    try:
+        return _SHORT.repr(value)
+    except (ValueError, RecursionError):  # e.g. an int too long to convert to text
+        return f"<a {type(value).__name__} too large to show>"
+
+
+def one_line(message: str) -> str:
+    """``message`` on one line and at most :data:`MAX_MESSAGE` characters."""
+    text = " ".join(str(message)[:4 * MAX_MESSAGE].split())
+    return text if len(text) <= MAX_MESSAGE else text[:MAX_MESSAGE - 3] + "..."
+
+
 RERUN = "then run the same command again (finished files are complete; an interrupted run resumes)"
 # the user's environment, not a bug: a full or read-only disk, a quota, missing permissions, a name
 # longer than the file system allows, a file where a folder must be - each with its fix
@@ -53,14 +78,13 @@ def cli_errors(prog: str):
     try:
         yield
     except BurnError as err:
-        message = " ".join(str(err).split())  # one line, whatever the message held
-        print(f"{prog}: error: {message}", file=sys.stderr)
+        print(f"{prog}: error: {one_line(err)}", file=sys.stderr)  # one line, whatever the message held
         raise SystemExit(EXIT_USAGE) from None
     except OSError as err:
         message = environment_error(err)
         if message is None:
             raise  # anything else is a bug: keep its traceback
-        print(f"{prog}: error: {' '.join(message.split())}", file=sys.stderr)
+        print(f"{prog}: error: {one_line(message)}", file=sys.stderr)
         raise SystemExit(EXIT_USAGE) from None
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)

@@ -23,7 +23,7 @@ from PIL import Image
 
 from .data import ImageSet
 from .datasets import DatasetInfo, dataset_info, load_split, resolve_data_root
-from .errors import BurnError
+from .errors import BurnError, brief
 from .fileio import atomic_torch_save  # noqa: F401  (re-exported: callers import it from here)
 from .safe_load import first_nonfinite, safe_torch_load
 
@@ -182,7 +182,7 @@ class _FieldCheck:
         self.path = path
 
     def fail(self, field: str, want: str, value) -> BurnError:
-        shown = repr(value) if not torch.is_tensor(value) and len(repr(value)) < 60 else type(value).__name__
+        shown = type(value).__name__ if torch.is_tensor(value) else brief(value)
         return BurnError(f"{self.path}: '{field}' must be {want}, got {shown}; the record is corrupt, re-create it")
 
     def text(self, value, field: str) -> str:

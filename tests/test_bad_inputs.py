@@ -193,6 +193,27 @@ def huge_png() -> bytes:
 LONG_NAME = "n" * 300  # over the 255 bytes a file name may have
 
 
+def alias_bomb(levels: int) -> str:
+    """``epochs:`` holding ``levels`` nested aliases of nine items each: a few hundred bytes that
+    expand to 9**levels values."""
+    anchors = ["&a0 [1, 1, 1, 1, 1, 1, 1, 1, 1]"]
+    anchors += [f"&a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, levels)]
+    return f"epochs: [{', '.join(anchors)}]\n"
+
+
+def fake_scripts(folder: str):
+    """A setup writing ``<folder>/{attack/badnet,defense/ft}.py`` that would leave PWNED if run."""
+    def setup(work: Path):
+        for kind, name in (("attack", "badnet"), ("defense", "ft")):
+            path = work / folder / kind / f"{name}.py"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("open('PWNED', 'w').close()\n")
+    return setup
+
+
+NOTHING_TO_RUN = {"attacks": {"badnet": {"record_name": RECORD}}, "defenses": {}}  # the record exists
+
+
 # ----------------------------------------------------------------------------- the table
 
 
@@ -289,10 +310,21 @@ CASES = [
     Case("yaml-non-string-key", "defense:ft", ft("--yaml_path", "c.yaml"), "is not a name", write_file("c.yaml", "1: 2\n")),
     Case("yaml-bad-choice", "defense:ft", ft("--yaml_path", "c.yaml"), "'client_optimizer' must be one of",
          write_file("c.yaml", "client_optimizer: rmsprop\n")),
+    Case("yaml-alias-bomb", "defense:ft", ft("--yaml_path", "c.yaml"), "aliases that expand to more than",
+         write_file("c.yaml", alias_bomb(7))),
+    Case("yaml-recursive-alias", "defense:ft", ft("--yaml_path", "c.yaml"), "refers to a value that contains it",
+         write_file("c.yaml", "epochs: &a [1, *a]\n")),
+    Case("yaml-duplicate-key", "defense:ft", ft("--yaml_path", "c.yaml"),
+         "c.yaml: key 'lr' is given twice (lines 1 and 3)",
+         write_file("c.yaml", "lr: 0.1\nepochs: 1\nlr: 0.2\n")),
+    Case("yaml-not-utf8", "defense:ft", ft("--yaml_path", "c.yaml"), "c.yaml is not UTF-8 text",
+         write_file("c.yaml", b"lr: 0.1\n# caf\xe9\n")),
     # --- BURN's own settings and checkpoints
     # --- the defenses that use no clean data (issue 14)
     Case("abl-isolation-zero", "defense:abl", quick("--isolation_ratio", "0"), "--isolation_ratio must be > 0"),
     Case("abl-isolates-nothing", "defense:abl", quick("--isolation_ratio", "0.0001"), "isolates nothing"),
+    Case("abl-isolates-everything", "defense:abl", quick("--isolation_ratio", "1"),
+         "--isolation_ratio 1.0 isolates all 1437 training samples"),
     Case("abl-ascent-type", "defense:abl", quick("--gradient_ascent_type", "banana"), "--gradient_ascent_type must be one of"),
     Case("abl-other-settings", "defense:abl", quick(), "other settings", setup=plant_phase_checkpoint("abl", "pre_train")),
     Case("abl-corrupt-checkpoint", "defense:abl", quick(), "--resume false",
