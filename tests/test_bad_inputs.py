@@ -466,6 +466,16 @@ CASES = [
          experiment({"defenses": ["nope"]})),
     Case("compare-bad-override", "compare", ["e.yaml", "--dry-run"], "compare sets per cell",
          experiment({"defense_overrides": {"result_file": "x"}})),
+    Case("compare-env-list", "compare", ["e.yaml", "--dry-run"], "env.OMP_NUM_THREADS must be a string, a number",
+         experiment({"env": {"OMP_NUM_THREADS": [1, 2]}})),
+    Case("compare-custom-python", "compare", ["e.yaml"], "pass --allow-custom-python",
+         experiment({"python": "/bin/sh", **NOTHING_TO_RUN})),
+    Case("compare-scripts-outside", "compare", ["e.yaml"], "pass --allow-custom-python",
+         both(fake_scripts("elsewhere"), experiment({"scripts_root": "elsewhere"}))),
+    Case("compare-env-pythonpath", "compare", ["e.yaml"], "env.PYTHONPATH",
+         experiment({"env": {"PYTHONPATH": "elsewhere"}, **NOTHING_TO_RUN})),
+    Case("compare-submitit-setup", "compare", ["e.yaml", "--executor", "submitit"], "submitit.slurm_setup",
+         experiment({"submitit": {"cluster": "local", "slurm_setup": ["touch PWNED"]}, **NOTHING_TO_RUN})),
 ]
 
 

@@ -496,3 +496,35 @@ def test_wall_time_of_a_resumed_run_counts_every_session(tmp_path):
     assert read_wall_time(tmp_path, "cost.json") == 250.0
     assert read_wall_time(tmp_path, "provenance.json") == 40.0
     assert math.isnan(read_wall_time(tmp_path, "missing.json"))
+
+
+def _outside_scripts(root: Path, marker: Path) -> None:
+    """An attack script outside the checkout that leaves ``marker`` and fails."""
+    script = root / "attack" / "badnet.py"
+    script.parent.mkdir(parents=True)
+    script.write_text(f"open({str(marker)!r}, 'w').close()\nraise SystemExit(3)\n")
+
+
+def test_programs_outside_the_checkout_run_only_with_the_opt_in(tmp_path, capsys):
+    """An experiment file is shared like a record: its scripts_root (and python, env.PYTHONPATH, Slurm
+    setup lines) cannot make compare run other code unless the command line says so."""
+    marker = tmp_path / "RAN"
+    _outside_scripts(tmp_path / "elsewhere", marker)
+    exp = experiment(tmp_path, "outside", {}, attacks=["badnet"], seeds=[0], scripts_root=str(tmp_path / "elsewhere"))
+    with pytest.raises(SystemExit) as err:
+        main([str(exp), "--workdir", str(tmp_path)])
+    assert err.value.code == 2 and "pass --allow-custom-python" in capsys.readouterr().err
+    assert not marker.exists() and not (tmp_path / "compare").exists()
+    assert main([str(exp), "--workdir", str(tmp_path), "--dry-run"]) == 0 and not marker.exists()  # nothing runs
+    assert main([str(exp), "--workdir", str(tmp_path), "--allow-custom-python"]) == 1  # the cell ran (and failed)
+    assert marker.exists()
+
+
+def test_the_running_interpreter_is_not_outside_code(tmp_path):
+    link = tmp_path / "py"
+    link.symlink_to(sys.executable)
+    for python in (sys.executable, str(link)):
+        assert load_experiment(write(tmp_path, {**BASE, "python": python})).outside_code() == []
+    reasons = load_experiment(write(tmp_path, {**BASE, "python": "/bin/sh", "env": {"LD_PRELOAD": "x.so"},
+                                               "scripts_root": str(REPO / "burnkit" / "..")})).outside_code()
+    assert [r.split(" ")[0] for r in reasons] == ["python", "env.LD_PRELOAD"]  # the checkout itself is not outside

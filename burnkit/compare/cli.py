@@ -30,6 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workdir", help="folder holding record/ and data/ (default: the YAML's, else the CWD)")
     parser.add_argument("--dry-run", action="store_true", help="list the cells and their commands; run nothing")
     parser.add_argument("--collect-only", action="store_true", help="run nothing; tabulate what is on disk")
+    parser.add_argument("--allow-custom-python", action="store_true",
+                        help="let the experiment file run code from outside this checkout (its python, a scripts_root "
+                             "elsewhere, env.PYTHONPATH and the like, submitit setup lines); only for files you trust")
     return parser
 
 
@@ -55,9 +58,16 @@ def _main(argv: list[str]) -> int:
         command = shlex.join([PROG, *argv])
         if args.collect_only:
             return _finish(exp, command, started, ok=True)
+        executor = args.executor or exp.executor
+        outside = exp.outside_code(executor)
+        if outside and args.dry_run and not args.allow_custom_python:
+            print(f"{PROG}: warning: running this needs --allow-custom-python: {'; '.join(outside)}", file=sys.stderr)
+        elif outside and not args.allow_custom_python:
+            raise BurnError(f"{exp.path}: {'; '.join(outside)}. An experiment file may only run this checkout's "
+                            "scripts with the interpreter running compare; read the file, and if you trust it, "
+                            "pass --allow-custom-python")
         for warning in exp.check_available():
             print(f"{PROG}: warning: {warning}", file=sys.stderr)
-        executor = args.executor or exp.executor
         jobs = args.jobs if args.jobs is not None else exp.jobs
         if jobs < 1:
             raise BurnError(f"--jobs must be at least 1, got {jobs}")

@@ -14,15 +14,17 @@ whoever wrote them: that is what makes runs resumable and lets an experiment reu
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import re
+import shutil
 import string
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config import load_yaml, repo_root
-from ..errors import BurnError
+from ..errors import BurnError, brief
 from .outputs import defense_done, detection_done, record_done
 
 TOP_KEYS = {"name", "workdir", "output", "scripts_root", "python", "executor", "jobs", "gpus", "env",
@@ -40,6 +42,13 @@ EXECUTORS = ("local", "submitit", "ray")
 # detectors that read a BURN defense run, with their --burn_output default (burn reads one only when given)
 READS_BURN = {"burn_s": "defense/burn", "burn": None}
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# environment variables that choose the code a cell's interpreter, loader or shell runs
+CODE_ENV = {"PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "PYTHONUSERBASE", "PYTHONEXECUTABLE", "PYTHONPLATLIBDIR",
+            "PATH", "BASH_ENV", "ENV"}
+CODE_ENV_PREFIXES = ("LD_", "DYLD_")
+# submitit parameters that put shell lines or scheduler options into the job scripts
+SUBMITIT_CODE = ("setup", "teardown", "srun_args", "additional_parameters")
 
 
 @dataclass(frozen=True)
@@ -155,6 +164,24 @@ class Experiment:
     def command(self, cell) -> list[str]:
         return [self.python, str(self.script_path(cell)), *cell.args]
 
+    def outside_code(self, executor: str | None = None) -> list[str]:
+        """What in the experiment would make its cells run code other than this checkout's scripts under
+        the interpreter running compare: ``python``, a ``scripts_root`` outside the checkout, ``env``
+        variables that choose the code to load, and (with the submitit ``executor``) setup lines for the
+        job scripts. An experiment file travels like a record, so running any of this needs the
+        command line's ``--allow-custom-python``; an empty list means nothing of the kind."""
+        reasons = []
+        if not _running_interpreter(self.python, self.workdir):
+            reasons.append(f"python {brief(self.python)} is not the interpreter running compare ({sys.executable})")
+        if not self.scripts_root.is_relative_to(repo_root()):
+            reasons.append(f"scripts_root {self.scripts_root} is outside this checkout ({repo_root()})")
+        reasons += [f"env.{name} changes the code the cells load" for name in self.env
+                    if name in CODE_ENV or name.startswith(CODE_ENV_PREFIXES)]
+        if (executor or self.executor) == "submitit":
+            reasons += [f"submitit.{key} puts commands into the job scripts" for key in self.submitit
+                        if str(key).endswith(SUBMITIT_CODE)]
+        return reasons
+
     def unavailable(self) -> dict[str, list[str]]:
         """Entries whose script is missing (or, for this checkout's scripts, not registered)."""
         registered = {"attack": None, "defense": None, "detector": None}
@@ -222,7 +249,7 @@ def load_experiment(path: str | Path, workdir: str | None = None) -> Experiment:
     scripts_root = Path(raw["scripts_root"]).expanduser().resolve() if raw.get("scripts_root") else repo_root()
     executor = str(raw.get("executor") or "local")
     if executor not in EXECUTORS:
-        raise BurnError(f"{where}: executor must be one of {', '.join(EXECUTORS)}, got {executor!r}")
+        raise BurnError(f"{where}: executor must be one of {', '.join(EXECUTORS)}, got {brief(executor)}")
     seeds = _seeds(raw.get("seeds", [0]), "seeds", where)
     datasets = _axis(raw.get("datasets"), "datasets", where)
     models = _axis(raw.get("models"), "models", where)
@@ -240,7 +267,7 @@ def load_experiment(path: str | Path, workdir: str | None = None) -> Experiment:
         python=str(raw.get("python") or sys.executable), executor=executor,
         jobs=_positive(raw.get("jobs", 1), "jobs", where),
         gpus=None if gpus is None else [str(g) for g in (gpus if isinstance(gpus, list) else str(gpus).split(","))],
-        env={str(k): str(v) for k, v in _mapping(raw.get("env"), "env", where).items()},
+        env=_env(raw.get("env"), where),
         submitit=_mapping(raw.get("submitit"), "submitit", where), ray=_mapping(raw.get("ray"), "ray", where),
         allow_unavailable=bool(raw.get("allow_unavailable", False)), seeds=seeds, datasets=list(datasets),
         models=list(models), attacks={k: v["script"] for k, v in attacks.items()},
@@ -258,7 +285,7 @@ def load_experiment(path: str | Path, workdir: str | None = None) -> Experiment:
         record = _format(a["record_name"] or template, fields, "record_name", where)
         _check_name(record, "record_name", where)
         if record in seen:
-            raise BurnError(f"{where}: record name {record!r} is produced for both {seen[record]} and "
+            raise BurnError(f"{where}: record name {brief(record)} is produced for both {seen[record]} and "
                             f"{(dataset, model, attack, seed)}; put {{seed}}, {{dataset}}, {{model}} or {{attack}} "
                             "in record_name")
         seen[record] = (dataset, model, attack, seed)
@@ -343,7 +370,7 @@ def _seeds(value, key: str, where: str) -> list[int]:
     if not isinstance(value, list) or not value or not all(type(s) is int for s in value):
         raise BurnError(f"{where}: {key} must be a non-empty list of integers, e.g. [0, 1, 2]")
     if len(set(value)) != len(value):
-        raise BurnError(f"{where}: {key} {value} repeats a value; list each seed once")
+        raise BurnError(f"{where}: {key} {brief(value)} repeats a value; list each seed once")
     return value
 
 
@@ -359,12 +386,37 @@ def _overrides(value, key: str, reserved: set, where: str) -> dict:
     value = _mapping(value, key, where)
     for flag in value:
         if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", str(flag)):
-            raise BurnError(f"{where}: {key} has a bad flag name {flag!r}; use the script's flag without dashes")
+            raise BurnError(f"{where}: {key} has a bad flag name {brief(flag)}; use the script's flag without dashes")
     clash = sorted(set(map(str, value)) & reserved)
     if clash:
         raise BurnError(f"{where}: {key} sets {', '.join(clash)}, which compare sets per cell; use seeds, datasets, "
                         "models, record_name or the entry name instead")
     return {str(k): v for k, v in value.items()}
+
+
+def _env(value, where: str) -> dict[str, str]:
+    """``env``: variable names to one value each (a string, a number or true/false), as every cell's
+    environment will hold them."""
+    out = {}
+    for name, v in _mapping(value, "env", where).items():
+        if not isinstance(name, str) or not _ENV_NAME.match(name):
+            raise BurnError(f"{where}: env has a bad variable name {brief(name)}; use letters, digits and _")
+        if not isinstance(v, (str, int, float)) or (isinstance(v, float) and not math.isfinite(v)) or \
+                (isinstance(v, str) and "\0" in v):
+            raise BurnError(f"{where}: env.{name} must be a string, a number or true/false, got {brief(v)}; "
+                            "every cell gets this one value")
+        out[name] = str(v)
+    return out
+
+
+def _running_interpreter(python: str, workdir: Path) -> bool:
+    """Whether ``python`` (a path, relative to the work dir, or a name on PATH) is the program running
+    compare, under this or another name."""
+    found = shutil.which(python) if os.sep not in python else str(workdir / Path(python).expanduser())
+    try:
+        return found is not None and os.path.samefile(found, sys.executable)
+    except OSError:
+        return False
 
 
 def _mapping(value, key: str, where: str) -> dict:
@@ -377,20 +429,20 @@ def _mapping(value, key: str, where: str) -> dict:
 
 def _positive(value, key: str, where: str) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise BurnError(f"{where}: '{key}' must be a positive integer, got {value!r}")
+        raise BurnError(f"{where}: '{key}' must be a positive integer, got {brief(value)}")
     return value
 
 
 def _check_name(name: str, what: str, where: str) -> None:
     if not _NAME.match(name):
-        raise BurnError(f"{where}: {what} {name!r} must be a plain folder name (letters, digits, _ . + -)")
+        raise BurnError(f"{where}: {what} {brief(name)} must be a plain folder name (letters, digits, _ . + -)")
 
 
 def _format(template: str, fields: dict, key: str, where: str) -> str:
     names = {f for _, f, _, _ in string.Formatter().parse(template) if f}
     unknown = sorted(names - set(fields))
     if unknown:
-        raise BurnError(f"{where}: {key} {template!r} uses unknown placeholder(s) {', '.join(unknown)}; "
+        raise BurnError(f"{where}: {key} {brief(template)} uses unknown placeholder(s) {', '.join(unknown)}; "
                         f"available: {', '.join(sorted(fields))}")
     return template.format(**fields)
 
