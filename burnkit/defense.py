@@ -27,6 +27,7 @@ import math
 import random
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -424,13 +425,22 @@ def choose_clean_indices(n: int, ratio: float, index_file: str | None, seed: int
         if not path.is_file():
             raise BurnError(f"--index file {path} not found")
         try:
-            idx = np.loadtxt(path, dtype=np.int64, ndmin=1)
+            with warnings.catch_warnings():  # NumPy warns about a file without data: that is reported below
+                warnings.simplefilter("ignore", UserWarning)
+                idx = np.loadtxt(path, dtype=np.int64, ndmin=1)
         except ValueError:
             raise BurnError(f"--index file {path} must hold one integer per line") from None
         if idx.size == 0:
-            raise BurnError(f"--index file {path} is empty")
+            raise BurnError(f"--index file {path} is empty; list the clean training indices, one per line")
+        if idx.ndim != 1:
+            raise BurnError(f"--index file {path} must hold one integer per line")
         if idx.min() < 0 or idx.max() >= n:
             raise BurnError(f"--index file {path} has indices outside 0..{n - 1} (the clean training split)")
+        values, counts = np.unique(idx, return_counts=True)
+        if (counts > 1).any():  # a repeated sample would count several times in the defender's clean data
+            repeated = int(np.flatnonzero(counts > 1)[0])
+            raise BurnError(f"--index file {path} lists index {int(values[repeated])} {int(counts[repeated])} times; "
+                            "list each index once")
         return idx
     count = int(n * ratio)
     if count == 0:

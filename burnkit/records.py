@@ -37,10 +37,11 @@ TRAIN_SUBSET_KEY = "train_subset_index"  # burnkit's extra key: the indices a --
 
 @dataclass
 class PoisonEntry:
-    path: Path | None  # the PNG on disk, resolved; None if it cannot be found
+    path: Path | None  # the PNG on disk inside the record folder; None if it is not there
     stored_path: str
     bd_label: int
     original_label: int
+    expected: Path | None = None  # where the record's layout puts it (spec §9.2)
 
 
 @dataclass
@@ -226,6 +227,8 @@ def _parse_state(state, split: str, record_dir: Path, num_classes: int) -> Poiso
     if not isinstance(container, dict) or not isinstance(container.get("data_dict"), dict):
         raise bad("has no bd_data_container.data_dict")
     original_index = _int_array(state["original_index_array"], split, "original_index_array", bad)
+    if len(original_index) == 0:
+        raise bad("holds no samples (its original_index_array is empty)")
     try:
         indicator = np.asarray(state["poison_indicator"], dtype=np.float64).ravel()
     except (TypeError, ValueError):
@@ -259,10 +262,15 @@ def _parse_state(state, split: str, record_dir: Path, num_classes: int) -> Poiso
         for name, label in (("backdoor", bd_label), ("original", original_label)):
             if not 0 <= label < num_classes:
                 raise bad(f"gives sample {idx} the {name} label {label}, outside the {num_classes} classes")
+        expected = record_dir / folder_name / str(original_label) / f"{idx}.png"
         entries[idx] = PoisonEntry(_resolve_png(record_dir, folder_name, original_label, idx, stored),
-                                   stored, bd_label, original_label)
-    if len(original_index) and (original_index.min() < 0 or original_index.max() >= len(indicator)):
+                                   stored, bd_label, original_label, expected)
+    if original_index.min() < 0 or original_index.max() >= len(indicator):
         raise bad("has original indices outside the poison indicator")
+    values, counts = np.unique(original_index, return_counts=True)
+    if (counts > 1).any():  # the sample would be trained on, scanned and counted in every metric repeatedly
+        repeated = int(np.flatnonzero(counts > 1)[0])
+        raise bad(f"repeats original index {int(values[repeated])} ({int(counts[repeated])} times)")
     missing = [int(i) for i in np.flatnonzero(indicator == 1) if int(i) not in entries]
     if missing:
         raise bad(f"flags {len(missing)} samples as poisoned without a stored image (e.g. index {missing[0]})")
@@ -276,9 +284,9 @@ def restrict_to_trained(state: PoisonState, trained, record_dir: Path) -> Poison
         return state
     trained = np.asarray(trained)
     n = len(state.poison_indicator)
-    if trained.ndim != 1 or trained.dtype.kind not in "iu" or (len(trained) and (trained.min() < 0 or trained.max() >= n)) \
-            or len(np.unique(trained)) != len(trained):
-        raise BurnError(f"record {record_dir}: {TRAIN_SUBSET_KEY} is not a list of distinct training indices "
+    if trained.ndim != 1 or trained.dtype.kind not in "iu" or not len(trained) or trained.min() < 0 \
+            or trained.max() >= n or len(np.unique(trained)) != len(trained):
+        raise BurnError(f"record {record_dir}: {TRAIN_SUBSET_KEY} is not a non-empty list of distinct training indices "
                         f"in 0..{n - 1}; the record is corrupt, re-create it")
     outside = np.setdiff1d(state.poisoned_indices, trained)
     if len(outside):
@@ -288,17 +296,17 @@ def restrict_to_trained(state: PoisonState, trained, record_dir: Path) -> Poison
 
 
 def _resolve_png(record_dir: Path, folder: str, original_label: int, idx: int, stored: str) -> Path | None:
-    """Rebuild the PNG path from the record folder first (spec §9.2), then try the stored path."""
-    candidates = [record_dir / folder / str(original_label) / f"{idx}.png"]
-    stored_path = Path(stored)
-    if stored_path.is_absolute():
-        candidates.append(stored_path)
-    else:
-        candidates.append(Path.cwd() / stored_path)
-        base = record_dir.resolve().parent.parent  # the folder BackdoorBench ran in
-        candidates.append(base / stored_path)
+    """The sample's PNG, read only from the record's own files: the path rebuilt from the record
+    folder (spec §9.2), else the stored path when it leads into the record folder too (BackdoorBench
+    stores it relative to the folder holding ``record/``). A link, or a file outside the record folder
+    (another record's image, any absolute path), is never read: a record is shared as a whole, so a
+    stored path cannot make it read someone else's files."""
+    root = record_dir.resolve()
+    stored_path = Path(stored.replace("\\", "/")).expanduser()
+    candidates = [record_dir / folder / str(original_label) / f"{idx}.png",
+                  stored_path if stored_path.is_absolute() else root.parent.parent / stored_path]
     for candidate in candidates:
-        if candidate.is_file():
+        if candidate.is_file() and not candidate.is_symlink() and candidate.resolve().is_relative_to(root):
             return candidate
     return None
 
@@ -314,8 +322,12 @@ def materialize(clean_x: np.ndarray, clean_y: np.ndarray, state: PoisonState, in
     for pos in np.flatnonzero(flags):
         entry = state.entries[int(positions[pos])]
         if entry.path is None:
-            raise BurnError(f"poisoned image {entry.stored_path} is missing (looked in the record folder "
-                            "and the working directory); copy the whole record folder")
+            shown = entry.expected or entry.stored_path
+            if entry.expected is not None and entry.expected.is_symlink():
+                raise BurnError(f"poisoned image {shown} is a link; a record's images are read only from its own "
+                                "files - copy the record with the images themselves (cp -rL)")
+            raise BurnError(f"poisoned image {shown} is missing (a record's images are read only from its own "
+                            "folder); copy the whole record folder")
         images[pos] = read_png(entry.path, (h, w, c))
         labels[pos] = entry.bd_label
         original[pos] = entry.original_label

@@ -29,9 +29,17 @@ except ImportError:  # pragma: no cover - NumPy 1.x
     from numpy.core import multiarray as _multiarray
 
 
+def _empty_bytes(*args) -> bytes:
+    """``builtins.bytes`` as a pickle calls it for ``b""``: an empty NumPy array pickles its (empty)
+    data that way (protocol 2). Only the empty call is allowed - ``bytes(n)`` would allocate n bytes."""
+    if args:
+        raise pickle.UnpicklingError("builtins.bytes called with arguments")
+    return b""
+
+
 def _numpy_allowlist() -> list:
     reconstruct, scalar = _multiarray._reconstruct, _multiarray.scalar
-    allow: list = [np.ndarray, np.dtype, reconstruct, scalar]
+    allow: list = [np.ndarray, np.dtype, reconstruct, scalar, (_empty_bytes, "builtins.bytes")]
     for qualified in ("numpy.core.multiarray", "numpy._core.multiarray"):
         allow.append((reconstruct, f"{qualified}._reconstruct"))
         allow.append((scalar, f"{qualified}.scalar"))

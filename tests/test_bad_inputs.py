@@ -294,6 +294,10 @@ CASES = [
          write_file("idx.txt", "one\ntwo\n")),
     Case("index-out-of-range", "defense:ft", ft("--index", "idx.txt"), "outside 0..1436",
          write_file("idx.txt", "5\n99999\n")),
+    Case("index-file-repeats", "defense:ft", ft("--index", "idx.txt"), "lists index 0 3 times",
+         write_file("idx.txt", "0\n5\n0\n0\n")),
+    Case("index-file-empty", "defense:ft", ft("--index", "idx.txt"), "--index file idx.txt is empty",
+         write_file("idx.txt", "")),
     Case("log-is-a-file", "defense:ft", ft("--log", "a_file"), "is a file, not a folder", write_file("a_file", "x")),
     Case("defense-folder-is-a-file", "defense:ft", ft(), "is a file, not a folder",
          write_file(f"record/{RECORD}/defense", "x")),
@@ -370,6 +374,12 @@ CASES = [
          set_split("original_index_array", np.arange(1437, dtype=np.float64))),
     Case("index-array-out-of-range", "defense:ft", ft(), "original indices outside the poison indicator",
          set_split("original_index_array", np.arange(5000))),
+    Case("index-array-repeats", "defense:ft", ft(), "bd_train repeats original index 0 (10 times)",
+         set_split("original_index_array", np.r_[np.zeros(10, np.int64), np.arange(1, 1437)])),
+    Case("bd-train-empty", "defense:ft", ft(), "bd_train holds no samples",
+         set_split("original_index_array", np.zeros(0, np.int64))),
+    Case("bd-test-empty", "defense:ft", ft(), "bd_test holds no samples",
+         set_split("original_index_array", np.zeros(0, np.int64), split="bd_test")),
     Case("indicator-not-binary", "defense:ft", ft(), "'poison_indicator' must be a 1-D array of 0/1",
          set_split("poison_indicator", np.full(1437, 2.0))),
     Case("indicator-text", "defense:ft", ft(), "'poison_indicator' is not numeric",
@@ -389,6 +399,8 @@ CASES = [
     Case("png-missing", "defense:ft", ft(), "is missing"),  # setup below
     Case("png-corrupt", "defense:ft", ft(), "is unreadable"),  # setup below
     Case("png-huge", "defense:ft", ft(), "far larger than the dataset's 8x8"),  # setup below
+    Case("png-a-link", "defense:ft", ft(), "is a link"),  # setup below
+    Case("png-stored-path-elsewhere", "defense:ft", ft(), "is missing"),  # setup below
     Case("record-payload", "defense:ft", ft(), "refers to code outside the safe allowlist"),  # setup below
     # --- non-finite models, folders in the way, names too long, huge trigger images
     Case("record-nan-weights", "defense:ft", ft(), "holds NaN in model[", poison_weights(float("nan"))),
@@ -505,6 +517,22 @@ def _late_setups():
 
         Image.new("L", (1000, 1000)).save(first_png(work))
 
+    def png_link(work):
+        own = first_png(work)
+        own.unlink()
+        other = next((work / "record" / "blended_digits" / "bd_train_dataset").rglob("*.png"))
+        own.symlink_to(other)
+
+    def png_stored_elsewhere(work):
+        """The record's own PNG is gone; its stored path names another record's image."""
+        own = first_png(work)
+        own.unlink()
+        other = next((work / "record" / "blended_digits" / "bd_train_dataset").rglob("*.png"))
+        def store(raw):
+            data, key = first_entry(raw)
+            data[key]["path"] = str(other.resolve())
+        edit_record(store)(work)
+
     def payload(work):
         torch.save({"model": _Payload(work / "PWNED")}, record_file(work))
 
@@ -531,8 +559,10 @@ def _late_setups():
         killed_attack(work, "killed")
 
     return {"record-truncated": truncated, "record-a-list": a_list, "png-missing": png_missing,
-            "png-corrupt": png_corrupt, "png-huge": png_huge, "record-payload": payload, "burn-other-settings": burn_other_settings,
-            "archive-truncated": archive_truncated, "resume-other-model": killed_smallcnn, "burn-state-nan": burn_state_nan}
+            "png-corrupt": png_corrupt, "png-huge": png_huge,
+            "png-a-link": png_link, "png-stored-path-elsewhere": png_stored_elsewhere, "record-payload": payload,
+            "burn-other-settings": burn_other_settings, "archive-truncated": archive_truncated,
+            "resume-other-model": killed_smallcnn, "burn-state-nan": burn_state_nan}
 
 
 class _Payload:
@@ -563,11 +593,12 @@ def test_the_table_is_large_and_distinct():
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_bad_input_is_one_line_exit_2_and_changes_nothing(case, digits_copy, capsys):
+def test_bad_input_is_one_line_exit_2_and_changes_nothing(case, digits_copy, capsys, recwarn):
     work = digits_copy
     if case.setup is not None:
         case.setup(work)
         capsys.readouterr()
+    recwarn.clear()
     before = snapshot(work)
     with pytest.raises(SystemExit) as exit_info:
         run_entry(case.entry, case.argv)
@@ -577,6 +608,7 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(case, digits_copy, cap
     assert len(lines) == 1, err
     assert "Traceback" not in err and ": error: " in lines[0]
     assert case.message in lines[0], lines[0]
+    assert not [str(w.message) for w in recwarn], "a warning would be a second line"
     assert snapshot(work) == before
     assert not (work / "PWNED").exists()
     print(f"{case.id}: {lines[0]}")  # the message, for `pytest -rP` reports

@@ -39,6 +39,7 @@ from ..config import option
 from ..data import ImageSet
 from ..defense import Defense, DefenseData, DefenseRun, register_defense
 from ..engine import StepContext, StepOutput, TrainConfig, predict
+from ..errors import BurnError
 from ..models import Classifier
 from ..results import MetricLog, plot_metrics
 from .retraining import (NoCleanDataConfig, check_phase_checkpoints, fit_phase, fresh_classifier, poisoned_train,
@@ -191,5 +192,9 @@ class AntiBackdoorLearning(Defense):
         return anti_backdoor_learning(model, data, cfg, run)
 
     def preflight(self, cfg, record, out_dir):
-        require_share(poisoned_train_size(record, "ABL"), cfg.isolation_ratio, "--isolation_ratio", "isolates")
+        n = poisoned_train_size(record, "ABL")
+        require_share(n, cfg.isolation_ratio, "--isolation_ratio", "isolates")
+        if cfg.finetuning_ascent_model and cfg.finetuning_epochs > 0 and int(n * cfg.isolation_ratio) >= n:
+            raise BurnError(f"--isolation_ratio {cfg.isolation_ratio} isolates all {n} training samples, leaving none "
+                            "to fine-tune on; lower it (or pass --finetuning_ascent_model false)")
         check_phase_checkpoints(cfg, self.name, out_dir, PHASES)
