@@ -43,8 +43,8 @@ from .config import as_dict, build_parser, check_yaml_keys, find_config_file, lo
 from .data import Augment, ImageSet, class_balanced_subset, imageset_digest
 from .datasets import DATASETS, DatasetInfo, dataset_info, load_split, resolve_data_root
 from .defense import _close_logger, _make_logger, _pct, attach_log_file
-from .engine import (EvalSuite, FitResult, cpu_memory_warning, fit, load_checkpoint, out_of_memory_as_error,
-                     plain_fingerprint, resolve_device, seed_everything)
+from .engine import (EvalSuite, FitResult, TrainConfig, check_trainable, cpu_memory_warning, fit, load_checkpoint,
+                     out_of_memory_as_error, plain_fingerprint, resolve_device, seed_everything)
 from .errors import BurnError, cli_errors
 from .registry import Registry
 from .models import Classifier, build_classifier
@@ -179,12 +179,16 @@ class Attack:
             log.append(row)
             log.save()
 
-        # BackdoorBench's BadNets-family trainer drops the last partial batch (spec §6.1)
-        return fit(model, train_set, cfg.train_config(drop_last=True), device=device, eval_suite=suite,
+        return fit(model, train_set, self.train_config(), device=device, eval_suite=suite,
                    augment=Augment(self.info.crop_padding, self.info.train_flip), seed=cfg.random_seed,
                    attack_columns=True, checkpoint=checkpoint, resume=cfg.resume, on_row=on_row,
                    desc=self.name, progress=cfg.progress, eval_every=cfg.test_every,
                    fingerprint=self.fingerprint(train_set), flags=cfg)
+
+    def train_config(self) -> TrainConfig:
+        """The victim's training settings; BackdoorBench's BadNets-family trainer drops the last partial
+        batch (spec §6.1)."""
+        return self.cfg.train_config(drop_last=True)
 
     def fingerprint(self, train_set: ImageSet) -> dict:
         """What a training checkpoint must agree with to be resumed: every setting that changes the
@@ -279,6 +283,7 @@ class Attack:
                                       np.ones(len(plan.test_poison), bool), plan.test_poison)
         suite = EvalSuite(ImageSet.from_numpy(test_x, test_y), bd_test)
         checkpoint = record_dir / "checkpoint" / "train_state.pt"
+        check_trainable(len(train_set), attack.train_config())  # refused here, before the log file is opened
         if attack.resumable and cfg.resume and checkpoint.exists() and not replace_old:
             load_checkpoint(checkpoint, plain_fingerprint(attack.fingerprint(train_set)))  # refuse before writing
 

@@ -396,6 +396,17 @@ def _layout(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
 
 
+def check_trainable(n: int, cfg: TrainConfig) -> None:
+    """Refuse a training set of ``n`` samples on which :func:`fit` would train nothing. Callers that
+    know their set before writing anything call it then too, so the refusal leaves no files."""
+    if n == 0:
+        raise BurnError("the training set is empty; check --ratio/--index or the poisoned subset")
+    if cfg.drop_last and n < cfg.batch_size:
+        raise BurnError(f"the training set has {n} samples, fewer than one batch of {cfg.batch_size}, and "
+                        "the last partial batch is dropped (BackdoorBench's attack training), so nothing would be "
+                        "trained; lower --batch_size")
+
+
 def fit(model: nn.Module, train_set: ImageSet, cfg: TrainConfig, *, device: torch.device,
         eval_suite: EvalSuite | None = None, step: StepFn | None = None,
         optimizer: torch.optim.Optimizer | None = None, scheduler=None,
@@ -439,12 +450,7 @@ def fit(model: nn.Module, train_set: ImageSet, cfg: TrainConfig, *, device: torc
     model.to(device)
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
-    if len(train_set) == 0:
-        raise BurnError("the training set is empty; check --ratio/--index or the poisoned subset")
-    if cfg.drop_last and len(train_set) < cfg.batch_size:
-        raise BurnError(f"the training set has {len(train_set)} samples, fewer than one batch of {cfg.batch_size}, and "
-                        "the last partial batch is dropped (BackdoorBench's attack training), so nothing would be "
-                        "trained; lower --batch_size")
+    check_trainable(len(train_set), cfg)
     train_set = train_set.to(device) if device.type == "cuda" else train_set
     optimizer = optimizer or make_optimizer(model.parameters(), cfg)
     scheduler = scheduler if scheduler is not None else make_scheduler(optimizer, cfg)

@@ -468,6 +468,10 @@ CASES = [
          "other settings (model 'smallcnn' -> 'preactresnet18')"),  # setup below (a killed smallcnn run)
     Case("resume-corrupt-checkpoint", "attack:badnet", badnet("--save_folder_name", "c", "--epochs", "3"),
          "--resume false", write_file("record/c/checkpoint/train_state.pt", b"\x80\x02garbage")),
+    Case("attack-batch-above-set", "attack:badnet", badnet("--batch_size", "5000", "--save_folder_name", "t"),
+         "fewer than one batch of 5000"),
+    Case("attack-subset-of-3", "attack:badnet", badnet("--train_subset", "3", "--save_folder_name", "t"),
+         "the training set has 3 samples"),
     # --- compare
     Case("compare-missing", "compare", ["nope.yaml"], "nope.yaml"),
     Case("compare-unknown-key", "compare", ["e.yaml", "--dry-run"], "unknown key(s) epoch", experiment({"epoch": 3})),
