@@ -299,7 +299,7 @@ class Attack:
             logger.warning(warning)
         with _Timer() as train_time, out_of_memory_as_error(f"{cls.name} training {cfg.model}", device, cfg):
             fit_result = attack.train(model, train_set, suite, device, log, checkpoint)
-        log.save()
+        log.finish()
         plot_metrics(log.rows, record_dir)
 
         data = PoisonedData(train_x, train_y, test_x, test_y, plan, train_bd, train_bd_labels, test_bd, test_bd_labels)

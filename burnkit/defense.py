@@ -346,7 +346,7 @@ class Defense:
             model = self.repair(model, data, cfg, run)
         if not run.metrics.rows:  # defenses that do not train still report their final metrics
             run.metrics.append({"epoch": 0, **run.evaluate(model).row()})
-        run.metrics.save()
+        run.metrics.finish()
         plot_metrics([r for r in run.metrics.rows], out_dir, prefix="")
         final = run.metrics.last()
         cost = {"defense": self.name, "result_file": cfg.result_file, "wall_time_s": time.perf_counter() - started,

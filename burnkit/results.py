@@ -4,7 +4,8 @@
 index column first, NaN written as ``nan_value``) and ``<name>_df_summary.csv`` whose rows are
 ``last`` (last non-NaN value), ``valid_max`` and ``exist_nan_value`` - what BackdoorBench's
 ``Metric_Aggregator`` produces. Files are replaced atomically, so a killed run never leaves a
-half-written CSV.
+half-written CSV; the summary is written only when the rows are complete, so a killed run never
+leaves one whose ``last`` row passes for a final result.
 
 A value that was deliberately not measured (the test sets are scored only every ``--test_every``
 epochs) is :data:`NOT_SCORED`: its cell stays empty, the column stays in place, and a ``tested``
@@ -66,11 +67,19 @@ class MetricLog:
     def summary(self) -> pd.DataFrame:
         return summarize(self.frame())
 
-    def save(self) -> tuple[Path, Path]:
+    def save(self) -> Path:
+        """Write ``<name>_df.csv`` (after every epoch, so a killed run keeps its rows). The summary is
+        left to :meth:`finish`: its ``last`` row reads as the final model's numbers, so it must not
+        exist while the run (or phase) can still be killed."""
         self.folder.mkdir(parents=True, exist_ok=True)
         df_path = self.folder / f"{self.name}_df.csv"
-        summary_path = self.folder / f"{self.name}_df_summary.csv"
         atomic_write_text(df_path, self.frame().to_csv())
+        return df_path
+
+    def finish(self) -> tuple[Path, Path]:
+        """Write the CSV and ``<name>_df_summary.csv``, once the rows are complete."""
+        summary_path = self.folder / f"{self.name}_df_summary.csv"
+        df_path = self.save()
         atomic_write_text(summary_path, self.summary().to_csv())
         return df_path, summary_path
 

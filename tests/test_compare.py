@@ -498,6 +498,33 @@ def test_wall_time_of_a_resumed_run_counts_every_session(tmp_path):
     assert math.isnan(read_wall_time(tmp_path, "missing.json"))
 
 
+def test_a_cell_whose_summary_is_corrupt_is_reported_broken_not_done(digits_workdir, tmp_path):
+    """A result file beside a summary CSV that cannot be read (cut off, empty, binary, without numbers)
+    is not a finished cell: the plan runs it again and the tables say why it has no numbers."""
+    from burnkit.compare.runner import plan
+
+    copy_record(digits_workdir, tmp_path, "badnet_digits")
+    good = (digits_workdir / "record" / "badnet_digits" / "attack_df_summary.csv").read_bytes()
+    corrupt = {"ft-cut": good[:40], "ft-empty": b"", "ft-binary": b"\x00\xff\x12garbage\n",
+               "ft-no-numbers": b",epoch,test_acc,test_asr\nlast,3,x,y\n"}
+    for name, data in corrupt.items():
+        folder = tmp_path / "record" / "badnet_digits" / "defense" / name
+        folder.mkdir(parents=True)
+        (folder / "defense_result.pt").write_bytes(b"")
+        (folder / "ft_df_summary.csv").write_bytes(data)
+    defenses = {name: {"defense": "ft"} for name in corrupt}
+    exp = experiment(tmp_path, "broken", defenses, attacks={"badnet": {"record_name": "badnet_digits"}}, seeds=[0])
+    assert main([str(exp), "--collect-only", "--workdir", str(tmp_path)]) == 0
+    cells = pd.read_csv(tmp_path / "compare" / "broken" / "cells.csv").set_index("defense")
+    for name in corrupt:
+        assert cells.loc[name, "status"].startswith("broken: ft_df_summary.csv"), cells.loc[name, "status"]
+        assert math.isnan(cells.loc[name, "acc"])
+    assert cells.loc["No defense", "status"] == "done"
+    assert "(broken: ft_df_summary.csv" in (tmp_path / "compare" / "broken" / "leaderboard.md").read_text()
+    statuses = {cell.cell_id: status for cell, status in plan(load_experiment(exp, str(tmp_path)))}
+    assert statuses == {"attack/badnet_digits": "done", **{f"defense/badnet_digits/{n}": "todo" for n in corrupt}}
+
+
 def _outside_scripts(root: Path, marker: Path) -> None:
     """An attack script outside the checkout that leaves ``marker`` and fails."""
     script = root / "attack" / "badnet.py"

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -346,3 +347,27 @@ def test_cells_orphaned_by_an_old_compare_are_stopped(tmp_path):
     assert stopped == ["attack/a"]
     assert orphan.wait(timeout=20) == -signal.SIGTERM
     assert not list(logs.glob("*.pid"))
+
+
+def test_a_killed_run_leaves_no_finished_looking_summary(digits_copy, monkeypatch):
+    """A defense killed after its first epoch keeps its per-epoch CSV, but no ``<name>_df_summary.csv``
+    whose ``last`` row would pass for the final model (nor a result); an attack killed alike has no
+    ``attack_df_summary.csv``."""
+    from burnkit import results
+    from test_bad_inputs import killed_attack
+
+    real = results.MetricLog.save
+
+    def save_then_die(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(results.MetricLog, "save", save_then_die)
+    assert defense("ft", "--result_file", RECORD, "--epochs", "3", "--progress", "false") == 130
+    folder = digits_copy / "record" / RECORD / "defense" / "ft"
+    assert len(pd.read_csv(folder / "ft_df.csv")) == 1
+    assert not (folder / "ft_df_summary.csv").exists() and not (folder / "defense_result.pt").exists()
+    monkeypatch.setattr(results.MetricLog, "save", real)
+    killed_attack(digits_copy, "killed")
+    assert (digits_copy / "record" / "killed" / "attack_df.csv").is_file()
+    assert not (digits_copy / "record" / "killed" / "attack_df_summary.csv").exists()

@@ -15,7 +15,7 @@ import pandas as pd
 
 from ..metrics import defense_effectiveness_rate
 from .experiment import Experiment
-from .outputs import find_defense_summary, read_cell_facts, read_metrics, read_wall_time
+from .outputs import find_defense_summary, read_cell_facts, read_wall_time, summary_metrics
 
 NO_DEFENSE = "No defense"
 VALUES = ("acc", "asr", "ra", "der", "wall_time_s")
@@ -35,25 +35,28 @@ def collect(exp: Experiment) -> pd.DataFrame:
     for rec in exp.records:
         folder = exp.workdir / "record" / rec.record
         summary = folder / "attack_df_summary.csv"
-        metrics = read_metrics(summary) if summary.is_file() and (folder / "attack_result.pt").is_file() else _empty()
+        have = summary.is_file() and (folder / "attack_result.pt").is_file()
+        metrics, problem = summary_metrics(summary) if have else (_empty(), None)
+        metrics = _empty() if problem else metrics
         baseline[rec.record] = metrics
         wall = read_wall_time(folder, "provenance.json")
         row = _row(rec, NO_DEFENSE, rec.record, metrics, math.nan, _wall(wall, state, rec.cell_id),
-                   summary if not math.isnan(metrics["acc"]) else None, state, rec.cell_id)
+                   summary if have else None, state, rec.cell_id, problem)
         row.update(dict.fromkeys(FACTS, None), device=_device(folder / "provenance.json"))
         rows.append(row)
     for cell in exp.defense_cells:
         folder = exp.workdir / "record" / cell.record / "defense" / cell.folder
         summary = find_defense_summary(folder, cell.script) if (folder / "defense_result.pt").is_file() else None
-        metrics = read_metrics(summary) if summary else _empty()
+        metrics, problem = summary_metrics(summary) if summary else (_empty(), None)
+        metrics = _empty() if problem else metrics
         base = baseline[cell.record]
         der = math.nan
         if not any(math.isnan(v) for v in (base["acc"], base["asr"], metrics["acc"], metrics["asr"])):
             der = defense_effectiveness_rate(base["acc"], base["asr"], metrics["acc"], metrics["asr"])
         wall = read_wall_time(folder, "cost.json")
         row = _row(cell.source, cell.defense, f"{cell.record}/defense/{cell.folder}", metrics, der,
-                   _wall(wall, state, cell.cell_id), summary, state, cell.cell_id)
-        facts = read_cell_facts(folder, cell.script) if summary else dict.fromkeys(FACTS, None)
+                   _wall(wall, state, cell.cell_id), summary, state, cell.cell_id, problem)
+        facts = read_cell_facts(folder, cell.script) if summary and not problem else dict.fromkeys(FACTS, None)
         clean, train = facts.get("clean_samples"), facts.get("train_set_size")
         facts["clean_share"] = clean / train if clean is not None and train and not math.isnan(train) else math.nan
         row.update(facts)
@@ -84,13 +87,16 @@ def aggregate(cells: pd.DataFrame, exp: Experiment) -> pd.DataFrame:
     return out.drop(columns=["_a", "_d"]).reset_index(drop=True)
 
 
-def _row(rec, defense, path, metrics, der, wall, summary, state, cell_id) -> dict:
+def _row(rec, defense, path, metrics, der, wall, summary, state, cell_id, problem=None) -> dict:
+    """A table row; ``problem`` says why an existing summary cannot be used (the cell is broken)."""
     status = "done" if summary is not None else state.get(cell_id, {}).get("status", "missing")
     if summary is None:
         status, wall = ("missing" if status == "done" else status), math.nan
+    if problem:
+        status, wall = f"broken: {problem}", math.nan
     # outputs compare did not see finish (made by hand, by another tool, or before a kill): their
     # settings are whatever made them, so the report lists them
-    reused = summary is not None and not state.get(cell_id, {}).get("finished_at")
+    reused = summary is not None and not problem and not state.get(cell_id, {}).get("finished_at")
     return {"dataset": rec.dataset, "model": rec.model, "attack": rec.attack, "defense": defense, "seed": rec.seed,
             "record": path, "status": status, **metrics, "der": der, "wall_time_s": wall, "reused": reused,
             "summary_csv": str(summary) if summary else ""}

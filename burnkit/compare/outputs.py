@@ -23,7 +23,8 @@ METRICS = {"acc": "test_acc", "asr": "test_asr", "ra": "test_ra"}
 
 
 def record_done(record_dir: Path) -> bool:
-    return (record_dir / "attack_result.pt").is_file() and (record_dir / "attack_df_summary.csv").is_file()
+    summary = record_dir / "attack_df_summary.csv"
+    return (record_dir / "attack_result.pt").is_file() and summary.is_file() and summary_metrics(summary)[1] is None
 
 
 def find_defense_summary(folder: Path, defense: str) -> Path | None:
@@ -39,13 +40,23 @@ def find_defense_summary(folder: Path, defense: str) -> Path | None:
 
 
 def defense_done(folder: Path, defense: str) -> bool:
-    return (folder / "defense_result.pt").is_file() and find_defense_summary(folder, defense) is not None
+    summary = find_defense_summary(folder, defense)
+    return (folder / "defense_result.pt").is_file() and summary is not None and summary_metrics(summary)[1] is None
 
 
-def read_metrics(summary: Path) -> dict[str, float]:
-    """ACC/ASR/RA (fractions) from a summary CSV; NaN where a column is missing or not a number."""
-    row = read_summary(summary)
-    return {key: _number(row.get(column)) for key, column in METRICS.items()}
+def summary_metrics(summary: Path) -> tuple[dict[str, float], str | None]:
+    """ACC/ASR/RA (fractions) from a summary CSV (NaN where a column is missing or not a number), and
+    why the file cannot stand for a finished run - it cannot be read (cut off, empty, not text) or has
+    no ACC and ASR numbers - or None. A cell with such a summary is broken, not done."""
+    try:
+        row = read_summary(summary)
+    except (OSError, ValueError, IndexError, KeyError) as err:  # pandas' parse errors are ValueErrors
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:100]
+        return {key: math.nan for key in METRICS}, f"{summary.name} cannot be read ({reason})"
+    metrics = {key: _number(row.get(column)) for key, column in METRICS.items()}
+    if not (math.isfinite(metrics["acc"]) and math.isfinite(metrics["asr"])):
+        return metrics, f"{summary.name} has no ACC/ASR numbers"
+    return metrics, None
 
 
 def read_wall_time(folder: Path, *names: str) -> float:

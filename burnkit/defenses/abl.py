@@ -150,6 +150,7 @@ def _phase(run: DefenseRun, model: Classifier, train: ImageSet, phase: str, epoc
     fit_phase(run, model, train, train_cfg, phase, step=step, optimizer=optimizer, scheduler=scheduler,
               attack_columns=True, epoch_end=tag, on_row=on_row)
     if log.rows:
+        log.finish()
         plot_metrics(log.rows, run.out_dir, prefix=f"{phase}_")
 
 

@@ -342,6 +342,7 @@ def adversarial_neuron_pruning(model: Classifier, data: DefenseData, cfg: ANPCon
 
     with run.timed("prune"):
         rows, _ = prune_sweep(model, ranked, cfg, scored, on_row, held_acc, cfg.test_every)
+    sweep.finish()
     plot_metrics(sweep.rows, run.out_dir, prefix=f"{cfg.pruning_by}_", x_key=cfg.pruning_by)
 
     if heldout is None:

@@ -154,6 +154,7 @@ def log_u_sweep(model: Classifier, cfg: PruneByUConfig, run: DefenseRun,
             log.append({"u": u, "num_pruned": len(key), **scored[key]})
             log.save()
     if log.rows:
+        log.finish()
         plot_metrics(log.rows, run.out_dir, prefix="u_step_", x_key="u")
     return log.rows
 

@@ -200,6 +200,7 @@ def self_supervised(run: DefenseRun, model: Classifier, train: ImageSet, cfg: DB
               "self", step=simclr_step, optimizer=optimizer, scheduler=scheduler, eval_suite=None, log=False,
               on_row=lambda row: (log.append({"epoch": row["epoch"], "loss_self": row["train_epoch_loss_avg_over_batch"]}),
                                   log.save()))
+    log.finish()
 
 
 def warmup(run: DefenseRun, model: Classifier, linear: nn.Linear, train: ImageSet, cfg: DBDConfig) -> None:

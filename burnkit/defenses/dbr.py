@@ -147,11 +147,13 @@ def sample_distinction(run: DefenseRun, train: ImageSet, cfg: SampleDistinctionC
     log = MetricLog(run.log_dir, "train_notrans")
     fit_phase(run, model, train, replace(train_cfg, epochs=cfg.epochs), "sd_train",
               optimizer=optimizer, scheduler=scheduler, log=False, on_row=_saver(log))
+    log.finish()
     detach_head(model.net, "the sample distinction")  # the features are trained from here on (linear dropped)
     log = MetricLog(run.log_dir, "finetune_notrans")
     fit_phase(run, model, train, replace(train_cfg, epochs=cfg.epochs_intra), "sd_intra",
               optimizer=optimizer, scheduler=scheduler, step=intra_class_step, eval_suite=None, log=False,
               on_row=_saver(log))
+    log.finish()
     with run.timed("fct"):
         scores = fct_scores(model, train, run.device, cfg.random_seed, cfg.batch_size)
     low, high = fct_thresholds(scores, cfg.clean_ratio, cfg.poison_ratio)

@@ -163,6 +163,7 @@ def secure_training(run: DefenseRun, train, flags: torch.Tensor, cfg: DSTConfig)
                                                     augment=False, scheduler_step="batch", amp=cfg.amp),
               "extractor", step=extractor_step, optimizer=optimizer, scheduler=scheduler, eval_suite=None,
               log=False, on_row=lambda row: (log.append({k: v for k, v in row.items() if k != "batch"}), log.save()))
+    log.finish()
 
     head = FrozenEncoderHead(model, linear)
 

@@ -250,7 +250,7 @@ def fine_prune(model: Classifier, data: DefenseData, cfg: FinePruningConfig, run
                              attack_columns=True)
         finetune_log = MetricLog(run.out_dir, "finetune")
         finetune_log.extend(result.rows)
-        finetune_log.save()
+        finetune_log.finish()
     else:
         fold_mask(linear, mask)
     # BackdoorBench's FP keeps index.txt next to its results (spec §3.7); this copy is the set used.

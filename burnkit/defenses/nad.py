@@ -239,7 +239,7 @@ def neural_attention_distillation(model: Classifier, data: DefenseData, cfg: NAD
             teacher_log.save()
 
         run.fit(teacher, data.clean_subset, train_cfg, log=False, phase="teacher", on_row=on_row)
-        teacher_log.save()
+        teacher_log.finish()
         plot_metrics(teacher_log.rows, run.out_dir, prefix="nad_te_")
     teacher.to(run.device)
     for param in teacher.parameters():
