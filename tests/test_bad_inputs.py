@@ -348,7 +348,7 @@ CASES = [
     Case("dbd-epsilon-range", "defense:dbd", quick("--epsilon", "1.5"), "--epsilon must be > 0 and <= 1"),
     Case("dbd-labels-nothing", "defense:dbd", quick("--epsilon", "0.0001"), "labels nothing"),
     Case("burn-share-out-of-range", "defense:burn", burn("--kp_start", "2"), "--kp_start must be in [0, 1]"),
-    Case("burn-candidates", "defense:burn", burn("--candidates", "1"), "--candidates >= 2"),
+    Case("burn-candidates", "defense:burn", burn("--candidates", "1"), "--candidates 0 (every class) or >= 2"),
     Case("burn-space", "defense:burn", burn("--attack_space", "banana"), "--attack_space must be one of"),
     Case("burn-corrupt-scan", "defense:burn", burn(), "--resume false",
          write_file(f"record/{RECORD}/defense/burn/checkpoint/burn_scan.pt", b"not a torch file")),
