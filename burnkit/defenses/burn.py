@@ -86,8 +86,10 @@ UNFLIPPED_RULES = ("skip", "nearest", "prediction")
 STATE_VERSION = 2
 
 # Why a top-ranked sample is not relabelled (reason codes of ``relabel_plan``).
-RELABEL, UNFLIPPED, OWN_LABEL, TARGET = 0, 1, 2, 3
-SKIP_COLUMNS = {UNFLIPPED: "n_skipped_unflipped", OWN_LABEL: "n_skipped_own_label", TARGET: "n_skipped_target"}
+RELABEL, UNFLIPPED, OWN_LABEL, TARGET, OTHER_LABEL = 0, 1, 2, 3, 4
+SKIP_COLUMNS = {UNFLIPPED: "n_skipped_unflipped", OWN_LABEL: "n_skipped_own_label", TARGET: "n_skipped_target",
+                OTHER_LABEL: "n_skipped_other_label"}
+RULE_NAMES = np.array(["relabel", "skip_unflipped", "skip_own_label", "skip_target", "skip_other_label"])
 
 
 @dataclass
@@ -128,6 +130,9 @@ class BurnConfig(DefenseConfig):
     skip_own_label: bool = option(True, "leave a sample out of D_poison when its adversarial label is the label it "
                                         "already carries (false: the paper)")
     avoid_target: bool = option(True, "never relabel towards the suspected target class (false: the paper)")
+    suspect_label_only: bool = option(False, "D_poison takes only samples that carry the suspected target's label "
+                                             "(all-to-one poison carries it; others are clean images of their "
+                                             "class); false: the paper")
     premise_check: bool = option(True, "stop, keeping the last model that passed, when BURN's premise fails on "
                                        "the training set (false: the paper)")
     premise_share: float = option(0.05, "premise test: the farthest share of samples by boundary distance whose "
@@ -186,9 +191,10 @@ class BurnConfig(DefenseConfig):
     def safeguards(self) -> dict:
         """The safeguard settings in force (``paper_exact`` turns them all off)."""
         if self.paper_exact:
-            return {"unflipped": "prediction", "skip_own_label": False, "avoid_target": False, "premise_check": False}
+            return {"unflipped": "prediction", "skip_own_label": False, "avoid_target": False,
+                    "suspect_label_only": False, "premise_check": False}
         return {"unflipped": self.unflipped, "skip_own_label": self.skip_own_label, "avoid_target": self.avoid_target,
-                "premise_check": self.premise_check}
+                "suspect_label_only": self.suspect_label_only, "premise_check": self.premise_check}
 
 
 # --------------------------------------------------------------------------- algorithm pieces
@@ -292,7 +298,7 @@ def suspected_target(l2: torch.Tensor, labels: torch.Tensor, num_classes: int, s
 def relabel_plan(result: BoundaryResult, labels: torch.Tensor, safeguards: dict,
                  target: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(relabel, reason)`` per sample: the label it gets if it enters D_poison, and RELABEL (0) or
-    why it is left out (UNFLIPPED, OWN_LABEL, TARGET). Algorithm 1 read literally
+    why it is left out (UNFLIPPED, OWN_LABEL, TARGET, OTHER_LABEL). Algorithm 1 read literally
     (``unflipped: prediction``, the other safeguards off) relabels every selected sample with
     ``argmax f(x + δ; θ0)``."""
     relabel = result.adv_label.clone()
@@ -306,6 +312,8 @@ def relabel_plan(result: BoundaryResult, labels: torch.Tensor, safeguards: dict,
         reason[(reason == RELABEL) & (relabel == labels)] = OWN_LABEL
     if safeguards["avoid_target"] and target is not None:
         reason[(reason == RELABEL) & (relabel == target)] = TARGET
+    if safeguards.get("suspect_label_only") and target is not None:
+        reason[(reason == RELABEL) & (labels != target)] = OTHER_LABEL
     return relabel, reason
 
 
@@ -621,7 +629,7 @@ def per_sample_table(train: ImageSet, result: BoundaryResult, state: dict, relab
         "index": train.index.cpu().numpy(), "label": train.labels.cpu().numpy(),
         "boundary_l2": l2.numpy(), "adv_label": result.adv_label.numpy(), "clean_pred": result.clean_label.numpy(),
         "nearest_label": result.nearest_label.numpy(), "relabel": relabel.numpy(),
-        "relabel_rule": np.array(["relabel", "skip_unflipped", "skip_own_label", "skip_target"])[reason.numpy()],
+        "relabel_rule": RULE_NAMES[reason.numpy()],
         "attack_iterations": result.iterations.numpy(), "attack_converged": result.converged.numpy(),
         "BD": (l2 / l2.max().clamp_min(1e-12)).numpy(), "PD": state["pd"].numpy(), "S": state["score"].numpy(),
         "selected_poison_iters": [";".join(v) for v in in_poison],

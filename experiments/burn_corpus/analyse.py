@@ -180,10 +180,8 @@ def main(argv=None) -> None:
                             "asr_final": df["test_asr"].dropna().iloc[-1] if df["test_asr"].notna().any() else None})
             summary = workdir / "record" / cell.record / "attack_df_summary.csv"
             if summary.is_file():
-                last = pd.read_csv(summary).set_index(pd.read_csv(summary).columns[0])
-                for key, col in (("acc_before", "test_acc"), ("asr_before", "test_asr")):
-                    if col in last.columns:
-                        records[-1][key] = float(last[col].dropna().iloc[-1])
+                last = pd.read_csv(summary, index_col=0).loc["last"]
+                records[-1].update(acc_before=float(last["test_acc"]), asr_before=float(last["test_asr"]))
     pd.DataFrame(premise).to_csv(out / "premise.csv", index=False)
     pd.DataFrame(iterations).to_csv(out / "iterations.csv", index=False)
     pd.DataFrame(records).to_csv(out / "records.csv", index=False)
