@@ -55,6 +55,8 @@ def class_signatures(l2: torch.Tensor, crossed: torch.Tensor, labels: torch.Tens
     (see the module docstring), sorted by enrichment, largest first."""
     far = farthest_mask(l2, share)
     n_far = int(far.sum())
+    counts = torch.bincount(labels, minlength=num_classes).double()
+    median_count = float(counts[counts > 0].median()) if bool((counts > 0).any()) else 1.0
     rows = []
     for c in range(num_classes):
         own = labels == c
@@ -63,7 +65,8 @@ def class_signatures(l2: torch.Tensor, crossed: torch.Tensor, labels: torch.Tens
         p_rest, n_cross_rest = crossing(crossed, ~far & own, num_classes)
         nonzero = p_far[p_far > 0]
         rows.append({
-            "class": c, "n_far": int((far & own).sum()),
+            "class": c, "n_far": int((far & own).sum()), "label_share": base,
+            "label_inflation": float(counts[c]) / median_count,
             "enrichment": float((far & own).sum()) / n_far / base if base > 0 else 0.0,
             "max_share": float(p_far.max()) if n_cross_far else None,
             "max_share_class": int(p_far.argmax()) if n_cross_far else None,
