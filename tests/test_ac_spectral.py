@@ -15,7 +15,7 @@ from burnkit.datasets import dataset_info
 from burnkit.defenses.ac import ActivationClustering, activation_clusters, poison_clusters
 from burnkit.defenses.spectral import SpectralSignatures, spectral_keep_mask, spectral_scores
 from burnkit.errors import BurnError
-from burnkit.features import feature_layer, layer_outputs, penultimate_features
+from burnkit.network_surgery import feature_layer, layer_outputs, penultimate_features
 from burnkit.models import build_classifier
 
 

@@ -13,7 +13,7 @@ import yaml
 
 from burnkit.compare import main
 from burnkit.compare.experiment import load_experiment
-from burnkit.detection.metrics import auroc, precision_at_poison_rate, tpr_at_fpr
+from burnkit.detection_metrics import auroc, precision_at_poison_rate, tpr_at_fpr
 from burnkit.records import read_attack_record
 from test_compare import BURN_FAST, copy_record
 

@@ -13,15 +13,15 @@ import pytest
 import torch
 from torch import nn
 
-from burnkit.detection import metrics
-from burnkit.detection.abl import guarded_step, lowest_share
-from burnkit.detection.ac import activation_clustering
-from burnkit.detection.beatrix import BeatrixModel, GramStatistics, gram_features
-from burnkit.detection.features import default_feature_point, extract, final_layer, resolve_feature_point
-from burnkit.detection.scan import THRESHOLD, anomaly_index, scan
-from burnkit.detection.spectral import percentile_flags, spectral_scores, top_direction
-from burnkit.detection.spectre import spectre
-from burnkit.detection.strip import strip_entropy
+from burnkit import detection_metrics as metrics
+from burnkit.detectors.abl import guarded_step, lowest_share
+from burnkit.detectors.ac import activation_clustering
+from burnkit.detectors.beatrix import BeatrixModel, GramStatistics, gram_features
+from burnkit.detectors.scan import THRESHOLD, anomaly_index, scan
+from burnkit.detectors.spectral import percentile_flags, spectral_scores, top_direction
+from burnkit.detectors.spectre import spectre
+from burnkit.detectors.strip import strip_entropy
+from burnkit.feature_points import default_feature_point, extract, final_layer, resolve_feature_point
 from burnkit.detector import choose_clean_reserve, get_detector, list_detectors
 from burnkit.data import ImageSet
 from burnkit.errors import BurnError

@@ -1,5 +1,5 @@
 """The detection table of an experiment: every detector's per-sample scores on every record, measured with
-one metric code (:mod:`burnkit.detection.metrics`), and one ROC overlay per record.
+one metric code (:mod:`burnkit.detection_metrics`), and one ROC overlay per record.
 
 The scores come from each detection folder's ``detection_scores.npy`` (ours; BackdoorBench's detectors
 write none, so their rows stay empty); the truth comes from the record itself (``bd_train``'s poison
@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..detection.metrics import auroc, ranking_metrics
+from ..detection_metrics import auroc, ranking_metrics
 from ..detector import SCORES_JSON, SCORES_NPY, plot_roc
 from ..errors import BurnError
 from ..records import read_attack_record

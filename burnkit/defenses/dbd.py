@@ -43,7 +43,7 @@ from ..config import option
 from ..data import ImageSet
 from ..defense import Defense, DefenseData, DefenseRun, register_defense
 from ..engine import StepContext, StepOutput, TrainConfig, predict
-from ..features import ProjectionModel, attach_head, detach_head, feature_dim
+from ..network_surgery import ProjectionModel, attach_head, detach_head, feature_dim
 from ..models import Classifier
 from ..results import MetricLog
 from ..views import ContrastiveViews

@@ -48,7 +48,7 @@ from ..data import ImageSet
 from ..defense import Defense, DefenseData, DefenseRun, register_defense
 from ..engine import StepContext, StepOutput, TrainConfig, eval_mode, iterate, make_optimizer, make_scheduler
 from ..errors import BurnError
-from ..features import detach_head
+from ..network_surgery import detach_head
 from ..fileio import atomic_write_bytes
 from ..models import Classifier
 from ..results import MetricLog, atomic_write_text

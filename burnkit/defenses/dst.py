@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from ..config import option
 from ..defense import Defense, DefenseData, DefenseRun, register_defense
 from ..engine import StepContext, StepOutput, TrainConfig
-from ..features import FrozenEncoderHead, ProjectionModel, attach_head, detach_head, feature_dim
+from ..network_surgery import FrozenEncoderHead, ProjectionModel, attach_head, detach_head, feature_dim
 from ..models import Classifier
 from ..results import MetricLog
 from ..views import ContrastiveViews

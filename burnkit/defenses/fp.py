@@ -58,7 +58,7 @@ from ..defense import (Defense, DefenseData, DefenseRun, SelectionConfig, regist
                        split_heldout)
 from ..engine import eval_mode, iterate
 from ..errors import BurnError
-from ..features import final_linear
+from ..network_surgery import final_linear
 from ..metrics import accuracy
 from ..models import Classifier
 from ..results import MetricLog, atomic_write_text

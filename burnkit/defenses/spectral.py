@@ -35,7 +35,7 @@ import torch
 from ..config import option
 from ..data import ImageSet
 from ..defense import Defense, DefenseData, DefenseRun, register_defense
-from ..features import feature_layer, layer_outputs
+from ..network_surgery import feature_layer, layer_outputs
 from ..datasets import dataset_info
 from ..errors import BurnError
 from ..models import Classifier, build_classifier
