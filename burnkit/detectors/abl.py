@@ -68,6 +68,8 @@ def lowest_share(values: np.ndarray, share: float) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- the detector
+
+
 GUARDS = ("LGA", "Flooding")
 
 

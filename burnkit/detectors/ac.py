@@ -110,6 +110,8 @@ def activation_clustering(features, labels, nb_dims: int = 10, nb_clusters: int 
 
 
 # --------------------------------------------------------------------------- the detector
+
+
 @dataclass
 class ACConfig(FeatureConfig):
     target_layer: str | None = option(None, "feature point (module name, NAME:input for its input); default: the "

@@ -1,8 +1,14 @@
 """Beatrix (Ma et al., "The Beatrix Resurrections: Robust Backdoor Detection via Gram Matrices",
 NDSS 2023, https://arxiv.org/abs/2209.11715).
 
-A feature map F (C x HW) is summarised by its Gram matrices of order p = 1..8:
-``G_p = sign(F^p F^pT) |F^p F^pT|^(1/p)``, upper triangle. For every class, the clean samples give
+A feature map F (C x HW) is summarised by its Gram matrices of order p = 1..8, upper triangle:
+
+* ``backdoorbench`` (``--variant``, the default): ``G_p = sign(F F^T) |F F^T|^(1/p)``, as BackdoorBench's
+  ``Feature_Correlations.G_p`` computes it: the order only changes the root taken of one Gram matrix;
+* ``paper``: ``G_p = sign(F^p F^pT) |F^p F^pT|^(1/p)``, the paper's p-th order Gram matrix of the
+  features raised element-wise to the power p (higher orders weigh the strong activations).
+
+The two are equal for p = 1. For every class, the clean samples give
 each Gram entry a median and a median absolute deviation (MAD); a sample's deviation is its summed
 relative excess outside ``median ± 10 MAD``, ``relu(lo - g) / |lo| + relu(g - hi) / |hi|``, averaged
 over entries and orders. Poisoned inputs carry feature correlations that clean inputs of their
@@ -33,18 +39,20 @@ from ..feature_points import extract
 
 
 POWERS = tuple(range(1, 9))
+VARIANTS = ("backdoorbench", "paper")
 
 
-def gram_features(maps: torch.Tensor, powers=POWERS) -> torch.Tensor:
-    """(N, P, E): for each order p the upper triangle of ``sign(G) |G|^(1/p)``, ``G = F^p F^pT``.
-    ``maps`` is N x C x H x W (or N x C, a 1 x 1 map). E = C (C + 1) / 2 entries per order, so callers
-    score large sets in chunks."""
+def gram_features(maps: torch.Tensor, powers=POWERS, raise_features: bool = False) -> torch.Tensor:
+    """(N, P, E): for each order p the upper triangle of ``sign(G) |G|^(1/p)``, ``G = F F^T``
+    (BackdoorBench) or, with ``raise_features`` (the paper), ``G = F^p F^pT``. ``maps`` is
+    N x C x H x W (or N x C, a 1 x 1 map). E = C (C + 1) / 2 entries per order, so callers score
+    large sets in chunks."""
     f = maps.double().flatten(2) if maps.dim() > 2 else maps.double().unsqueeze(2)
     c = f.shape[1]
     rows, cols = torch.triu_indices(c, c)
     out = []
     for p in powers:
-        fp = f ** p
+        fp = f ** p if raise_features else f
         g = torch.bmm(fp, fp.transpose(1, 2))[:, rows, cols]
         out.append((g.sign() * g.abs() ** (1.0 / p)).float())  # computed in float64, kept in float32
     return torch.stack(out, 1)
@@ -125,6 +133,8 @@ class BeatrixModel:
 
 
 # --------------------------------------------------------------------------- the detector
+
+
 GRAM_BYTES = 256 * 2**20  # Gram features held at once while scoring
 
 
@@ -134,6 +144,9 @@ class BeatrixConfig(FeatureConfig):
     mad_k: float = option(10.0, "bounds median ± k MAD per Gram entry", above=0)
     quantile: float = option(0.95, "threshold: this quantile of the 5-fold clean deviations", above=0, high=1)
     folds: int = option(5, "folds of the clean reserve for the threshold", low=2)
+    variant: str = option("backdoorbench", "backdoorbench: Gram matrices of the features as they are, rooted per "
+                                           "order (BackdoorBench); paper: of the features raised to the power p "
+                                           "(docs/detection.md)", choices=VARIANTS)
 
 
 @register_detector
@@ -150,7 +163,7 @@ class Beatrix(FeatureDetector):
         powers = tuple(cfg.powers)
 
         def grams(maps):
-            return gram_features(maps, powers)
+            return gram_features(maps, powers, raise_features=cfg.variant == "paper")
 
         with run.timed("clean_statistics"):
             clean, _ = extract(model, data.clean, point, run.device, cfg.batch_size, grams, cfg.amp)
@@ -168,7 +181,7 @@ class Beatrix(FeatureDetector):
                 bar.update(len(part))
         share = {int(c): float(flags[preds == c].mean()) for c in np.unique(preds)}
         return DetectionResult(scores, flags, target="Unknown", notes={
-            "feature_point": point, "powers": list(powers), "thresholds": fitted.thresholds,
+            "variant": cfg.variant, "feature_point": point, "powers": list(powers), "thresholds": fitted.thresholds,
             "flagged_share_by_predicted_class": share,
             "grouping": "inspected samples by predicted class, clean reserve by label",
             "rule": f"deviation > the {cfg.quantile} quantile of {cfg.folds}-fold clean deviations of the class"})

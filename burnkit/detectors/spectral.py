@@ -74,6 +74,8 @@ def percentile_flags(scores: np.ndarray, labels, percentile: float, classes=None
 
 
 # --------------------------------------------------------------------------- the detector
+
+
 @dataclass
 class SpectralConfig(FeatureConfig):
     percentile: float = option(85.0, "flag scores above this percentile of their class (BackdoorBench)",

@@ -13,13 +13,22 @@ Per class (the label each sample carries), with ε the assumed number of poisone
 
 The per-sample score is the QUE score at the chosen k; the flags are that k's top 1.5ε.
 
-The robust covariance: the paper filters with Diakonikolas et al.'s estimator; here it is
-scikit-learn's Minimum Covariance Determinant with a support of ``n - 2ε`` samples (the same
-budget of ignored samples; a standard robust estimator). k = 1 is whitened as well, so scores of
-different classes are on the same scale when they are pooled.
+Two variants (:data:`VARIANTS`, ``--variant``):
 
-ε per class is ``percentile * N`` (N = all inspected samples; BackdoorBench's 0.01) capped at a
-third of the class, BackdoorBench's rule; the true poisoning rate is not read.
+* ``backdoorbench`` (the default), as BackdoorBench's ``detection_pretrain/spectre.py`` computes it:
+  ``exp`` of M and the trace of ``Σ' M`` are NumPy's element-wise ``np.exp`` and ``Σ' * M`` (the
+  trace then sums ``Σ'_ii M_ii``); the QUE scores are taken on the data centred at the class mean;
+  ε per class is ``percentile * N`` (N = all inspected samples), at most ``round(0.33 n)`` and, for a
+  class of fewer than 500 samples, at most ``round(0.1 n)``.
+* ``paper``: M is the matrix exponential and the quality ``tr(Σ' M)`` a matrix product, as the
+  paper's QUE score defines them; the scores are centred at the robust location; ε is
+  ``min(percentile * N, n / 3)``.
+
+The robust covariance: the paper and BackdoorBench filter with Diakonikolas et al.'s estimator; here
+it is scikit-learn's Minimum Covariance Determinant with a support of ``n - 2ε`` samples (the same
+budget of ignored samples; a standard robust estimator). k = 1 is whitened as well (BackdoorBench
+scores the raw first component there), so scores of different classes are on the same scale when
+they are pooled; within a class this changes no flag. The true poisoning rate is not read.
 
 ``detection_pretrain/spectre.py`` runs it on a record's poisoned training set
 (BackdoorBench folder ``detection/spectre_pretrain/``).
@@ -36,8 +45,19 @@ from ..config import option
 from ..detector import DetectionResult, FeatureConfig, FeatureDetector, register_detector
 from ..feature_points import as_numpy, extract
 
-
 DEFAULT_KS = (1, 4, 9, 16, 25, 36, 49, 64)
+
+
+@dataclass(frozen=True)
+class SpectreVariant:
+    """Where BackdoorBench's SPECTRE and the paper's differ (see the module docstring)."""
+
+    elementwise: bool  # np.exp and Σ' * M element by element (BackdoorBench), else matrix exponential and product
+    centre_at_mean: bool  # QUE scores of the data centred at the class mean (BackdoorBench), else the robust location
+    small_class_cap: bool  # BackdoorBench's ε rule: <= round(0.33 n), and <= round(0.1 n) below 500 samples
+
+
+VARIANTS = {"backdoorbench": SpectreVariant(True, True, True), "paper": SpectreVariant(False, False, False)}
 
 
 @dataclass
@@ -53,21 +73,49 @@ def _whitener(cov: np.ndarray) -> np.ndarray:
     return vecs @ np.diag(vals ** -0.5) @ vecs.T
 
 
-def que_matrix(white: np.ndarray, alpha: float) -> tuple[np.ndarray, np.ndarray]:
-    """``(M, Σ')`` for whitened data (n x k); M = I / k when Σ' has no direction above 1."""
-    k = white.shape[1]
-    sigma = np.atleast_2d(np.cov(white.T, bias=True))
+def que_weights(sigma: np.ndarray, alpha: float, elementwise: bool) -> np.ndarray:
+    """M for the covariance ``sigma`` (k x k) of whitened data, normalised to trace 1:
+    ``exp(α (Σ' - I) / (||Σ'||_2 - 1))``, the matrix exponential or (``elementwise``) NumPy's ``np.exp``
+    of every entry; ``I / k`` when Σ' has no direction above 1 (or k = 1)."""
+    k = sigma.shape[0]
     top = np.linalg.eigvalsh(sigma)[-1]
     if k == 1 or top - 1.0 <= 1e-9:
         m = np.eye(k)
     else:
-        m = expm(alpha * (sigma - np.eye(k)) / (top - 1.0))
-    return m / np.trace(m), sigma
+        arg = alpha * (sigma - np.eye(k)) / (top - 1.0)
+        m = np.exp(arg) if elementwise else expm(arg)
+    return m / np.trace(m)
 
 
-def que_scores(white: np.ndarray, alpha: float = 4.0) -> np.ndarray:
-    m, _ = que_matrix(white, alpha)
+def que_matrix(white: np.ndarray, alpha: float, elementwise: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """``(M, Σ')`` for whitened data (n x k)."""
+    sigma = np.atleast_2d(np.cov(white.T, bias=True))
+    return que_weights(sigma, alpha, elementwise), sigma
+
+
+def que_scores(white: np.ndarray, alpha: float = 4.0, elementwise: bool = False) -> np.ndarray:
+    m, _ = que_matrix(white, alpha, elementwise)
     return np.einsum("ij,jk,ik->i", white, m, white)
+
+
+def que_quality(sigma: np.ndarray, m: np.ndarray, elementwise: bool) -> float:
+    """``tr(Σ' M) / tr(M)``; ``elementwise``: BackdoorBench's ``trace(Σ' * M)``, the sum of
+    ``Σ'_ii M_ii`` (the off-diagonal entries do not count)."""
+    product = sigma * m if elementwise else sigma @ m
+    return float(np.trace(product) / np.trace(m))
+
+
+def class_budget(percentile: float, n_total: int, n_class: int, small_class_cap: bool) -> int:
+    """ε of one class: ``percentile * n_total`` capped (at least 1). ``small_class_cap``: BackdoorBench's
+    caps, ``round(0.33 n)`` and ``round(0.1 n)`` for a class below 500 samples; else ``n / 3``."""
+    eps = percentile * n_total
+    if not small_class_cap:
+        return max(1, int(min(eps, n_class / 3)))
+    if eps > 0.33 * n_class:
+        eps = round(0.33 * n_class)
+    if n_class < 500 and eps > 0.1 * n_class:
+        eps = round(0.1 * n_class)
+    return max(1, int(eps))
 
 
 def robust_location_scatter(z: np.ndarray, ignore: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -85,8 +133,9 @@ def robust_location_scatter(z: np.ndarray, ignore: int, seed: int) -> tuple[np.n
 
 
 def spectre_class(x: np.ndarray, eps: int, alpha: float = 4.0, pca_dims: int = 64, ks=DEFAULT_KS,
-                  seed: int = 0) -> tuple[np.ndarray, np.ndarray, dict]:
+                  seed: int = 0, variant: str | SpectreVariant = "backdoorbench") -> tuple[np.ndarray, np.ndarray, dict]:
     """QUE scores, flags and the chosen k for one class's features ``x`` (n x d)."""
+    v = VARIANTS[variant] if isinstance(variant, str) else variant
     n = len(x)
     centred = x - x.mean(0)
     dims = max(1, min(pca_dims, n - 1, x.shape[1]))
@@ -97,13 +146,14 @@ def spectre_class(x: np.ndarray, eps: int, alpha: float = 4.0, pca_dims: int = 6
     for k in [k for k in ks if k <= dims] or [dims]:
         zk = z[:, :k]
         loc, cov = robust_location_scatter(zk, int(round(2 * eps)), seed)
-        scores = que_scores((zk - loc) @ _whitener(cov), alpha)
+        white = (zk if v.centre_at_mean else zk - loc) @ _whitener(cov)
+        scores = que_scores(white, alpha, v.elementwise)
         flags = np.zeros(n, dtype=bool)
         flags[np.argsort(-scores, kind="stable")[:n_flag]] = True
         kept = z[~flags] if (~flags).sum() > 1 else z
-        white = (z - kept.mean(0)) @ _whitener(np.atleast_2d(np.cov(kept.T, bias=True)))
-        m, sigma = que_matrix(white, alpha)
-        quality = float(np.trace(sigma @ m) / np.trace(m))
+        white_all = (z - kept.mean(0)) @ _whitener(np.atleast_2d(np.cov(kept.T, bias=True)))
+        m, sigma = que_matrix(white_all, alpha, v.elementwise)
+        quality = que_quality(sigma, m, v.elementwise)
         if best is None or quality > best[3]:
             best = (k, scores, flags, quality)
     k, scores, flags, quality = best
@@ -111,8 +161,9 @@ def spectre_class(x: np.ndarray, eps: int, alpha: float = 4.0, pca_dims: int = 6
 
 
 def spectre(features, labels, percentile: float = 0.01, alpha: float = 4.0, pca_dims: int = 64,
-            ks=DEFAULT_KS, seed: int = 0) -> SpectreResult:
-    """SPECTRE over every class; ε_c = min(percentile * N, n_c / 3) (at least 1)."""
+            ks=DEFAULT_KS, seed: int = 0, variant: str | SpectreVariant = "backdoorbench") -> SpectreResult:
+    """SPECTRE over every class, ε per class by :func:`class_budget`."""
+    v = VARIANTS[variant] if isinstance(variant, str) else variant
     x = as_numpy(features, dtype=None)  # upcast per class: N x d can be large
     y = np.asarray(labels)
     out = SpectreResult(np.zeros(len(x)), np.zeros(len(x), dtype=bool))
@@ -120,8 +171,8 @@ def spectre(features, labels, percentile: float = 0.01, alpha: float = 4.0, pca_
         idx = np.flatnonzero(y == c)
         if len(idx) < 3:
             continue
-        eps = max(1, int(min(percentile * len(x), len(idx) / 3)))
-        scores, flags, facts = spectre_class(x[idx].astype(np.float64), eps, alpha, pca_dims, ks, seed)
+        eps = class_budget(percentile, len(x), len(idx), v.small_class_cap)
+        scores, flags, facts = spectre_class(x[idx].astype(np.float64), eps, alpha, pca_dims, ks, seed, v)
         out.scores[idx] = scores
         out.flagged[idx] = flags
         out.per_class[int(c)] = facts
@@ -129,13 +180,19 @@ def spectre(features, labels, percentile: float = 0.01, alpha: float = 4.0, pca_
 
 
 # --------------------------------------------------------------------------- the detector
+
+
 @dataclass
 class SpectreConfig(FeatureConfig):
-    percentile: float = option(0.01, "ε = percentile x N poisoned samples assumed per class, capped at a third of "
-                                     "the class (BackdoorBench's rule and value)", above=0, high=1)
+    percentile: float = option(0.01, "ε = percentile x N poisoned samples assumed per class, capped per --variant "
+                                     "(BackdoorBench's value)", above=0, high=1)
     alpha: float = option(4.0, "QUE temperature α", above=0)
     pca_dims: int = option(64, "principal components kept before the search over k", low=1)
     ks: list[int] = option(list(DEFAULT_KS), "candidate numbers of components k", low=1)
+    variant: str = option("backdoorbench", "backdoorbench: BackdoorBench's SPECTRE (element-wise exp and trace, "
+                                           "scores centred at the class mean, ε <= 0.1 n below 500 samples); paper: "
+                                           "matrix exponential and product, robust centre, ε <= n / 3 "
+                                           "(docs/detection.md)", choices=tuple(VARIANTS))
 
 
 @register_detector
@@ -152,9 +209,10 @@ class Spectre(FeatureDetector):
             feats, _ = extract(model, data.inspected, point, run.device, cfg.batch_size, amp=cfg.amp)
         with run.timed("scores"):
             res = spectre(feats, data.inspected.labels.numpy(), cfg.percentile, cfg.alpha, cfg.pca_dims,
-                          tuple(cfg.ks), cfg.random_seed)
+                          tuple(cfg.ks), cfg.random_seed, cfg.variant)
         strongest = max(res.per_class, key=lambda c: res.per_class[c]["quality"]) if res.per_class else None
         return DetectionResult(res.scores, res.flagged, target=str(strongest), notes={
-            "feature_point": point, "feature_dim": int(feats.shape[1]), "per_class": res.per_class,
+            "variant": cfg.variant, "feature_point": point, "feature_dim": int(feats.shape[1]),
+            "per_class": res.per_class,
             "target": "the class whose chosen k leaves the largest QUE quality",
             "rule": "per class, the top 1.5 ε QUE scores at the chosen k"})
