@@ -99,6 +99,10 @@ def test_variant_labels_name_backdoorbench_and_the_paper():
     assert variant_label({"variant": "paper"}) == "paper"
     assert variant_label({"blend": "saturating"}) == "authors' saturating blend"
     assert variant_label({"percentile": 85.0}) == ""
+    # sidecars written before the flags: STRIP's clip was its blend, the others ran the paper's form
+    assert variant_label({"clip": True}, "strip") == "authors' saturating blend"
+    assert variant_label({"threshold": 7.39}, "scan") == "paper (made before --variant)"
+    assert variant_label({"percentile": 0.01}, "spectral") == ""
 
 
 def test_auroc_matrix_names_each_detector_variant():

@@ -44,14 +44,21 @@ BURN_ROWS = ("burn", "burn_s")  # scripts whose rows are BURN's
 VARIANT_LABELS = {"variant": {"backdoorbench": "BackdoorBench", "paper": "paper"},
                   "blend": {"backdoorbench": "BackdoorBench (normalised-tensor blend)",
                             "saturating": "authors' saturating blend"},
+                  "clip": {True: "authors' saturating blend", False: "unclipped pixel sum (neither form)"},
                   "centered": {False: "BackdoorBench (uncentred)", True: "paper (centred)"}}
+# detectors whose sidecars written before --variant existed ran the paper's form
+PAPER_BEFORE_VARIANT = ("scan", "spectre", "beatrix")
 
 
-def variant_label(config: dict) -> str:
-    """The variant a detection ran, from its sidecar's config ("" for a method with one form)."""
+def variant_label(config: dict, method: str | None = None) -> str:
+    """The variant a detection ran, from its sidecar's config and method ("" for a method with one
+    form). Sidecars older than the flag still get a label: STRIP's ``clip`` was its blend, and SCAn,
+    SPECTRE and Beatrix then always ran the paper's form."""
     for key, labels in VARIANT_LABELS.items():
         if key in config:
             return labels.get(config[key], f"{key} {config[key]}")
+    if method in PAPER_BEFORE_VARIANT:
+        return "paper (made before --variant)"
     return ""
 
 
@@ -107,7 +114,7 @@ def collect_detection(exp: Experiment) -> tuple[pd.DataFrame, dict[str, dict[str
                            n_poison=int(truth.sum()), compute_s=_number(facts.get("compute_s")),
                            clean_samples_used=_number(facts.get("clean_samples_used")),
                            flagged=_number(facts.get("flagged")), TP=_number(facts.get("TP")),
-                           variant=variant_label(facts.get("config") or {}))
+                           variant=variant_label(facts.get("config") or {}, facts.get("method")))
                 curves.setdefault(rec.record, {})[cell.detector] = (scores, truth)
         rows.append(row)
     return pd.DataFrame(rows), curves
