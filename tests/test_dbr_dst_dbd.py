@@ -11,10 +11,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from baseline_checks import scramble_poison_flags, load_defended, score
+from baseline_checks import load_defended, score
 from burnkit.data import ImageSet
-from burnkit.defenses.dbd import (Decoupling, SemiSplit, linear_rampup, nt_xent, sharpen,
-                                  symmetric_cross_entropy)
+from burnkit.defenses import dbd as dbd_mod
+from burnkit.defenses import dst as dst_mod
+from burnkit.defenses.dbd import (DBDConfig, Decoupling, SemiSplit, linear_rampup, nt_xent, semi_optimizer, sharpen,
+                                  split_losses, symmetric_cross_entropy, unlabelled_weight)
 from burnkit.defenses.dbr import (CLEAN, DBR, POISON, SUSPICIOUS, fct_scores, fct_thresholds, intra_class_loss,
                                   split_by_fct)
 from burnkit.defenses.dst import DST, consistency_contrastive_loss, mixed_cross_entropy, warmup_cosine
@@ -111,7 +113,7 @@ def test_with_no_clean_sample_the_d_st_loss_is_simclr_nt_xent():
     z1, z2 = F.normalize(torch.randn(6, 8, generator=gen), dim=1), F.normalize(torch.randn(6, 8, generator=gen), dim=1)
     labels = torch.zeros(6, dtype=torch.long)  # labels are ignored for non-clean anchors
     d_st = consistency_contrastive_loss(z1, z2, labels, torch.zeros(6, dtype=torch.bool), 0.5, 0.5)
-    assert d_st.item() == pytest.approx(nt_xent(z1, z2, 0.5).item(), rel=1e-5)
+    assert d_st.item() == pytest.approx(nt_xent(z1, z2, 0.5, anchors="both").item(), rel=1e-5)
 
 
 def test_mixed_cross_entropy_by_hand():
@@ -143,7 +145,19 @@ def test_warmup_cosine_schedule_points():
 
 def test_nt_xent_by_hand():
     z = torch.eye(2)  # two images, identical views: positive similarity 1, negatives 0, T = 1
-    assert nt_xent(z, z, 1.0).item() == pytest.approx(math.log((2 + math.e) / math.e))
+    for anchors in ("first", "both"):  # symmetric views: both losses agree
+        assert nt_xent(z, z, 1.0, anchors).item() == pytest.approx(math.log((2 + math.e) / math.e))
+
+
+def test_nt_xent_anchors_first_views_only_as_backdoorbench():
+    """Views that differ: image 0's are (1, 0) and (1, 0), image 1's (0, 1) and (1, 0); T = 1. The anchor
+    (1, 0) of image 0 has similarities 0, 1 (positive), 1: loss log((1 + 2e) / e); the anchor (0, 1) of
+    image 1 has 0, 0, 0 (positive): log 3. The second views as anchors add log((1 + 2e) / e) (image 0) and,
+    for image 1's (1, 0) with its positive (0, 1) at 0 against 1 and 1, log(1 + 2e)."""
+    z1, z2 = torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    a, b = math.log((1 + 2 * math.e) / math.e), math.log(3)
+    assert nt_xent(z1, z2, 1.0, "first").item() == pytest.approx((a + b) / 2)  # BackdoorBench, the DBD authors
+    assert nt_xent(z1, z2, 1.0, "both").item() == pytest.approx((2 * a + b + math.log(1 + 2 * math.e)) / 4)
 
 
 def test_symmetric_cross_entropy_by_hand():
@@ -155,6 +169,62 @@ def test_symmetric_cross_entropy_by_hand():
 def test_sharpen_and_rampup():
     assert torch.allclose(sharpen(torch.tensor([[0.25, 0.75]]), 0.5), torch.tensor([[0.1, 0.9]]))
     assert [linear_rampup(p, 190) for p in (0, 95, 190, 300)] == [0.0, 0.5, 1.0, 1.0]
+
+
+def test_unlabelled_weight_ramps_over_backdoorbench_global_epoch():
+    """BackdoorBench passes its loop's epoch, warm-up epochs included, to the MixMatch loss: the first
+    semi-supervised iteration after 10 warm-up epochs is already at 10 / 190 of lambda_u."""
+    bb = DBDConfig(epoch_warmup=10, rampup_length=190, lambda_u=15.0)
+    assert unlabelled_weight(bb, 0, 0, 1024) == pytest.approx(15 * 10 / 190)
+    assert unlabelled_weight(bb, 2, 512, 1024) == pytest.approx(15 * 12.5 / 190)
+    assert unlabelled_weight(bb, 180, 0, 1024) == pytest.approx(15.0)  # epoch 190: the ramp's end
+    semi_only = DBDConfig(epoch_warmup=10, rampup_length=190, lambda_u=15.0, rampup_counts_warmup=False)
+    assert unlabelled_weight(semi_only, 0, 0, 1024) == 0.0
+    assert unlabelled_weight(semi_only, 2, 512, 1024) == pytest.approx(15 * 2.5 / 190)
+
+
+class _Pixels(torch.nn.Module):
+    """Logits = a fixed linear map of the pixels: any shift of the image changes them."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(64, 3)
+        torch.nn.init.normal_(self.linear.weight, generator=torch.Generator().manual_seed(0))
+
+    def forward(self, x):
+        return self.linear(x.flatten(1))
+
+
+def test_split_losses_score_augmented_images_as_backdoorbench_train_transform():
+    from burnkit.data import Augment
+
+    gen = torch.Generator().manual_seed(1)
+    images = torch.randint(0, 256, (20, 1, 8, 8), dtype=torch.uint8, generator=gen)
+    labels = torch.randint(0, 3, (20,), generator=gen)
+    data = ImageSet(images, labels, labels.clone(), torch.zeros(20, dtype=torch.bool), torch.arange(20))
+    net, augment, cpu = _Pixels(), Augment(padding=2), torch.device("cpu")
+    plain = symmetric_cross_entropy(net(images.float() / 255), labels, 0.1, 1.0, reduction="none").detach()
+    as_is = split_losses(net, data, DBDConfig(split_scoring_augment=False), cpu, augment, epoch=3)
+    assert torch.allclose(as_is, plain, atol=1e-6)
+    cfg = DBDConfig(random_seed=7)  # BackdoorBench: one draw of the train augmentation per epoch, seeded
+    first, again = split_losses(net, data, cfg, cpu, augment, 3), split_losses(net, data, cfg, cpu, augment, 3)
+    replay = torch.Generator().manual_seed(7 * 1_000_003 + 3)
+    moved = augment(images, replay).float() / 255
+    expected = symmetric_cross_entropy(net(moved), labels, 0.1, 1.0, reduction="none").detach()
+    assert torch.allclose(first, expected, atol=1e-6) and torch.equal(first, again)  # a resumed run draws the same
+    assert not torch.allclose(first, plain, atol=1e-3)
+    assert not torch.allclose(first, split_losses(net, data, cfg, cpu, augment, 4), atol=1e-3)  # a new draw per epoch
+
+
+def test_semi_optimizer_continues_the_warmup_adam_or_starts_anew():
+    model = torch.nn.Linear(2, 2)
+    warm = torch.optim.Adam(model.parameters(), lr=0.002)
+    model(torch.ones(1, 2)).sum().backward()
+    warm.step()
+    kept = semi_optimizer(model, warm, DBDConfig(lr_semi=0.001))
+    assert kept is warm and kept.param_groups[0]["lr"] == 0.001 and len(kept.state) == 2  # moments kept
+    fresh = semi_optimizer(model, warm, DBDConfig(lr_semi=0.001, semi_optimizer="fresh"))
+    assert fresh is not warm and not fresh.state
 
 
 def test_semi_split_labels_the_lowest_loss_share_and_repeats_it():
@@ -195,7 +265,7 @@ def test_end_to_end_on_digits(name, digits_copy):
     for f in ("defense_result.pt", f"{name}_df.csv", f"{name}_df_summary.csv", "cost.json", *FILES[name]):
         assert (out / f).exists(), f
     cost = json.loads((out / "cost.json").read_text())
-    assert cost["clean_subset_size"] == 0 and cost["test_data_for_decisions"] is False
+    assert cost["clean_subset_size"] == 0  # no test data in any decision: tests/test_scramble.py
     clf, record = load_defended(out, digits_copy / "record" / "badnet_digits")  # the plain layout, strictly
     assert score(clf, record).acc == pytest.approx(result["final"]["test_acc"], abs=1e-6)
     summary = pd.read_csv(out / f"{name}_df_summary.csv", index_col=0)
@@ -219,13 +289,63 @@ def test_end_to_end_on_digits(name, digits_copy):
             assert df["epoch"].tolist() == [0, 1] and "unlearn_loss" in df
 
 
-@pytest.mark.parametrize("name", list(CASES))
-def test_flags_are_never_read(name, digits_copy, monkeypatch):
-    defense, argv = CASES[name]
-    reference = defense.main(["--result_file", "badnet_digits", *argv])["model"].net.state_dict()
-    scramble_poison_flags(monkeypatch)
-    other = defense.main(["--result_file", "badnet_digits", *argv, "--overwrite", "true"])["model"].net.state_dict()
-    assert all(torch.equal(reference[k], other[k]) for k in reference)
+def _phases(monkeypatch, module):
+    """Record ``(phase, optimizer, train_cfg)`` of every training phase ``module`` runs."""
+    seen = []
+    real = module.fit_phase
+
+    def spy(run, model, train, train_cfg, phase, **kwargs):
+        seen.append((phase, kwargs.get("optimizer"), train_cfg))
+        return real(run, model, train, train_cfg, phase, **kwargs)
+
+    monkeypatch.setattr(module, "fit_phase", spy)
+    return seen
+
+
+def test_dbd_semi_phase_goes_on_with_the_warmup_adam_by_default(digits_copy, monkeypatch):
+    """BackdoorBench builds one Adam over the whole linear model before the warm-up and keeps it for the
+    semi-supervised epochs: the first semi step meets the moments the warm-up left on the head."""
+    seen = _phases(monkeypatch, dbd_mod)
+    steps_at_semi = []
+    real_step = dbd_mod.mixmatch_step
+
+    def spying_step(cfg, split, augment, num_classes, iterations, state):
+        step = real_step(cfg, split, augment, num_classes, iterations, state)
+
+        def wrapped(model, batch, optimizer, ctx):
+            if not steps_at_semi:
+                steps_at_semi.append({id(p): s["step"].item() for p, s in optimizer.state.items()})
+            return step(model, batch, optimizer, ctx)
+        return wrapped
+
+    monkeypatch.setattr(dbd_mod, "mixmatch_step", spying_step)
+    Decoupling.main(["--result_file", "badnet_digits", *CASES["dbd"][1]])
+    optimizers = {phase: opt for phase, opt, _ in seen}
+    assert optimizers["semi"] is optimizers["warmup"]
+    assert optimizers["semi"].param_groups[0]["lr"] == pytest.approx(0.002)
+    head_steps = set(steps_at_semi[0].values())
+    assert head_steps == {2 * math.ceil(1437 / 128)}  # the warm-up's 2 epochs of 12 batches, on the head only
+
+
+def test_dst_trains_both_stages_with_backdoorbench_weight_decay_and_strong_views(digits_copy, monkeypatch):
+    """BackdoorBench's ``set_optimizer`` (weight decay 5e-4) serves both stages, and its ``mixed_ce`` loader
+    gives the head's stage the encoder stage's strong augmentation (one view), not the crop and flip."""
+    seen = _phases(monkeypatch, dst_mod)
+    calls = {"n": 0}
+    real_call = dst_mod.ContrastiveViews.__call__
+
+    def counting(self, x, *a, **kw):
+        calls["n"] += 1
+        return real_call(self, x, *a, **kw)
+
+    monkeypatch.setattr(dst_mod.ContrastiveViews, "__call__", counting)
+    DST.main(["--result_file", "badnet_digits", *CASES["d-st"][1], "--epochs_extractor", "1", "--epochs_classifier", "1"])
+    stages = {phase: (opt, cfg) for phase, opt, cfg in seen if phase in ("extractor", "classifier")}
+    for phase in ("extractor", "classifier"):
+        assert stages[phase][0].param_groups[0]["weight_decay"] == 5e-4
+    assert stages["classifier"][1].augment is False  # the engine's crop and flip are off ...
+    batches = math.ceil(1437 / 64)
+    assert calls["n"] == 2 * batches + batches  # ... the strong views run: 2 per extractor batch, 1 per head batch
 
 
 def test_dbd_resumes_a_killed_semi_phase_to_the_same_model(digits_copy, monkeypatch):

@@ -6,22 +6,26 @@ from __future__ import annotations
 import csv
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from sklearn.metrics import roc_auc_score
 from torch import nn
 
-from burnkit.detection import metrics
-from burnkit.detection.abl import guarded_step, lowest_share
-from burnkit.detection.ac import activation_clustering
-from burnkit.detection.beatrix import BeatrixModel, GramStatistics, gram_features
-from burnkit.detection.features import default_feature_point, extract, final_layer, resolve_feature_point
-from burnkit.detection.scan import THRESHOLD, anomaly_index, scan
-from burnkit.detection.spectral import percentile_flags, spectral_scores, top_direction
-from burnkit.detection.spectre import spectre
-from burnkit.detection.strip import strip_entropy
+from burnkit import detection_metrics as metrics
+from burnkit.detectors.abl import guarded_step, lowest_share
+from burnkit.detectors.ac import activation_clustering
+from burnkit.detectors.beatrix import BeatrixModel, GramStatistics, gram_features
+from burnkit.detectors.scan import (THRESHOLD, VARIANTS as SCAN_VARIANTS, anomaly_index, class_mean, global_model,
+                                    scan, split_start, split_statistic, split_two, suspicious_is_first)
+from burnkit.detectors.spectral import percentile_flags, spectral_scores, top_direction
+from burnkit.detectors.spectre import (SpectreVariant, class_budget, que_quality, que_weights, spectre,
+                                       spectre_class)
+from burnkit.detectors.strip import entropy_threshold, strip_entropy, superimpose
+from burnkit.feature_points import default_feature_point, extract, final_layer, resolve_feature_point
 from burnkit.detector import choose_clean_reserve, get_detector, list_detectors
 from burnkit.data import ImageSet
 from burnkit.errors import BurnError
@@ -108,13 +112,19 @@ def test_top_direction_is_the_first_singular_vector_both_ways():
         assert abs(top_direction(a) @ expected) == pytest.approx(1.0, abs=1e-9)
 
 
-def test_uncentred_projection_reproduces_backdoorbench():
+def test_centred_and_uncentred_projections_rank_a_planted_outlier_differently():
+    """Samples at offsets t = -5, -1, 0, 1, 2 along the top direction v of a class whose mean lies 10
+    along v: the centred score t^2 (Tran et al.) ranks the far outlier at -5 first; BackdoorBench's
+    uncentred ``(x . v)^2 = (10 + t)^2`` ranks it last and the +2 sample first."""
     rng = np.random.default_rng(2)
-    x = rng.normal(5, 1, (30, 4))
-    y = np.zeros(30, dtype=int)
-    v = top_direction(x - x.mean(0))
-    assert np.allclose(spectral_scores(x, y, centered=False), (x @ v) ** 2)
-    assert np.allclose(spectral_scores(x, y, centered=True), ((x - x.mean(0)) @ v) ** 2)
+    v = np.array([0.6, 0.8, 0.0])
+    t = np.array([-5.0, -1.0, 0.0, 1.0, 2.0])
+    x = 10 * v + t[:, None] * v + rng.normal(0, 1e-3, (5, 3)) * np.array([0.8, -0.6, 1.0])  # noise off v
+    y = np.zeros(5, dtype=int)
+    centred, uncentred = spectral_scores(x, y, centered=True), spectral_scores(x, y, centered=False)
+    assert np.allclose(centred, (t - t.mean()) ** 2, atol=1e-2)
+    assert np.allclose(uncentred, (10 + t) ** 2, rtol=1e-3)
+    assert int(np.argmax(centred)) == 0 and int(np.argmin(uncentred)) == 0
 
 
 @pytest.mark.parametrize("reducer", ["ica", "pca"])
@@ -157,7 +167,8 @@ def test_activation_clustering_survives_a_diverging_ica(diverging, used, monkeyp
     assert np.array_equal(res.flagged, np.arange(200) >= 160)
 
 
-def test_spectre_finds_planted_poison():
+@pytest.mark.parametrize("variant", ["backdoorbench", "paper"])
+def test_spectre_finds_planted_poison(variant):
     rng = np.random.default_rng(4)
     d = 24
     shift = np.zeros(d)
@@ -166,15 +177,67 @@ def test_spectre_finds_planted_poison():
     y = np.array([0] * 1000 + [1] * 1000)
     truth = np.zeros(2000, dtype=bool)
     truth[950:1000] = True
-    res = spectre(x, y, percentile=0.025, pca_dims=16, ks=(1, 4, 9, 16))  # ε = 50 per class
+    res = spectre(x, y, percentile=0.025, pca_dims=16, ks=(1, 4, 9, 16), variant=variant)  # ε = 50 per class
     assert res.per_class[0]["eps"] == 50
     assert res.flagged[:1000].sum() == 75 and res.flagged[1000:].sum() == 75  # top 1.5 ε of each class
     assert res.flagged[truth].mean() >= 0.9
     assert metrics.auroc(res.scores, truth) > 0.97
 
 
-def test_scan_flags_the_contaminated_class_and_its_poison_subgroup():
-    rng = np.random.default_rng(5)
+SIGMA = np.array([[3.0, 0.0], [0.0, 1.0]])  # covariance of whitened data: one direction at 3, ||Σ'|| = 3
+
+
+def test_que_weights_elementwise_exp_is_backdoorbench_and_expm_the_paper():
+    # α (Σ' - I) / (||Σ'|| - 1) with α = 4: [[4, 0], [0, 0]]
+    paper = que_weights(SIGMA, 4.0, elementwise=False)  # expm: diag(e^4, 1) / (e^4 + 1)
+    bb = que_weights(SIGMA, 4.0, elementwise=True)  # np.exp of every entry: [[e^4, 1], [1, 1]] / (e^4 + 1)
+    e4 = math.exp(4)
+    assert np.allclose(paper, np.diag([e4, 1.0]) / (e4 + 1))
+    assert np.allclose(bb, np.array([[e4, 1.0], [1.0, 1.0]]) / (e4 + 1))
+    w = np.array([1.0, 1.0])  # the QUE score w^T M w of one sample
+    assert w @ paper @ w == pytest.approx(1.0)
+    assert w @ bb @ w == pytest.approx((e4 + 3) / (e4 + 1))
+
+
+def test_que_quality_elementwise_trace_ignores_the_off_diagonal():
+    sigma = np.array([[2.0, 1.0], [1.0, 2.0]])
+    m = np.array([[0.5, 0.25], [0.25, 0.5]])
+    assert que_quality(sigma, m, elementwise=False) == pytest.approx((1.0 + 0.25 + 0.25 + 1.0) / 1.0)  # tr(Σ'M)
+    assert que_quality(sigma, m, elementwise=True) == pytest.approx((1.0 + 1.0) / 1.0)  # Σ'_ii M_ii only
+
+
+def test_spectre_budget_backdoorbench_caps_small_classes_at_a_tenth():
+    # ε = 0.05 x 2,000 = 100 assumed poisoned in a class of 300
+    assert class_budget(0.05, 2000, 300, small_class_cap=True) == 30  # BackdoorBench: round(0.1 n) below 500
+    assert class_budget(0.05, 2000, 300, small_class_cap=False) == 100  # n / 3 = 100 is no cap here
+    assert class_budget(0.05, 2000, 600, small_class_cap=True) == 100  # 500 samples or more: round(0.33 n) = 198
+    assert class_budget(0.5, 2000, 600, small_class_cap=True) == 198
+    assert class_budget(0.5, 2000, 600, small_class_cap=False) == 200
+
+
+def test_spectre_backdoorbench_scores_around_the_class_mean_the_paper_around_the_robust_one():
+    """One dimension, 90 samples near 0 and 10 far at 20 (ε = 10): the plain class mean sits at 2, the
+    robust (MCD) location near 0. At k = 1 the QUE score is the squared whitened value, so a sample at 0
+    scores about 0 in the paper's variant and (2 / σ)^2 in BackdoorBench's."""
+    rng = np.random.default_rng(9)
+    x = np.concatenate([rng.normal(0, 1, 89), [0.0], np.full(10, 20.0)])[:, None]
+    x = np.hstack([x, rng.normal(0, 1e-3, (100, 1))])  # a second, negligible dimension (PCA keeps 1)
+    at_zero = 89
+    for name, centre_at_mean in (("paper", False), ("backdoorbench", True)):
+        variant = SpectreVariant(elementwise=name == "backdoorbench", centre_at_mean=centre_at_mean,
+                                 small_class_cap=False)
+        scores, flags, facts = spectre_class(x, 10, pca_dims=1, ks=(1,), variant=variant)
+        if centre_at_mean:
+            assert scores[at_zero] > 2.0  # (x - 2)^2 / σ^2 with σ about 1
+        else:
+            assert scores[at_zero] < 0.1
+        assert flags[90:].all()  # the far samples are the top 1.5 ε either way
+
+
+def _scan_planted(seed=5):
+    """Ten classes of 100 representations (d = 12) around random means; 40 samples of class 3, shifted,
+    carry label 0; 20 clean samples per class."""
+    rng = np.random.default_rng(seed)
     k, d = 10, 12
     means = rng.normal(0, 3, (k, d))
 
@@ -189,24 +252,110 @@ def test_scan_flags_the_contaminated_class_and_its_poison_subgroup():
     y = np.concatenate([np.repeat(np.arange(k), 100), np.zeros(40, dtype=int)])
     truth = np.zeros(len(x), dtype=bool)
     truth[-40:] = True
-    res = scan(x, y, clean, clean_y)
+    return x, y, clean, clean_y, truth
+
+
+@pytest.mark.parametrize("seed", [5, 6])
+def test_scan_paper_variant_flags_the_contaminated_class_and_its_poison_subgroup(seed):
+    x, y, clean, clean_y, truth = _scan_planted(seed)
+    res = scan(x, y, clean, clean_y, variant="paper")
     assert res.flagged_classes == [0]
     assert res.anomaly_index[0] >= THRESHOLD > max(v for c, v in res.anomaly_index.items() if c != 0)
     assert np.array_equal(res.flagged, truth)
     assert metrics.auroc(res.scores, truth) == 1.0
 
 
-def test_anomaly_index_by_hand():
+@pytest.mark.parametrize("seed", [5, 6])
+def test_scan_backdoorbench_variant_misses_the_planted_class_because_of_its_class_mean(seed):
+    """BackdoorBench's statistic measures against ``S_e (n S_u + S_e)^-1 Σx``; with S_u of rank K - 1 = 9
+    in 12 dimensions that "mean" lies far from the class, and the term ``(x̄ - m)^T F (x̄ - m)`` it adds to
+    every class's J dwarfs what the split explains. The same data with only the posterior mean put back
+    flags the contaminated class (docs/detection.md, "SCAn")."""
+    x, y, clean, clean_y, truth = _scan_planted(seed)
+    res = scan(x, y, clean, clean_y, variant="backdoorbench")
+    assert res.flagged_classes == [] and not res.flagged.any()
+    fixed = scan(x, y, clean, clean_y, variant=replace(SCAN_VARIANTS["backdoorbench"], posterior_mean=True))
+    assert fixed.flagged_classes == [0]
+    s_u, s_e = global_model(clean - clean.mean(0), clean_y)
+    assert np.linalg.matrix_rank(s_u) == 9
+    f = np.linalg.pinv(s_e)
+    pool = np.concatenate([x, clean])
+    part = (pool - pool.mean(0))[np.concatenate([y, clean_y]) == 0]
+    first, u1, u2 = split_two(part, f)
+    for posterior in (False, True):
+        m = class_mean(part.sum(0), len(part), s_u, s_e, f, posterior)
+        xbar = part.mean(0)
+        mean_term = (xbar - m) @ f @ (xbar - m)  # J = mean_term + the split's gain
+        share = mean_term / split_statistic(part, m, f, first, u1, u2)
+        assert (share > 0.8) if not posterior else (share < 0.05)
+
+
+def test_scan_class_mean_by_hand():
+    # S_u = diag(1, 0) (no class variation along the second axis), S_e = I, n = 2 samples summing to (2, 2)
+    s_u, s_e, f = np.diag([1.0, 0.0]), np.eye(2), np.eye(2)
+    total = np.array([2.0, 2.0])
+    # posterior S_u (n S_u + S_e)^-1 Σx = diag(1, 0) diag(1/3, 1) (2, 2): the second axis shrinks to the prior 0
+    assert class_mean(total, 2, s_u, s_e, f, posterior=True) == pytest.approx([2 / 3, 0.0])
+    # BackdoorBench S_e (n S_u + S_e)^-1 Σx: the second axis keeps the sum, twice the samples' mean of 1
+    assert class_mean(total, 2, s_u, s_e, f, posterior=False) == pytest.approx([2 / 3, 2.0])
+
+
+def test_scan_split_starts_random_in_backdoorbench_and_principal_in_the_paper():
+    x = np.array([[-2.0], [-1.0], [1.0], [2.0]])
+    principal = split_start(x, np.eye(1), True, np.random.default_rng(0))
+    assert principal.tolist() in ([False, False, True, True], [True, True, False, False])  # by the sign
+    random_start = split_start(x, np.eye(1), False, np.random.default_rng(0))
+    assert random_start.tolist() == (np.random.default_rng(0).random(4) >= 0.5).tolist() == [True, False, False, False]
+    seed = next(s for s in range(100) if (np.random.default_rng(s).random(4) >= 0.5).all())
+    assert split_start(x, np.eye(1), False, np.random.default_rng(seed)).tolist() == [False, True, True, True]
+
+
+def test_scan_clean_samples_inside_the_split_in_backdoorbench_only():
+    """Class 0's inspected samples form one tight group, its clean samples another, far away. Inside the
+    split (BackdoorBench) the clean group becomes a subgroup of its own; after the split (paper) the
+    inspected samples are split among themselves and the clean ones are only assigned."""
+    rng = np.random.default_rng(8)
+    x = np.vstack([rng.normal(0, 1, (50, 3)), rng.normal(8, 1, (50, 3))])
+    y = np.repeat([0, 1], 50)
+    clean = np.vstack([rng.normal(6, 1, (10, 3)) * np.array([1, -1, 1]), rng.normal(8, 1, (10, 3))])
+    clean_y = np.repeat([0, 1], 10)
+    base = SCAN_VARIANTS["backdoorbench"]
+    inside = scan(x, y, clean, clean_y, variant=base).subgroup_sizes[0]
+    after = scan(x, y, clean, clean_y, variant=replace(base, clean_in_split=False)).subgroup_sizes[0]
+    assert sorted(inside["clean"]) == [0, 10] and sorted(inside["sizes"]) == [0, 50]  # clean apart from inspected
+    assert min(after["sizes"]) > 0  # the 50 inspected samples split in two
+
+
+def test_scan_anomaly_index_absolute_in_backdoorbench_signed_in_the_paper():
     # values / max = [.1, .2, .3, 1.]; median .25; |dev| = [.15, .05, .05, .75], MAD .1
-    index = anomaly_index(np.array([1.0, 2.0, 3.0, 10.0]))
-    assert index == pytest.approx(np.array([-0.15, -0.05, 0.05, 0.75]) / (0.1 * 1.4826))
+    values = np.array([1.0, 2.0, 3.0, 10.0])
+    assert anomaly_index(values, signed=True) == pytest.approx(np.array([-0.15, -0.05, 0.05, 0.75]) / (0.1 * 1.4826))
+    assert anomaly_index(values, signed=False) == pytest.approx(np.array([0.15, 0.05, 0.05, 0.75]) / (0.1 * 1.4826))
+    # a class whose J is unusually SMALL: anomalous (index 12.1 > e^2) only for the absolute index
+    low = np.array([10.0, 10.5, 9.5, 10.2, 1.0])
+    assert anomaly_index(low, signed=False)[4] > THRESHOLD > anomaly_index(low, signed=True)[4]
 
 
-def test_gram_features_by_hand():
+def test_scan_tie_of_clean_counts():
+    assert suspicious_is_first((3, 5), (40, 60), ties_to_smaller=True)  # fewer clean samples: subgroup 1
+    assert not suspicious_is_first((5, 3), (40, 60), ties_to_smaller=False)
+    assert suspicious_is_first((2, 2), (60, 40), ties_to_smaller=False)  # BackdoorBench: subgroup 1
+    assert not suspicious_is_first((2, 2), (60, 40), ties_to_smaller=True)  # paper variant: the smaller one
+
+
+def test_gram_features_of_the_paper_raise_the_features_to_the_power_p():
     maps = torch.tensor([[2.0, -3.0]])  # one sample, two channels, a 1 x 1 map
-    g = gram_features(maps, powers=(1, 2, 3))
+    g = gram_features(maps, powers=(1, 2, 3), raise_features=True)
     # p=1: [a², ab, b²]; p=2: sqrt of [a⁴, a²b², b⁴]; p=3: signed cube root of [a⁶, a³b³, b⁶]
     assert torch.allclose(g[0], torch.tensor([[4.0, -6.0, 9.0], [4.0, 6.0, 9.0], [4.0, -6.0, 9.0]]))
+
+
+def test_gram_features_of_backdoorbench_root_one_gram_matrix():
+    maps = torch.tensor([[2.0, -3.0]])
+    g = gram_features(maps, powers=(1, 2, 3), raise_features=False)
+    # G = [a², ab, b²] = [4, -6, 9] for every order, then its signed p-th root
+    root = [[4.0, -6.0, 9.0], [2.0, -math.sqrt(6), 3.0], [4 ** (1 / 3), -(6 ** (1 / 3)), 9 ** (1 / 3)]]
+    assert torch.allclose(g[0], torch.tensor(root), atol=1e-6)
 
 
 def test_gram_deviation_by_hand():
@@ -259,12 +408,12 @@ def test_strip_entropy_separates_trigger_inputs_and_skips_self_blends():
     poison = clean[:4].clone()
     poison[:, :, 0, 0] = 255
     net = TriggerNet()
-    h_clean = strip_entropy(net, clean, clean, torch.device("cpu"))
-    h_poison = strip_entropy(net, poison, clean, torch.device("cpu"))
+    h_clean = strip_entropy(net, clean, clean, torch.device("cpu"), blend="saturating")
+    h_poison = strip_entropy(net, poison, clean, torch.device("cpu"), blend="saturating")
     assert h_poison.max() < 0.01 and h_clean.min() > 3.0  # log2(10) = 3.32 for uniform logits
     # self blends left out: the mean over the other 11 overlays, computed directly
     own = np.arange(12)
-    h_self = strip_entropy(net, clean, clean, torch.device("cpu"), self_overlay=own, batch_size=5)
+    h_self = strip_entropy(net, clean, clean, torch.device("cpu"), blend="saturating", self_overlay=own, batch_size=5)
     with torch.no_grad():
         x = clean.float() / 255
         blends = (x[:, None] + x[None]).clamp(0, 1).flatten(0, 1)
@@ -272,6 +421,30 @@ def test_strip_entropy_separates_trigger_inputs_and_skips_self_blends():
         h = (-(p * p.log2()).sum(1)).view(12, 12)
     expected = (h.sum(1) - h.diagonal()) / 11
     assert h_self == pytest.approx(expected.numpy(), abs=1e-5)
+
+
+def test_strip_blend_of_backdoorbench_is_the_sum_of_normalised_tensors():
+    """BackdoorBench blends the normalised tensors: norm(x) + α norm(x_c). The pixel-space blend
+    x + α (x_c - mean) fed to a normalising classifier gives the network exactly that; the authors'
+    saturating blend does not (it also clips: 0.8 + 0.6 -> 1.0)."""
+    from burnkit.models import Classifier
+
+    mean, std = torch.tensor([0.5, 0.4, 0.3]), torch.tensor([0.25, 0.2, 0.1])
+    clf = Classifier(nn.Identity(), tuple(mean.tolist()), tuple(std.tolist()))
+    x = torch.full((1, 3, 2, 2), 0.8)
+    xc = torch.full((1, 3, 2, 2), 0.6)
+    bb = superimpose(x, xc, 1.0, "backdoorbench", clf.mean)[0, 0]
+    assert torch.allclose(bb[:, 0, 0], 0.8 + (0.6 - mean))  # 0.9, 1.0, 1.1: not clipped
+    assert torch.allclose(clf.normalize(bb), clf.normalize(x[0]) + clf.normalize(xc[0]), atol=1e-6)
+    saturating = superimpose(x, xc, 1.0, "saturating")[0, 0]
+    assert torch.allclose(saturating, torch.ones_like(saturating))
+    assert not torch.allclose(clf.normalize(saturating), clf.normalize(x[0]) + clf.normalize(xc[0]), atol=1e-3)
+
+
+def test_strip_threshold_is_backdoorbench_sorted_index():
+    clean = np.array([5.0, 1.0, 4.0, 2.0, 3.0, 6.0, 7.0, 8.0, 9.0, 10.0])
+    assert entropy_threshold(clean, 0.1) == 2.0  # sorted[int(0.1 x 10)]: one clean entropy below it
+    assert entropy_threshold(clean, 0.25) == 3.0  # sorted[2], no interpolation
 
 
 def test_abl_loss_guards_and_isolation_share():
@@ -405,6 +578,10 @@ HEADERS = {"spectral": "record,TN,FP,FN,TP,TPR,FPR,target", "ac": "record,TN,FP,
            "burn_s": "record,TN,FP,FN,TP,TPR,FPR,AUC,target"}
 FAST = {"abl": ["--tuning_epochs", "2"], "strip": ["--num_overlays", "20"], "burn": ["--max_iter", "5", "--candidates", "3"],
         "spectre": ["--ks", "1,4"]}
+# Detectors whose defaults find the digits BadNets poison better than chance: AUROC 0.60-0.99 on records of
+# attack seeds 0, 1, 2 when written (Beatrix's and STRIP's BackdoorBench variants, and BURN's one-pass
+# distance, do not: 0.44-0.68, 0.46-0.56, 0.42-0.64; docs/detection.md, "Both variants on the digits records").
+BEATS_CHANCE = {"spectral", "ac", "spectre", "scan", "abl"}
 
 
 def folder_of(work: Path, method: str) -> Path:
@@ -438,17 +615,71 @@ def test_detector_cli_writes_backdoorbench_outputs(method, digits_copy):
     assert [int(row[k]) for k in ("TN", "FP", "FN", "TP")] == [summary[k] for k in ("TN", "FP", "FN", "TP")]
     assert summary["TN"] + summary["FP"] + summary["FN"] + summary["TP"] == n
     assert summary["TP"] + summary["FN"] == summary["n_poison"] > 0
-    assert summary["auroc"] == pytest.approx(metrics.auroc(scores, _truth(folder)))
+    # the AUROC recomputed independently: the truth from the record itself, scikit-learn's own AUROC
+    truth = _record_truth(work / "record" / RECORD)
+    assert summary["auroc"] == pytest.approx(roc_auc_score(truth, scores))
+    assert _truth(folder).tolist() == truth.tolist()
+    if method in BEATS_CHANCE:
+        assert summary["auroc"] > 0.58, summary["auroc"]
     assert summary["clean_samples_used"] == (100 if method in ("scan", "beatrix", "strip") else 0)
     index = (folder / "log" / "index.txt").read_text().split()
     assert len(index) == summary["clean_samples_used"]
     assert (folder / "cost.json").is_file() and (folder / "detection_roc.png").is_file()
 
 
+def _record_truth(record_dir: Path) -> np.ndarray:
+    """BackdoorBench's poison indicator of the inspected samples, read from the record's own file."""
+    from burnkit.records import read_attack_record
+
+    state = read_attack_record(record_dir).bd_train
+    return state.poison_indicator[state.original_index] == 1
+
+
 def _truth(folder: Path) -> np.ndarray:
     import pandas as pd
 
     return pd.read_csv(folder / "detection_samples.csv")["is_poison"].to_numpy().astype(bool)
+
+
+VARIANT_FLAGS = {"scan": ["--variant", "paper"], "spectre": ["--variant", "paper"], "beatrix": ["--variant", "paper"],
+                 "strip": ["--blend", "saturating"]}
+
+
+def test_backdoorbench_variants_are_the_defaults():
+    for method, flags in VARIANT_FLAGS.items():
+        cfg = get_detector(method).config_cls()
+        assert getattr(cfg, flags[0][2:]) == "backdoorbench", method
+
+
+@pytest.mark.parametrize("method", list(VARIANT_FLAGS))
+def test_variant_flag_is_recorded_and_changes_the_scores(method, digits_copy):
+    detector = get_detector(method)
+    base = ["--result_file", RECORD, "--progress", "false", *FAST.get(method, []),
+            *(["--powers", "1,2"] if method == "beatrix" else [])]  # the variants differ from p = 2 on
+    default = detector.main(base)["summary"]
+    other = detector.main([*base, *VARIANT_FLAGS[method], "--output_name", f"{method}-variant"])["summary"]
+    key = VARIANT_FLAGS[method][0][2:]
+    assert default["config"][key] == "backdoorbench" and other["config"][key] == VARIANT_FLAGS[method][1]
+    folder = digits_copy / "record" / RECORD / "detection"
+    a = np.load(folder / f"{method}_pretrain" / "detection_scores.npy")
+    b = np.load(folder / f"{method}-variant_pretrain" / "detection_scores.npy")
+    assert not np.allclose(a, b)
+    if method == "strip":  # the normalised-tensor sum hides the digits trigger; the saturating blend keeps it
+        assert other["auroc"] > default["auroc"] + 0.2  # 0.96-1.00 against 0.38-0.56 over six digits records
+
+
+def test_burn_detector_scans_with_defense_burn_settings_unless_told_otherwise(digits_copy):
+    from burnkit.defenses.burn import Burn
+    from burnkit.detectors.burn import SCAN_KEYS, BurnDistance, burn_scan_config
+
+    defense_cfg, _, _ = Burn.parse(["--result_file", RECORD])
+    detector_cfg, _, _ = BurnDistance.parse(["--result_file", RECORD])
+    assert all(getattr(detector_cfg, k) is None for k in SCAN_KEYS)  # its YAML restates none of them
+    resolved = burn_scan_config(detector_cfg, "digits")
+    assert {k: getattr(resolved, k) for k in SCAN_KEYS} == {k: getattr(defense_cfg, k) for k in SCAN_KEYS}
+    told, _, _ = BurnDistance.parse(["--result_file", RECORD, "--candidates", "7", "--max_iter", "9"])
+    resolved = burn_scan_config(told, "digits")
+    assert (resolved.candidates, resolved.max_iter) == (7, 9) and resolved.overshoot == defense_cfg.overshoot
 
 
 def test_finished_detection_is_refused_then_overwritten_with_history(digits_copy, capsys):

@@ -73,22 +73,27 @@ def test_universal_perturbation_finds_the_backdoor_target(digits_workdir):
 
 
 def test_ibau_end_to_end_on_digits(digits_copy):
-    result = IBAU.main(["--result_file", "badnet_digits", "--n_rounds", "2", "--ratio", "0.2", "--lr", "0.001",
+    """Five rounds at lr 0.001 with half the clean training split: I-BAU unlearns most of the digits
+    BadNets backdoor (ASR 1.00 -> 0.34-0.73, ACC 0.87-0.94 on records of attack seeds 0, 1, 2 when
+    written; 20 % of the clean data or two rounds leave it at 0.76-1.00)."""
+    result = IBAU.main(["--result_file", "badnet_digits", "--n_rounds", "5", "--ratio", "0.5", "--lr", "0.001",
                         "--progress", "false"])
     out = digits_copy / "record" / "badnet_digits" / "defense" / "i-bau"
     assert get_defense("i-bau") is IBAU
     frame = pd.read_csv(out / "i-bau_df.csv", index_col=0)
     assert list(frame.columns) == BB_COLUMNS
-    assert list(frame["epoch"]) == [0, 1]
+    assert list(frame["epoch"]) == [0, 1, 2, 3, 4]
     summary = pd.read_csv(out / "i-bau_df_summary.csv", index_col=0)
     assert list(summary.index) == ["last", "valid_max", "exist_nan_value"]
-    check_index_file(out / "log" / "index.txt", expected_len=int(1438 * 0.2))
+    check_index_file(out / "log" / "index.txt", expected_len=int(1437 * 0.5))
     state = check_defense_result(out / "defense_result.pt", "smallcnn", 10)
     # the saved weights are the repaired model's, and they differ from the attacked ones
     before = read_attack_record(digits_copy / "record" / "badnet_digits").state_dict
     assert any(not torch.equal(state[k], before[k]) for k in state)
     torch.testing.assert_close(result["model"].net.state_dict()["classifier.weight"], state["classifier.weight"])
-    assert result["final"]["test_acc"] > 0.5
+    assert result["before"].asr > 0.95
+    assert result["final"]["test_acc"] > 0.8
+    assert result["final"]["test_asr"] < result["before"].asr - 0.2
 
 
 def test_perturbation_is_unbounded_by_default_as_in_backdoorbench(digits_workdir):

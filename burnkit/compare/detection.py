@@ -1,11 +1,15 @@
 """The detection table of an experiment: every detector's per-sample scores on every record, measured with
-one metric code (:mod:`burnkit.detection.metrics`), and one ROC overlay per record.
+one metric code (:mod:`burnkit.detection_metrics`), and one ROC overlay per record.
 
 The scores come from each detection folder's ``detection_scores.npy`` (ours; BackdoorBench's detectors
 write none, so their rows stay empty); the truth comes from the record itself (``bd_train``'s poison
 indicator, read without the images), never from the detector's own files. Compute is the detector's own
 time (``compute_s`` of its sidecar: the detection without loading the record, plus the run it reads,
 for BURN's final score), clean samples the number it says it used.
+
+Every row names the variant its detector ran (a ``Variant`` column, from the sidecar's config): SCAn,
+SPECTRE and Beatrix as BackdoorBench runs them or as the paper writes them (``--variant``), STRIP's
+blend, Spectral's projection; "–" for a method with one form.
 
 Files: ``detection_cells.csv`` (one row per detection cell), ``detection_summary.csv`` (mean and
 sample std over seeds), ``plots/roc_<record>.png``; the Markdown/HTML sections are returned to the
@@ -22,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..detection.metrics import auroc, ranking_metrics
+from ..detection_metrics import auroc, ranking_metrics
 from ..detector import SCORES_JSON, SCORES_NPY, plot_roc
 from ..errors import BurnError
 from ..records import read_attack_record
@@ -36,6 +40,26 @@ VALUES = ("auroc", "tpr_at_1fpr", "tpr_at_5fpr", "precision_at_poison_rate", "au
 COLUMNS = {"auroc": "AUROC", "tpr_at_1fpr": "TPR@1%FPR", "tpr_at_5fpr": "TPR@5%FPR",
            "precision_at_poison_rate": "Precision@poison rate", "auroc_relabelled": "AUROC (relabelled)"}
 BURN_ROWS = ("burn", "burn_s")  # scripts whose rows are BURN's
+# config keys that choose between a detector's BackdoorBench form and another, and how a row names them
+VARIANT_LABELS = {"variant": {"backdoorbench": "BackdoorBench", "paper": "paper"},
+                  "blend": {"backdoorbench": "BackdoorBench (normalised-tensor blend)",
+                            "saturating": "authors' saturating blend"},
+                  "clip": {True: "authors' saturating blend", False: "unclipped pixel sum (neither form)"},
+                  "centered": {False: "BackdoorBench (uncentred)", True: "paper (centred)"}}
+# detectors whose sidecars written before --variant existed ran the paper's form
+PAPER_BEFORE_VARIANT = ("scan", "spectre", "beatrix")
+
+
+def variant_label(config: dict, method: str | None = None) -> str:
+    """The variant a detection ran, from its sidecar's config and method ("" for a method with one
+    form). Sidecars older than the flag still get a label: STRIP's ``clip`` was its blend, and SCAn,
+    SPECTRE and Beatrix then always ran the paper's form."""
+    for key, labels in VARIANT_LABELS.items():
+        if key in config:
+            return labels.get(config[key], f"{key} {config[key]}")
+    if method in PAPER_BEFORE_VARIANT:
+        return "paper (made before --variant)"
+    return ""
 
 
 @dataclass
@@ -70,8 +94,8 @@ def collect_detection(exp: Experiment) -> tuple[pd.DataFrame, dict[str, dict[str
         folder = detection_folder(record_dir, cell.script, cell.detector)
         row = {"dataset": rec.dataset, "model": rec.model, "attack": rec.attack, "detector": cell.detector,
                "script": cell.script, "seed": rec.seed, "record": rec.record, "folder": str(folder),
-               "status": "missing", **{k: math.nan for k in VALUES}, "flagged": math.nan, "TP": math.nan,
-               "n_samples": math.nan, "n_poison": math.nan}
+               "status": "missing", "variant": "", **{k: math.nan for k in VALUES}, "flagged": math.nan,
+               "TP": math.nan, "n_samples": math.nan, "n_poison": math.nan}
         if cell.is_done(exp.workdir):
             try:
                 if rec.record not in truths:
@@ -89,7 +113,8 @@ def collect_detection(exp: Experiment) -> tuple[pd.DataFrame, dict[str, dict[str
                            auroc_relabelled=auroc(scores[keep], relabelled[keep]),
                            n_poison=int(truth.sum()), compute_s=_number(facts.get("compute_s")),
                            clean_samples_used=_number(facts.get("clean_samples_used")),
-                           flagged=_number(facts.get("flagged")), TP=_number(facts.get("TP")))
+                           flagged=_number(facts.get("flagged")), TP=_number(facts.get("TP")),
+                           variant=variant_label(facts.get("config") or {}, facts.get("method")))
                 curves.setdefault(rec.record, {})[cell.detector] = (scores, truth)
         rows.append(row)
     return pd.DataFrame(rows), curves
@@ -101,7 +126,8 @@ def aggregate_detection(cells: pd.DataFrame, exp: Experiment) -> pd.DataFrame:
     out = []
     for key, group in cells.groupby(keys, sort=False):
         have = group[group["status"] == "done"]
-        row = dict(zip(keys, key), n=len(have), seeds=len(group))
+        variants = [v for v in have["variant"].fillna("").astype(str) if v] if "variant" in have else []
+        row = dict(zip(keys, key), variant=" / ".join(dict.fromkeys(variants)), n=len(have), seeds=len(group))
         for value in (*VALUES, "flagged", "TP"):
             series = have[value].astype(float)
             row[f"{value}_mean"] = series.mean() if len(series) else math.nan
@@ -133,6 +159,7 @@ def detection_tables(summary: pd.DataFrame, exp: Experiment) -> list[tuple[str, 
         rows = {}
         for r in block.itertuples():
             rows[r.detector] = {
+                "Variant": getattr(r, "variant", "") or "–",
                 **{label: fmt(getattr(r, f"{k}_mean"), getattr(r, f"{k}_std"), scale=1.0, digits=3)
                    for k, label in COLUMNS.items()},
                 "Flagged (TP)": "–" if math.isnan(r.flagged_mean) else
@@ -167,6 +194,10 @@ def auroc_matrix(summary: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
         ranks = means.rank(axis=0, ascending=False, method="min")
         table = pd.DataFrame({attack: [fmt(means.at[d, attack], stds.at[d, attack], scale=1.0, digits=3)
                                        for d in means.index] for attack in attacks}, index=means.index)
+        if "variant" in block:
+            named = block.dropna(subset=["variant"]).groupby("detector", sort=False)["variant"]
+            variants = named.agg(lambda v: " / ".join(dict.fromkeys(x for x in v if x)))
+            table.insert(0, "Variant", [variants.get(d, "") or "–" for d in means.index])
         table["Mean AUROC"] = [fmt(v, None, scale=1.0, digits=3) for v in means.mean(axis=1, skipna=True)]
         mean_rank = ranks.mean(axis=1, skipna=True)
         table["Mean rank"] = [fmt(v, None, scale=1.0, digits=1) for v in mean_rank]
@@ -227,7 +258,8 @@ def write_detection(exp: Experiment, out: Path) -> DetectionReport:
              "the method's own decisions. Compute: the detection's own seconds (BURN's final score: its whole run). "
              "BURN's final score S (burn_s) is the ranking after BURN fine-tuned on its own earlier selections: where "
              "the algorithm ended, not a one-pass detection (BURN's one-pass detector is its θ0 distance, burn). "
-             "Clean samples: clean training images the method used.")
+             "Clean samples: clean training images the method used. Variant: the form of the method that ran - "
+             "BackdoorBench's code, or the paper's formulas where they differ (docs/detection.md, per method).")
     md = ["## Poison detection", "", intro, ""]
     body = [f"<h2>Poison detection</h2><p>{html.escape(intro)}</p>"]
     for title, table in auroc_matrix(summary):

@@ -13,7 +13,10 @@ lowest. ABL trains a **fresh** model on the record's poisoned training set and:
    (CE, the train augmentation; lr ``finetuning_lr`` = BackdoorBench's hard-coded 0.01, times 0.1
    from epoch ``finetuning_lr_drop_epoch`` = 40 on);
 4. **unlearns** the isolated samples: ``unlearning_epochs`` of CE gradient *ascent* at
-   ``unlearning_lr`` (BackdoorBench's hard-coded 1e-4). The last model is exported.
+   ``unlearning_lr`` (BackdoorBench's hard-coded 1e-4), with the train augmentation
+   (``unlearning_augment``; BackdoorBench gives the isolated set its train transform) and the
+   fine-tuning's SGD going on, momentum buffers included (``unlearning_optimizer continue``;
+   BackdoorBench sets the lr of the one optimizer of both phases). The last model is exported.
 
 Fixed here (extra-defenses §11.1 pitfalls): each phase has its own CSV (BackdoorBench's
 ``unlearn_df.csv`` mixes fine-tuning and unlearning rows under one aggregator);
@@ -46,6 +49,7 @@ from .retraining import (NoCleanDataConfig, check_phase_checkpoints, fit_phase, 
                          poisoned_train_size, require_share, write_sample_flags)
 
 ASCENT_TYPES = ("Flooding", "LGA")
+UNLEARNING_OPTIMIZERS = ("continue", "fresh")
 PHASES = ("pre_train", "finetune", "unlearn")
 BB_UNUSED_KEYS = ("data_root", "seed", "poison_rate", "target_type", "target_label", "trigger_type", "num_classes",
                   "input_height", "input_width", "input_channel", "lr_finetuning_init", "lr_unlearning_init")
@@ -70,6 +74,11 @@ class ABLConfig(NoCleanDataConfig):
     finetuning_lr_drop_epoch: int = option(40, "fine-tuning epoch from which the lr is 10x smaller (BackdoorBench: 40)",
                                            low=0)
     unlearning_lr: float = option(1e-4, "learning rate of the unlearning phase (BackdoorBench: hard-coded 1e-4)", low=0)
+    unlearning_augment: bool = option(True, "the train augmentation on the isolated samples while unlearning "
+                                            "(BackdoorBench); false: the images as they are")
+    unlearning_optimizer: str = option("continue", "continue: the fine-tuning's SGD goes on at unlearning_lr, momentum "
+                                                   "included (BackdoorBench); fresh: a new SGD",
+                                       choices=UNLEARNING_OPTIMIZERS)
     amp: bool = option(False, "mixed precision on CUDA")
 
 
@@ -133,6 +142,18 @@ def _sgd(model: Classifier, lr: float, cfg: ABLConfig) -> torch.optim.Optimizer:
                            nesterov=cfg.momentum > 0)
 
 
+def unlearning_optimizer(model: Classifier, finetuning: torch.optim.Optimizer | None,
+                         cfg: ABLConfig) -> torch.optim.Optimizer:
+    """The unlearning phase's SGD at ``unlearning_lr``: the fine-tuning's own optimizer with its momentum
+    buffers (``continue``, BackdoorBench: one optimizer serves both phases, its lr reset per epoch), or
+    a new one (``fresh``, or when there was no fine-tuning)."""
+    if cfg.unlearning_optimizer == "fresh" or finetuning is None:
+        return _sgd(model, cfg.unlearning_lr, cfg)
+    for group in finetuning.param_groups:
+        group["lr"] = cfg.unlearning_lr
+    return finetuning
+
+
 def _phase(run: DefenseRun, model: Classifier, train: ImageSet, phase: str, epochs: int, augment: bool,
            optimizer, scheduler=None, step=None):
     """One ABL phase through the engine; its rows go to ``<phase>_df.csv`` and ``abl_df.csv``."""
@@ -167,13 +188,14 @@ def anti_backdoor_learning(model: Classifier, data: DefenseData, cfg: ABLConfig,
     write_sample_flags(run, train, isolated, losses, "abl_isolation")
     rest, iso = train.subset(torch.nonzero(~isolated).flatten()), train.subset(torch.nonzero(isolated).flatten())
 
+    optimizer = None
     if cfg.finetuning_ascent_model and cfg.finetuning_epochs > 0:
         optimizer = _sgd(model, cfg.finetuning_lr, cfg)
         scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, [cfg.finetuning_lr_drop_epoch], 0.1)
         _phase(run, model, rest, "finetune", cfg.finetuning_epochs, True, optimizer, scheduler)
     if cfg.unlearning_epochs > 0:
-        _phase(run, model, iso, "unlearn", cfg.unlearning_epochs, False, _sgd(model, cfg.unlearning_lr, cfg),
-               step=ascent_step)
+        _phase(run, model, iso, "unlearn", cfg.unlearning_epochs, cfg.unlearning_augment,
+               unlearning_optimizer(model, optimizer, cfg), step=ascent_step)
     run.extra_results.update({"test_data_for_decisions": False,
                               "epochs_trained": cfg.tuning_epochs + (cfg.finetuning_epochs if cfg.finetuning_ascent_model
                                                                      else 0) + cfg.unlearning_epochs})

@@ -37,8 +37,8 @@ from ..config import option
 from ..data import ImageSet
 from ..defense import Defense, DefenseData, DefenseRun, register_defense
 from ..errors import BurnError
-from ..features import penultimate_features
 from ..models import Classifier
+from ..network_surgery import penultimate_features
 from .retraining import (RetrainConfig, check_phase_checkpoints, poisoned_train, poisoned_train_size,
                          retrain_on_kept, write_sample_flags)
 

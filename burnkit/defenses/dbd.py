@@ -8,16 +8,23 @@ A backdoor is learnt because the features and the labels are learnt together; DB
    loss (temperature ``temperature_self`` 0.5) on two views of every image (crop 0.2-1, flip, colour
    jitter, grayscale, blur), batch ``batch_size_self`` (512), SGD ``lr_self`` 0.4 / momentum 0.9 /
    wd 1e-4, cosine with T_max ``cos_t_max_self`` (1000: it barely decays). The labels are not used,
-   so the trigger is not tied to the target class;
+   so the trigger is not tied to the target class. As in BackdoorBench's loss (the DBD authors'
+   ``SimCLRLoss``), only the first view of each image is an anchor (``simclr_anchors first``; ``both``:
+   SimCLR's symmetric loss over all 2B views);
 2. **warm-up**: the classification layer alone on the frozen backbone (BN in train mode) for
    ``epoch_warmup`` (10) epochs, symmetric cross-entropy (alpha 0.1, beta 1), Adam ``lr_warmup``
-   0.002, batch 128, the train augmentation;
+   0.002 (one Adam over the whole network, as BackdoorBench builds it; the frozen backbone gets no
+   step), batch 128, the train augmentation;
 3. **semi-supervised fine-tuning** of the whole network for ``epochs``: before every epoch all
-   samples are scored by SCE (eval mode); the ``epsilon`` (0.5) share with the lowest loss keeps
-   its labels, the rest is used unlabelled; then ``train_iteration`` (1024) MixMatch steps with
-   ``batch_size_semi`` (64) labelled + 64 unlabelled images (two views, sharpening T 0.5, mixup
-   alpha 0.75, lambda_u 15 ramped linearly over ``rampup_length`` epochs), Adam ``lr_semi`` 0.002.
-   The last model is exported, in the plain layout of the record's network.
+   samples are scored by SCE (eval mode) under one draw of the train augmentation, as BackdoorBench
+   scores them through its train transform (``split_scoring_augment``); the ``epsilon`` (0.5) share
+   with the lowest loss keeps its labels, the rest is used unlabelled; then ``train_iteration`` (1024)
+   MixMatch steps with ``batch_size_semi`` (64) labelled + 64 unlabelled images (two views,
+   sharpening T 0.5, mixup alpha 0.75, lambda_u 15 ramped linearly over ``rampup_length`` epochs of
+   BackdoorBench's global epoch counter, the warm-up epochs included: ``rampup_counts_warmup``), the
+   warm-up's Adam going on at ``lr_semi`` 0.002 (``semi_optimizer continue``, BackdoorBench's one
+   optimizer; ``fresh``: a new Adam). The last model is exported, in the plain layout of the record's
+   network.
 
 BackdoorBench's export keeps ``backbone.*``/``linear.*`` keys (§11.4 pitfall; here the plain layout)
 and its ``--epsilon`` is parsed as an int.
@@ -42,15 +49,16 @@ import torch.nn.functional as F
 from ..config import option
 from ..data import ImageSet
 from ..defense import Defense, DefenseData, DefenseRun, register_defense
-from ..engine import StepContext, StepOutput, TrainConfig, predict
-from ..features import ProjectionModel, attach_head, detach_head, feature_dim
+from ..engine import StepContext, StepOutput, TrainConfig, eval_mode, iterate, predict
 from ..models import Classifier
+from ..network_surgery import ProjectionModel, attach_head, detach_head, feature_dim
 from ..results import MetricLog
 from ..views import ContrastiveViews
 from .retraining import (NoCleanDataConfig, check_phase_checkpoints, fit_phase, fresh_classifier, poisoned_train,
                          poisoned_train_size, require_share)
 
 PHASES = ("self", "warmup", "semi")
+ANCHORS = ("first", "both")
 BB_UNUSED_KEYS = ("data_root", "seed", "poison_rate", "target_type", "target_label", "trigger_type", "num_classes",
                   "input_height", "input_width", "input_channel", "num_workers_semi", "temperature")
 
@@ -76,6 +84,16 @@ class DBDConfig(NoCleanDataConfig):
     rampup_length: int = option(190, "epochs over which lambda_u ramps up linearly", low=1)
     mixmatch_temperature: float = option(0.5, "sharpening temperature", above=0)
     mixmatch_alpha: float = option(0.75, "mixup Beta(alpha, alpha)", above=0)
+    simclr_anchors: str = option("first", "NT-Xent anchors: first (each image's first view, BackdoorBench's and the "
+                                          "DBD authors' SimCLRLoss) or both views (SimCLR's symmetric loss)",
+                                 choices=ANCHORS)
+    rampup_counts_warmup: bool = option(True, "lambda_u's ramp counts the global epoch, warm-up included "
+                                              "(BackdoorBench); false: from the semi phase's first epoch")
+    split_scoring_augment: bool = option(True, "score the samples for the labelled/unlabelled split under one draw "
+                                               "of the train augmentation (BackdoorBench's train transform); false: "
+                                               "the images as they are")
+    semi_optimizer: str = option("continue", "continue: the warm-up's Adam goes on at lr_semi (BackdoorBench's one "
+                                             "optimizer); fresh: a new Adam", choices=("continue", "fresh"))
     batch_size: int = option(128, "batch size of the warm-up (BackdoorBench forces 128) and of scoring")
     amp: bool = option(False, "mixed precision on CUDA")
 
@@ -83,14 +101,18 @@ class DBDConfig(NoCleanDataConfig):
 # --------------------------------------------------------------------------- losses
 
 
-def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
-    """SimCLR's NT-Xent over the 2B normalised projections: each view's positive is the other view
-    of its image, its negatives the other 2B - 2 views."""
+def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float, anchors: str = "first") -> torch.Tensor:
+    """NT-Xent over the 2B normalised projections ``[z1; z2]``: an anchor's positive is the other view
+    of its image, its negatives the other 2B - 2 views. ``anchors``: ``first`` (BackdoorBench, the DBD
+    authors' ``SimCLRLoss``): the B first views only; ``both``: all 2B views (SimCLR's symmetric loss)."""
+    if anchors not in ANCHORS:
+        raise ValueError(f"anchors must be one of {ANCHORS}, got {anchors!r}")
     n = len(z1)
     z = torch.cat([z1, z2])
-    logits = z @ z.T / temperature
-    logits = logits.masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z.device), float("-inf"))
-    targets = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
+    rows = n if anchors == "first" else 2 * n
+    logits = z[:rows] @ z.T / temperature
+    logits = logits.masked_fill(torch.eye(rows, 2 * n, dtype=torch.bool, device=z.device), float("-inf"))
+    targets = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)])[:rows].to(z.device)
     return F.cross_entropy(logits, targets)
 
 
@@ -112,6 +134,14 @@ def sharpen(p: torch.Tensor, temperature: float) -> torch.Tensor:
 
 def linear_rampup(progress: float, length: int) -> float:
     return float(min(max(progress / length, 0.0), 1.0))
+
+
+def unlabelled_weight(cfg: DBDConfig, semi_epoch: int, iteration: int, iterations: int) -> float:
+    """MixMatch's lambda_u at an iteration of a semi-supervised epoch: ``lambda_u`` times the linear ramp
+    over ``rampup_length`` epochs. BackdoorBench passes its global epoch (warm-up epochs first) plus the
+    iteration's fraction (``rampup_counts_warmup``); otherwise the ramp starts at the semi phase."""
+    epoch = semi_epoch + (cfg.epoch_warmup if cfg.rampup_counts_warmup else 0)
+    return cfg.lambda_u * linear_rampup(epoch + iteration / iterations, cfg.rampup_length)
 
 
 # --------------------------------------------------------------------------- the semi-supervised split
@@ -163,7 +193,7 @@ def mixmatch_step(cfg: DBDConfig, split: SemiSplit, augment, num_classes: int, i
             logits = model(mixed_x).float()
         x_loss = -(F.log_softmax(logits[:n], 1) * mixed_t[:n]).sum(1).mean()
         u_loss = ((F.softmax(logits[n:], 1) - mixed_t[n:]) ** 2).mean()
-        weight = cfg.lambda_u * linear_rampup(ctx.epoch + state.get("it", 0) / iterations, cfg.rampup_length)
+        weight = unlabelled_weight(cfg, ctx.epoch, state.get("it", 0), iterations)
         state["it"] = state.get("it", 0) + 1
         loss = x_loss + weight * u_loss
         ctx.backward_step(loss, optimizer)
@@ -187,7 +217,7 @@ def self_supervised(run: DefenseRun, model: Classifier, train: ImageSet, cfg: DB
         x = batch.x.cpu()
         with ctx.autocast():
             z = net(torch.cat([views(x), views(x)]).to(batch.x.device)).float()
-            loss = nt_xent(z[:len(x)], z[len(x):], cfg.temperature_self)
+            loss = nt_xent(z[:len(x)], z[len(x):], cfg.temperature_self, cfg.simclr_anchors)
         ctx.backward_step(loss, optimizer)
         return StepOutput(loss.detach())
 
@@ -203,8 +233,11 @@ def self_supervised(run: DefenseRun, model: Classifier, train: ImageSet, cfg: DB
     log.finish()
 
 
-def warmup(run: DefenseRun, model: Classifier, linear: nn.Linear, train: ImageSet, cfg: DBDConfig) -> None:
-    """The classification layer alone on the frozen backbone (BN keeps training mode)."""
+def warmup(run: DefenseRun, model: Classifier, linear: nn.Linear, train: ImageSet,
+           cfg: DBDConfig) -> torch.optim.Optimizer:
+    """The classification layer alone on the frozen backbone (BN keeps training mode); returns its Adam.
+    With ``semi_optimizer continue`` that Adam holds the whole network, as BackdoorBench's (the frozen
+    parameters get no gradient, so no step), and the semi phase goes on with it."""
     frozen = [p for p in model.parameters() if p.requires_grad and all(p is not q for q in linear.parameters())]
     for p in frozen:
         p.requires_grad_(False)
@@ -216,7 +249,8 @@ def warmup(run: DefenseRun, model: Classifier, linear: nn.Linear, train: ImageSe
         ctx.backward_step(loss, optimizer)
         return StepOutput(loss.detach(), logits.detach())
 
-    optimizer = torch.optim.Adam(linear.parameters(), lr=cfg.lr_warmup)
+    params = model.parameters() if cfg.semi_optimizer == "continue" else linear.parameters()
+    optimizer = torch.optim.Adam(params, lr=cfg.lr_warmup)
     try:
         fit_phase(run, model, train, TrainConfig(epochs=cfg.epoch_warmup, batch_size=128, lr_scheduler=None,
                                                  amp=cfg.amp),
@@ -225,16 +259,47 @@ def warmup(run: DefenseRun, model: Classifier, linear: nn.Linear, train: ImageSe
     finally:
         for p in frozen:
             p.requires_grad_(True)
+    return optimizer
 
 
-def semi_supervised(run: DefenseRun, model: Classifier, train: ImageSet, cfg: DBDConfig) -> None:
+@torch.no_grad()
+def split_losses(net, train: ImageSet, cfg: DBDConfig, device: torch.device, augment, epoch: int) -> torch.Tensor:
+    """Per-sample SCE under the label each sample carries (eval mode), the split's score. With
+    ``split_scoring_augment`` every image is scored under one draw of ``augment`` (BackdoorBench scores
+    through its train transform), drawn from a generator seeded by the run's seed and the epoch, so a
+    resumed run draws the same; otherwise the images as they are."""
+    if not cfg.split_scoring_augment or augment is None:
+        logits = predict(net, train, device, amp=cfg.amp)
+    else:
+        generator = torch.Generator().manual_seed(cfg.random_seed * 1_000_003 + epoch)
+        ctx = StepContext(device, cfg.amp and device.type == "cuda", None)
+        outs = []
+        with eval_mode(net):
+            for batch in iterate(train, 512, device, generator=generator, augment=augment):
+                with ctx.autocast():
+                    outs.append(net(batch.x).float().cpu())
+        logits = torch.cat(outs)
+    return symmetric_cross_entropy(logits, train.labels.cpu(), cfg.sce_alpha, cfg.sce_beta, reduction="none")
+
+
+def semi_optimizer(model: Classifier, warmup_adam: torch.optim.Optimizer, cfg: DBDConfig) -> torch.optim.Optimizer:
+    """The semi phase's Adam at ``lr_semi``: the warm-up's, moments included (``continue``, BackdoorBench's
+    one optimizer), or a new one (``fresh``)."""
+    if cfg.semi_optimizer == "fresh":
+        return torch.optim.Adam(model.parameters(), lr=cfg.lr_semi)
+    for group in warmup_adam.param_groups:
+        group["lr"] = cfg.lr_semi
+    return warmup_adam
+
+
+def semi_supervised(run: DefenseRun, model: Classifier, train: ImageSet, cfg: DBDConfig,
+                    optimizer: torch.optim.Optimizer) -> None:
     split = SemiSplit(train)
     state: dict = {"x": [], "u": []}
     step = mixmatch_step(cfg, split, run.augment, run.record.num_classes, cfg.train_iteration, state)
 
     def epoch_begin(epoch: int, net) -> ImageSet:
-        logits = predict(net, train, run.device, amp=cfg.amp)
-        losses = symmetric_cross_entropy(logits, train.labels.cpu(), cfg.sce_alpha, cfg.sce_beta, reduction="none")
+        losses = split_losses(net, train, cfg, run.device, run.augment, epoch)
         state.update(x=[], u=[], it=0)
         return split.update(losses, cfg.epsilon, cfg.train_iteration, cfg.batch_size_semi)
 
@@ -243,7 +308,6 @@ def semi_supervised(run: DefenseRun, model: Classifier, train: ImageSet, cfg: DB
                    uloss=sum(state["u"]) / max(1, len(state["u"])), labeled=int(split.labelled_mask.sum()),
                    labeled_poison=int((split.labelled_mask & train.poison.cpu()).sum()))
 
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr_semi)
     fit_phase(run, model, train, TrainConfig(epochs=cfg.epochs, batch_size=cfg.batch_size_semi, lr_scheduler=None,
                                              amp=cfg.amp),
               "semi", step=step, optimizer=optimizer, scheduler=None, epoch_begin=epoch_begin, epoch_end=epoch_end)
@@ -256,8 +320,8 @@ def decoupling(model: Classifier, data: DefenseData, cfg: DBDConfig, run: Defens
     name, linear = detach_head(model.net, "DBD")
     self_supervised(run, model, train, cfg)
     attach_head(model.net, name, linear)
-    warmup(run, model, linear, train, cfg)
-    semi_supervised(run, model, train, cfg)
+    adam = warmup(run, model, linear, train, cfg)
+    semi_supervised(run, model, train, cfg, semi_optimizer(model, adam, cfg))
     run.extra_results["test_data_for_decisions"] = False
     return model
 

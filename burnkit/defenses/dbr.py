@@ -48,9 +48,9 @@ from ..data import ImageSet
 from ..defense import Defense, DefenseData, DefenseRun, register_defense
 from ..engine import StepContext, StepOutput, TrainConfig, eval_mode, iterate, make_optimizer, make_scheduler
 from ..errors import BurnError
-from ..features import detach_head
 from ..fileio import atomic_write_bytes
 from ..models import Classifier
+from ..network_surgery import detach_head
 from ..results import MetricLog, atomic_write_text
 from ..views import rotate_and_translate
 from .retraining import (NoCleanDataConfig, check_phase_checkpoints, fit_phase, fresh_classifier, poisoned_train,

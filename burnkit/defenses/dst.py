@@ -9,12 +9,15 @@ After SD has split the poisoned training set into clean / suspicious / poisoned 
    semi-supervised contrastive loss on two SimCLR views (crop 0.2-1, flip, colour jitter, grayscale):
    a clean sample's positives are its other view and every same-label sample, a suspicious or
    poisoned sample's only positive is its own other view (temperature 0.1, base temperature 0.07 as
-   SupContrast). SGD ``lr_extractor`` 0.5, momentum 0.9, wd 1e-4; the lr warms up per iteration from
+   SupContrast). SGD ``lr_extractor`` 0.5, momentum 0.9, weight decay ``weight_decay_extractor``
+   5e-4 (BackdoorBench's ``set_optimizer``; SupContrast's is 1e-4); the lr warms up per iteration from
    0.01 over ``warm_epochs`` (10) epochs, then follows a cosine to 0.001 x ``lr_extractor``;
 2. a linear head on the frozen encoder (eval mode) is trained ``epochs_classifier`` (10) epochs on
    ``CE(clean) - poison_loss_weight * CE(poisoned)`` (0.001; suspicious samples give no loss), SGD
-   momentum 0.9, the lr warming up per iteration from 0.01 to ``lr_classifier`` (5), the train
-   augmentation;
+   momentum 0.9, weight decay ``weight_decay_classifier`` 5e-4 (BackdoorBench's; SupContrast's linear
+   stage has none), the lr warming up per iteration from 0.01 to ``lr_classifier`` (5), on one view of
+   the same strong augmentation as the encoder stage (``classifier_augment contrastive``, as
+   BackdoorBench's ``mixed_ce`` loader; ``standard``: the train crop and flip);
 3. encoder and head are merged into a plain network of the record's architecture and exported.
 
 BackdoorBench's ``d-st/cifar10.yaml`` lacks keys its script reads (§11.5 pitfall); here every key has
@@ -39,19 +42,28 @@ import torch.nn.functional as F
 from ..config import option
 from ..defense import Defense, DefenseData, DefenseRun, register_defense
 from ..engine import StepContext, StepOutput, TrainConfig
-from ..features import FrozenEncoderHead, ProjectionModel, attach_head, detach_head, feature_dim
 from ..models import Classifier
+from ..network_surgery import FrozenEncoderHead, ProjectionModel, attach_head, detach_head, feature_dim
 from ..results import MetricLog
 from ..views import ContrastiveViews
 from .dbr import CLEAN, POISON, SD_PHASES, SampleDistinctionConfig, report_distinction, sample_distinction
 from .retraining import check_phase_checkpoints, fit_phase, fresh_classifier, poisoned_train, poisoned_train_size
 
 
+CLASSIFIER_AUGMENTS = ("contrastive", "standard")
+
+
 @dataclass
 class DSTConfig(SampleDistinctionConfig):
     epochs_extractor: int = option(200, "epochs of the contrastive encoder training", low=1)
     lr_extractor: float = option(0.5, "peak learning rate of the encoder training", above=0)
-    weight_decay_extractor: float = option(1e-4, "weight decay of the encoder training", low=0)
+    weight_decay_extractor: float = option(5e-4, "weight decay of the encoder training (BackdoorBench's set_optimizer; "
+                                                 "SupContrast: 1e-4)", low=0)
+    weight_decay_classifier: float = option(5e-4, "weight decay of the linear head (BackdoorBench's set_optimizer; "
+                                                  "SupContrast's linear stage: 0)", low=0)
+    classifier_augment: str = option("contrastive", "augmentation of the head's stage: contrastive (one view of the "
+                                                    "encoder stage's strong augmentation, BackdoorBench) or standard "
+                                                    "(the train crop and flip)", choices=CLASSIFIER_AUGMENTS)
     temperature: float = option(0.1, "temperature of the contrastive loss", above=0)
     base_temperature: float = option(0.07, "SupContrast's base temperature (the loss is scaled by temperature / it)",
                                      above=0)
@@ -167,18 +179,22 @@ def secure_training(run: DefenseRun, train, flags: torch.Tensor, cfg: DSTConfig)
 
     head = FrozenEncoderHead(model, linear)
 
+    strong = cfg.classifier_augment == "contrastive"
+
     def classifier_step(net, batch, optimizer, ctx: StepContext) -> StepOutput:
+        x = views(batch.x.cpu()).to(batch.x.device) if strong else batch.x
         with ctx.autocast():
-            logits = net(batch.x)
+            logits = net(x)
             loss = mixed_cross_entropy(logits.float(), batch.y, flags_dev[batch.position], cfg.poison_loss_weight)
         ctx.backward_step(loss, optimizer)
         return StepOutput(loss.detach(), logits.detach())
 
-    optimizer = torch.optim.SGD(linear.parameters(), lr=cfg.lr_classifier, momentum=0.9)
+    optimizer = torch.optim.SGD(linear.parameters(), lr=cfg.lr_classifier, momentum=0.9,
+                                weight_decay=cfg.weight_decay_classifier)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(
         cfg.lr_classifier, cfg.epochs_classifier, iters, cfg.warm_epochs, decay=None))
     fit_phase(run, head, train, TrainConfig(epochs=cfg.epochs_classifier, batch_size=cfg.batch_size,
-                                            scheduler_step="batch", amp=cfg.amp),
+                                            scheduler_step="batch", augment=not strong, amp=cfg.amp),
               "classifier", step=classifier_step, optimizer=optimizer, scheduler=scheduler)
     for p in model.parameters():
         p.requires_grad_(True)

@@ -58,9 +58,9 @@ from ..defense import (Defense, DefenseData, DefenseRun, SelectionConfig, regist
                        split_heldout)
 from ..engine import eval_mode, iterate
 from ..errors import BurnError
-from ..features import final_linear
 from ..metrics import accuracy
 from ..models import Classifier
+from ..network_surgery import final_linear
 from ..results import MetricLog, atomic_write_text
 
 

@@ -35,10 +35,10 @@ import torch
 from ..config import option
 from ..data import ImageSet
 from ..defense import Defense, DefenseData, DefenseRun, register_defense
-from ..features import feature_layer, layer_outputs
 from ..datasets import dataset_info
 from ..errors import BurnError
 from ..models import Classifier, build_classifier
+from ..network_surgery import feature_layer, layer_outputs
 from .retraining import (RetrainConfig, check_phase_checkpoints, poisoned_train, poisoned_train_size,
                          retrain_on_kept, write_sample_flags)
 

@@ -1,9 +1,12 @@
 """``detection_pretrain/burn.py`` and ``burn_s.py``: BURN's poison detector, among the others.
 
 * ``burn`` - the boundary distance ``l(x)`` of every training sample on the frozen infected model θ0
-  (BURN's Phase 1 ranking), measured with BURN's own scan (:func:`burnkit.defenses.burn.boundary_scan`,
-  same settings and defaults as ``defense/burn.py``), or read from a finished BURN run
-  (``--burn_output``) instead of scanning again. Flags: the top ``flag_share`` (k_p^0 = 0.5 %, the
+  (BURN's Phase 1 ranking), measured with BURN's own scan (:func:`burnkit.defenses.burn.boundary_scan`),
+  or read from a finished BURN run (``--burn_output``) instead of scanning again. Its scan settings
+  (``--attack_space``, ``--clip``, ``--overshoot``, ``--max_iter``, ``--candidates``,
+  ``--scan_batch_size``) are not restated here: a flag left unset takes the value ``defense/burn.py``
+  would use on the same record (its ``config/defense/burn/<dataset>.yaml`` over its defaults), so the
+  detector scans exactly as BURN's Phase 1 does. Flags: the top ``flag_share`` (k_p^0 = 0.5 %, the
   share BURN's Phase 1 relabels).
 * ``burn_s`` - BURN's score ``S = (1 - ω) BD + ω PD`` after its last Phase-2 iteration, read from a
   finished BURN run's ``burn_samples.csv`` (``--burn_output``, default the record's
@@ -23,9 +26,11 @@ import numpy as np
 import pandas as pd
 
 from ..boundary import SPACES
-from ..config import option
+from ..config import load_yaml, merge, option
 from ..detector import DetectionResult, Detector, DetectorConfig, register_detector
 from ..errors import BurnError
+
+SCAN_KEYS = ("attack_space", "clip", "overshoot", "max_iter", "candidates", "scan_batch_size")
 
 
 @dataclass
@@ -33,12 +38,15 @@ class BurnDistanceConfig(DetectorConfig):
     burn_output: str | None = option(None, "read the distances from this finished BURN output folder (relative to "
                                            "the record folder, e.g. defense/burn) instead of scanning")
     flag_share: float = option(0.005, "share flagged: the largest distances (k_p^0 of BURN's Phase 1)", above=0, high=1)
-    attack_space: str = option("input", "space of the distance: input (normalised) or pixel", choices=SPACES)
-    clip: bool = option(True, "clip attack iterates to valid images")
-    overshoot: float = option(0.02, "boundary attack overshoot", low=0)
-    max_iter: int = option(50, "boundary attack steps per sample", low=1)
-    candidates: int = option(10, "candidate classes of the boundary attack (top by logit)", low=2)
-    scan_batch_size: int = option(256, "samples per boundary-attack batch", low=1)
+    attack_space: str | None = option(None, "space of the distance: input (normalised) or pixel (default: "
+                                            "defense/burn.py's)", choices=SPACES)
+    clip: bool | None = option(None, "clip attack iterates to valid images (default: defense/burn.py's)")
+    overshoot: float | None = option(None, "boundary attack overshoot (default: defense/burn.py's)", low=0)
+    max_iter: int | None = option(None, "boundary attack steps per sample (default: defense/burn.py's)", low=1)
+    candidates: int | None = option(None, "candidate classes of the boundary attack, top by logit (default: "
+                                          "defense/burn.py's)", low=2)
+    scan_batch_size: int | None = option(None, "samples per boundary-attack batch (default: defense/burn.py's)",
+                                         low=1)
 
 
 @dataclass
@@ -85,6 +93,19 @@ def burn_cost(folder: Path) -> dict:
             "scan_s": float(scan) if isinstance(scan, (int, float)) else math.nan}
 
 
+def burn_scan_config(cfg: BurnDistanceConfig, dataset: str):
+    """The :class:`~burnkit.defenses.burn.BurnConfig` ``defense/burn.py`` would run with on a record of
+    ``dataset`` (its YAML for the dataset over its defaults), with this detector's scan flags that were
+    given on top."""
+    from ..defenses.burn import Burn, BurnConfig
+
+    path = Burn.default_yaml({"dataset": dataset})
+    given = {k: getattr(cfg, k) for k in SCAN_KEYS if getattr(cfg, k) is not None}
+    burn_cfg, _ = merge(BurnConfig, load_yaml(path) if path else {}, given, yaml_source=str(path))
+    burn_cfg.progress = cfg.progress
+    return burn_cfg
+
+
 def top_share(values: np.ndarray, share: float) -> np.ndarray:
     flags = np.zeros(len(values), dtype=bool)
     k = min(len(values), max(1, int(round(share * len(values)))))
@@ -104,6 +125,8 @@ class BurnDistance(Detector):
         if cfg.burn_output:
             read_burn_samples(burn_folder(record.record_dir, cfg.burn_output), record.bd_train.original_index,
                               "boundary_l2")
+        else:
+            burn_scan_config(cfg, record.clean_data)
 
     def detect(self, model, data, cfg, run):
         if cfg.burn_output:
@@ -115,16 +138,14 @@ class BurnDistance(Detector):
                                    "reused_from": str(folder)})
             notes = {"source": f"boundary_l2 of {folder / 'burn_samples.csv'}", "scan_s_of_that_run": cost["scan_s"]}
         else:
-            from ..defenses.burn import BurnConfig, boundary_scan
+            from ..defenses.burn import boundary_scan
 
-            scan_cfg = BurnConfig()
-            for key in ("attack_space", "clip", "overshoot", "max_iter", "candidates", "scan_batch_size", "progress"):
-                setattr(scan_cfg, key, getattr(cfg, key))
+            scan_cfg = burn_scan_config(cfg, data.record.clean_data)
             with run.timed("boundary_scan"):
                 result = boundary_scan(model, data.inspected, scan_cfg, run.device)
             l2 = result.l2.double().numpy()
             notes = {"source": "boundary scan of θ0", "converged_share": float(result.converged.float().mean()),
-                     "attack_space": cfg.attack_space}
+                     "scan_settings": {k: getattr(scan_cfg, k) for k in SCAN_KEYS}}
         flags = top_share(l2, cfg.flag_share)
         return DetectionResult(l2, flags, threshold=float(l2[flags].min()), target="None", notes={
             **notes, "score": "minimal L2 distance to the decision boundary",

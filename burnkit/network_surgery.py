@@ -1,4 +1,5 @@
-"""Network surgery and feature extraction that several defenses share, found generically.
+"""Network surgery and layer outputs that several defenses share, found generically (where the
+detectors read features is :mod:`burnkit.feature_points`).
 
 Defenses that look inside a network (AC, Spectral, DBD, D-BR, D-ST) need three things from any zoo
 model without knowing its name: the classification layer (the last ``nn.Linear``), the outputs of a

@@ -1,4 +1,5 @@
-"""Feature points of any network, found generically, and batched feature extraction.
+"""Where the detectors read a network: feature points of any network, found generically, and
+batched feature extraction (the defenses' network surgery is :mod:`burnkit.network_surgery`).
 
 Feature-space detectors (Spectral Signatures, SPECTRE, SCAn, Beatrix, Activation Clustering) read
 an intermediate representation. BackdoorBench hard-codes module names (``--target_layer layer4`` for
@@ -28,9 +29,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..data import ImageSet
-from ..engine import eval_mode, iterate
-from ..errors import BurnError
+from .data import ImageSet
+from .engine import eval_mode, iterate
+from .errors import BurnError
 
 POOLING = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.AvgPool2d, nn.MaxPool2d, nn.LPPool2d)
 GLOBAL_POOLING = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
