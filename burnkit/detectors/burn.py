@@ -25,12 +25,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..boundary import SPACES
+from ..boundary import SPACES, STEP_RULES
 from ..config import load_yaml, merge, option
 from ..detector import DetectionResult, Detector, DetectorConfig, register_detector
 from ..errors import BurnError
 
-SCAN_KEYS = ("attack_space", "clip", "overshoot", "max_iter", "candidates", "scan_batch_size")
+SCAN_KEYS = ("attack_space", "clip", "overshoot", "max_iter", "candidates", "step_rule", "paper_exact", "scan_batch_size")
 
 
 @dataclass
@@ -43,8 +43,12 @@ class BurnDistanceConfig(DetectorConfig):
     clip: bool | None = option(None, "clip attack iterates to valid images (default: defense/burn.py's)")
     overshoot: float | None = option(None, "boundary attack overshoot (default: defense/burn.py's)", low=0)
     max_iter: int | None = option(None, "boundary attack steps per sample (default: defense/burn.py's)", low=1)
-    candidates: int | None = option(None, "candidate classes of the boundary attack, top by logit (default: "
-                                          "defense/burn.py's)", low=2)
+    candidates: int | None = option(None, "candidate classes of the boundary attack, top by logit; 0 = every class "
+                                          "(default: defense/burn.py's)", low=0)
+    step_rule: str | None = option(None, "where the overshoot acts: total (DeepFool's code) or step (the paper's "
+                                         "update) (default: defense/burn.py's)", choices=STEP_RULES)
+    paper_exact: bool | None = option(None, "the paper's boundary attack: every class, its per-step update, no "
+                                            "clipping (default: defense/burn.py's)")
     scan_batch_size: int | None = option(None, "samples per boundary-attack batch (default: defense/burn.py's)",
                                          low=1)
 
@@ -145,7 +149,7 @@ class BurnDistance(Detector):
                 result = boundary_scan(model, data.inspected, scan_cfg, run.device)
             l2 = result.l2.double().numpy()
             notes = {"source": "boundary scan of θ0", "converged_share": float(result.converged.float().mean()),
-                     "scan_settings": {k: getattr(scan_cfg, k) for k in SCAN_KEYS}}
+                     "scan_settings": {**{k: getattr(scan_cfg, k) for k in SCAN_KEYS}, **scan_cfg.scan_settings()}}
         flags = top_share(l2, cfg.flag_share)
         return DetectionResult(l2, flags, threshold=float(l2[flags].min()), target="None", notes={
             **notes, "score": "minimal L2 distance to the decision boundary",
