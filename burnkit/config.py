@@ -403,16 +403,13 @@ def merge(config_cls, yaml_values: dict, cli_values: dict, yaml_source: str = "Y
     return cfg, ignored
 
 
-def parse_config(config_cls, argv, prog: str, description: str = "", default_yaml=None, given: set | None = None):
+def parse_config(config_cls, argv, prog: str, description: str = "", default_yaml=None):
     """Parse ``argv``, read the YAML (``--yaml_path`` or ``default_yaml(cli_values)``), merge.
 
-    Returns ``(config, yaml_path or None, ignored_yaml_keys)``; ``given``, when passed, receives the
-    keys set on the command line (a value the user asked for, as opposed to a YAML or default one).
+    Returns ``(config, yaml_path or None, ignored_yaml_keys)``.
     """
     parser = build_parser(config_cls, prog, description)
     cli = parse_cli(parser, config_cls, argv, prog)
-    if given is not None:
-        given.update(k for k, v in cli.items() if v is not None)
     yaml_path = cli.get("yaml_path")
     if yaml_path is None and default_yaml is not None:
         yaml_path = default_yaml(cli)
