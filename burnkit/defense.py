@@ -322,8 +322,7 @@ class Defense:
     def run(self, cfg: DefenseConfig, ignored_keys=(), record: AttackRecord | None = None) -> dict:
         """The lifecycle, holding the record's lock shared and the output folder's exclusively."""
         with contextlib.ExitStack() as held:
-            if cfg.result_file:  # before the record is read, so it cannot be replaced while it is
-                held.enter_context(folder_lock(resolve_record_dir(cfg.result_file), "the record", shared=True))
+            held.enter_context(record_read_lock(cfg))
             return self._run(cfg, ignored_keys, record, held)
 
     def _run(self, cfg: DefenseConfig, ignored_keys, record: AttackRecord | None, held: contextlib.ExitStack) -> dict:
@@ -454,6 +453,16 @@ def open_record(cfg, record: AttackRecord | None = None) -> tuple[Path, AttackRe
     if cfg.model and cfg.model != record.model_name:
         raise BurnError(f"--model {cfg.model} contradicts the record's model {record.model_name}; drop --model")
     return record_dir, record
+
+
+def record_read_lock(cfg):
+    """The lock of the record ``cfg`` names, shared (:mod:`burnkit.locks`), to hold from before the
+    record is read to the end of the run, so that no attack replaces it meanwhile; nothing to hold
+    when that folder does not exist (:func:`open_record` then says so)."""
+    record_dir = resolve_record_dir(cfg.result_file) if cfg.result_file else None
+    if record_dir is None or not record_dir.is_dir():
+        return contextlib.nullcontext()
+    return folder_lock(record_dir, "the record", shared=True)
 
 
 def resolve_record_dir(result_file: str) -> Path:

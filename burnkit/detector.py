@@ -52,7 +52,7 @@ from .config import as_dict, find_config_file, option, parse_config
 from .data import ImageSet, imageset_digest, tensors_digest
 from .datasets import DATASETS, DatasetInfo, dataset_info
 from .defense import (READ_SELECTION_KEYS, _close_logger, _make_logger, choose_clean_indices, open_record,
-                      resolve_record_dir)
+                      record_read_lock, resolve_record_dir)
 from .detection_metrics import detection_metrics, roc_points
 from .engine import check_checkpoints, plain_fingerprint, resolve_device, seed_everything
 from .errors import BurnError, cli_errors
@@ -247,8 +247,7 @@ class Detector:
     def run(self, cfg: DetectorConfig, ignored_keys=(), record: AttackRecord | None = None) -> dict:
         """The lifecycle, holding the record's lock shared and the output folder's exclusively."""
         with contextlib.ExitStack() as held:
-            if cfg.result_file:  # before the record is read, so it cannot be replaced while it is
-                held.enter_context(folder_lock(resolve_record_dir(cfg.result_file), "the record", shared=True))
+            held.enter_context(record_read_lock(cfg))
             return self._run(cfg, ignored_keys, record, held)
 
     def _run(self, cfg: DetectorConfig, ignored_keys, record: AttackRecord | None, held: contextlib.ExitStack) -> dict:

@@ -327,3 +327,27 @@ def test_a_defense_is_refused_while_an_attack_writes_the_record(digits_copy, mon
     get_attack("badnet").main([*DIGITS_TRAINING, "--epochs", "2", "--save_folder_name", "fresh", "--overwrite", "true"])
     lines = [line for line in refused[0].splitlines() if line.strip()]
     assert len(lines) == 1 and "fresh" in lines[0] and f"pid {os.getpid()}" in lines[0]
+
+
+def test_a_burn_run_is_not_replaced_while_a_detector_reads_it(digits_copy, monkeypatch, capsys):
+    from burnkit.detectors import burn as burn_detectors
+
+    burn()
+    real = burn_detectors.read_burn_samples
+    refused: list[str] = []
+
+    def overwrite_the_run_meanwhile(*args, **kwargs):
+        if not refused:
+            refused.append("started")
+            before = snapshot(burn_output(digits_copy))
+            with pytest.raises(SystemExit) as exit_info:
+                burn("--overwrite", "true")
+            refused[0] = capsys.readouterr().err
+            assert exit_info.value.code == 2 and snapshot(burn_output(digits_copy)) == before
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(burn_detectors, "read_burn_samples", overwrite_the_run_meanwhile)
+    get_detector("burn_s").main(["--result_file", RECORD, "--progress", "false"])
+    lines = [line for line in refused[0].splitlines() if line.strip()]
+    assert len(lines) == 1 and "defense/burn" in lines[0] and "being read" in lines[0]
+    assert not list(burn_output(digits_copy).parent.glob("burn.replaced-*"))
