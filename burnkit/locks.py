@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import hashlib
 import os
 import socket
 import time
@@ -43,6 +44,7 @@ from pathlib import Path
 from typing import Iterator
 
 from .errors import BurnError
+from .fileio import name_max, shorten
 
 TRIES = 20
 RETRY_S = 0.05  # ~1 s in all: far longer than a releasing run needs to delete its file
@@ -50,9 +52,14 @@ NO_LOCK_FILE = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOENT}
 
 
 def lock_path(folder: str | Path) -> Path:
-    """``<parent>/.<name>.lock``, the lock file of ``folder``."""
+    """``<parent>/.<name>.lock``, the lock file of ``folder`` (a name too long for the file system is
+    shortened and told apart by a hash of the full name)."""
     folder = Path(os.path.abspath(folder))
-    return folder.with_name(f".{folder.name}.lock")
+    name, limit = f".{folder.name}.lock", name_max(folder.parent)
+    if len(name.encode()) > limit:
+        tag = hashlib.sha1(folder.name.encode()).hexdigest()[:12]
+        name = f".{shorten(folder.name, limit - len(tag) - 7)}-{tag}.lock"
+    return folder.with_name(name)
 
 
 @contextlib.contextmanager
