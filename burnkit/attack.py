@@ -53,8 +53,7 @@ from .registry import Registry
 from .models import Classifier, build_classifier
 from .options import TrainingOptions, result_settings
 from .records import PoisonedSplit, atomic_torch_save, write_attack_record
-from .results import (MetricLog, check_output_folders, check_writable_folder, move_aside, plot_metrics, run_environment,
-                      write_json)
+from .results import MetricLog, check_output_folders, move_aside, plot_metrics, run_environment, write_json
 
 _REGISTRY = Registry("attack", "burnkit.attacks")
 register_attack = _REGISTRY.register  # class decorator
@@ -236,7 +235,6 @@ class Attack:
         started = time.perf_counter()
         name = cfg.save_folder_name or f"{time.strftime('%Y%m%d_%H%M%S')}_{cls.name}_{cfg.dataset}_{cfg.model}"
         record_dir = Path("record") / name
-        check_writable_folder(record_dir, "the record folder")
         with folder_lock(record_dir, "the record"):
             return cls._write_record(cfg, ignored, record_dir, started)
 
