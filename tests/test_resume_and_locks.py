@@ -200,8 +200,8 @@ def test_abl_detector_refuses_to_resume_its_isolation_training_on_other_record_c
 
 def test_burn_detector_refuses_scan_flags_that_contradict_the_run_it_reads(digits_copy, capsys):
     burn()  # --max_iter 5 --candidates 2
-    line = refusal(capsys, get_detector("burn").main, ["--result_file", RECORD, "--progress", "false",
-                                                       "--burn_output", "defense/burn", "--max_iter", "50"], digits_copy)
+    argv = ["--result_file", RECORD, "--progress", "false", "--burn_output", "defense/burn", "--max_iter", "50"]
+    line = refusal(capsys, get_detector("burn").main, argv, digits_copy)
     assert "--max_iter" in line and "5" in line
 
 
