@@ -22,7 +22,9 @@ images). Everything else follows BackdoorBench's BadNets-family semantics (spec 
 Output: ``record/<save_folder_name>/`` with ``attack_result.pt``, the PNG folders,
 ``attack_df.csv`` + summary, ``info.pickle``, ``train_poison_index_list.pickle``, a log, plots and
 ``provenance.json`` (config, seed, git revision, wall time, device). Training checkpoints every
-epoch; re-running the same command after a kill resumes.
+epoch; re-running the same command after a kill resumes. The run holds the record folder's lock
+exclusively (:mod:`burnkit.locks`): a second attack on the same folder is refused, and so is
+``--overwrite`` while a defense or detector reads the record.
 """
 from __future__ import annotations
 
@@ -46,17 +48,14 @@ from .defense import _close_logger, _make_logger, _pct, attach_log_file
 from .engine import (EvalSuite, FitResult, TrainConfig, check_trainable, cpu_memory_warning, fit, load_checkpoint,
                      out_of_memory_as_error, plain_fingerprint, resolve_device, seed_everything)
 from .errors import BurnError, cli_errors
+from .locks import folder_lock
 from .registry import Registry
 from .models import Classifier, build_classifier
-from .options import TrainingOptions
+from .options import TrainingOptions, result_settings
 from .records import PoisonedSplit, atomic_torch_save, write_attack_record
 from .results import MetricLog, check_output_folders, move_aside, plot_metrics, run_environment, write_json
 
 _REGISTRY = Registry("attack", "burnkit.attacks")
-# settings that do not change the trained model: a resumed run may change them
-RUN_ONLY_KEYS = frozenset({"device", "progress", "resume", "overwrite", "pin_memory", "non_blocking", "prefetch",
-                           "num_workers", "frequency_save", "yaml_path", "bd_yaml_path", "download", "dataset_path",
-                           "test_every", "save_folder_name", "attack", "resource_cache"})
 register_attack = _REGISTRY.register  # class decorator
 get_attack = _REGISTRY.get
 list_attacks = _REGISTRY.names
@@ -191,11 +190,11 @@ class Attack:
         return self.cfg.train_config(drop_last=True)
 
     def fingerprint(self, train_set: ImageSet) -> dict:
-        """What a training checkpoint must agree with to be resumed: every setting that changes the
-        trained model (not the device, paths, progress or scoring cadence) and a digest of the
-        poisoned training set, so a changed --epochs/--lr/--pratio/--model is refused, not continued."""
-        settings = {k: v for k, v in as_dict(self.cfg).items() if k not in RUN_ONLY_KEYS}
-        return {"attack": self.name, **settings, "train_set": imageset_digest(train_set)}
+        """What a training checkpoint must agree with to be resumed: every setting but the run-only
+        ones (:func:`~burnkit.options.result_settings`: not the device, paths, progress or scoring
+        cadence) and a digest of the poisoned training set, so a changed --epochs/--lr/--pratio/--model
+        is refused, not continued."""
+        return {"attack": self.name, **result_settings(self.cfg), "train_set": imageset_digest(train_set)}
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -232,12 +231,19 @@ class Attack:
 
     @classmethod
     def run(cls, cfg: AttackConfig, ignored=()) -> dict:
+        """Write ``record/<save_folder_name>``, holding its lock from the first check to the last file."""
         started = time.perf_counter()
+        name = cfg.save_folder_name or f"{time.strftime('%Y%m%d_%H%M%S')}_{cls.name}_{cfg.dataset}_{cfg.model}"
+        record_dir = Path("record") / name
+        with folder_lock(record_dir, "the record"):
+            return cls._write_record(cfg, ignored, record_dir, started)
+
+    @classmethod
+    def _write_record(cls, cfg: AttackConfig, ignored, record_dir: Path, started: float) -> dict:
+        name = record_dir.name
         info = dataset_info(cfg.dataset)
         attack = cls(cfg, info)
         cfg.attack = cls.name
-        name = cfg.save_folder_name or f"{time.strftime('%Y%m%d_%H%M%S')}_{cls.name}_{cfg.dataset}_{cfg.model}"
-        record_dir = Path("record") / name
         replace_old = (record_dir / "attack_result.pt").exists()
         if replace_old and not cfg.overwrite:
             raise BurnError(f"{record_dir} already holds an attack record; choose another --save_folder_name, or pass "

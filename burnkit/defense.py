@@ -11,10 +11,14 @@ the repaired model. Everything around it is done here, the same way for all defe
 3. the defender's clean subset: ``--index`` file, or ``int(N * ratio)`` indices drawn with Python's
    ``random`` after seeding, as BackdoorBench draws them; written to ``log/index.txt``;
 4. ``repair``; then ``defense_result.pt``, ``<name>_df.csv`` + summary, plots, a log file under
-   ``log/`` and ``cost.json`` (wall time per phase, device) in ``record/<result_file>/defense/<name>/``.
+   ``log/`` and ``cost.json`` (wall time per phase, device, the run's fingerprint) in
+   ``record/<result_file>/defense/<name>/``.
 
 All input checks happen before anything is written, so a bad flag or record leaves the disk as it
-was.
+was. A run holds the record's lock shared and its output folder's lock exclusively
+(:mod:`burnkit.locks`): a second run on the same output is refused, and the record is not replaced
+under it. A resumable defense resumes only from checkpoints whose fingerprint - every result-changing
+setting and digests of the weights and data read (:meth:`Defense.fingerprint`) - is this run's.
 """
 from __future__ import annotations
 
@@ -36,18 +40,24 @@ import numpy as np
 import torch
 
 from .config import as_dict, find_config_file, option, parse_config
-from .data import Augment, ImageSet
+from .data import Augment, ImageSet, imageset_digest, tensors_digest
 from .datasets import DATASETS, DatasetInfo, dataset_info
-from .engine import (EvalSuite, FitResult, Metrics, TrainConfig, cpu_memory_warning, evaluate, fit,
-                     out_of_memory_as_error, resolve_device, seed_everything, test_due)
+from .engine import (EvalSuite, FitResult, Metrics, TrainConfig, check_checkpoints, cpu_memory_warning, evaluate,
+                     fit, out_of_memory_as_error, plain_fingerprint, resolve_device, seed_everything, test_due)
 from .errors import BurnError, cli_errors
+from .locks import folder_lock
 from .registry import Registry
 from .models import Classifier, build_classifier, load_bb_state_dict
-from .options import TrainingOptions
+from .options import TrainingOptions, result_settings
 from .records import AttackRecord, read_attack_record, write_defense_result
-from .results import MetricLog, check_output_folders, move_aside, plot_metrics, run_environment, write_json
+from .results import (MetricLog, check_output_folders, check_writable_folder, move_aside, plot_metrics, run_environment,
+                      write_json)
 
 _REGISTRY = Registry("defense", "burnkit.defenses")
+# settings of a defense or detector that only name or select what it reads (the record, its model and
+# dataset, the clean samples): the digests in its fingerprint cover what they select, so a record may
+# be moved, or named by another path, between a kill and the resume
+READ_SELECTION_KEYS = frozenset({"result_file", "model", "dataset", "ratio", "index", "clean_sample_num"})
 register_defense = _REGISTRY.register  # class decorator
 get_defense = _REGISTRY.get
 list_defenses = _REGISTRY.names
@@ -142,11 +152,12 @@ class DefenseRun:
     """Services a ``repair`` function uses: device, folders, logger, metric log, timing, fitting."""
 
     def __init__(self, name: str, cfg: DefenseConfig, out_dir: Path, device: torch.device,
-                 data: DefenseData, record: AttackRecord, logger: logging.Logger):
+                 data: DefenseData, record: AttackRecord, logger: logging.Logger, fingerprint: dict | None = None):
         self.name = name
         self.cfg = cfg
         self.out_dir = out_dir
         self.log_dir, self.checkpoint_dir = run_folders(cfg, out_dir).values()
+        self.fingerprint = fingerprint or {}  # what a checkpoint of this run must agree with (Defense.fingerprint)
         self.device = device
         self.data = data
         self.record = record
@@ -239,7 +250,28 @@ class Defense:
 
     def preflight(self, cfg: DefenseConfig, record: AttackRecord, out_dir: Path) -> None:
         """Checks that need the record and the output folder but must fail before anything is
-        written (e.g. BURN refuses a checkpoint of other settings here, not after its first phase)."""
+        written (a flag that selects no sample, a layer the network lacks)."""
+
+    def fingerprint(self, cfg: DefenseConfig, weights: str, data: DefenseData) -> dict:
+        """What a checkpoint of this run must agree with to be resumed: the defense, every setting but
+        the run-only ones (:func:`~burnkit.options.result_settings`; a new setting is covered by
+        default) and digests of everything the run reads - the record's weights (``weights``, taken
+        before the record's copy is dropped), its poisoned training set, the clean subset and the
+        test sets. A record replaced by another with as many samples, or a changed setting, is
+        refused instead of silently continued; the record's path is not part of it."""
+        sets = {"bd_train": data.poisoned_train, "clean_subset": data.clean_subset, "clean_test": data.clean_test,
+                "bd_test": data.bd_test}
+        digests = {k: imageset_digest(v) if v is not None else None for k, v in sets.items()}
+        return plain_fingerprint({"defense": self.name, **result_settings(cfg, READ_SELECTION_KEYS),
+                                  "data": {"weights": weights, **digests}})
+
+    def check_resume(self, cfg: DefenseConfig, checkpoint_dir: Path, fingerprint: dict) -> None:
+        """Before anything is written, refuse a checkpoint this run would resume from that another
+        run made (other settings, another record's weights or data) or that cannot be read. The
+        default checks the training checkpoints of :func:`burnkit.defenses.retraining.fit_phase`;
+        a defense with checkpoints of its own (BURN) overrides it."""
+        if checkpoint_dir.is_dir():
+            check_checkpoints(checkpoint_dir, fingerprint)
 
     def choose_subset(self, clean_train: ImageSet, cfg: DefenseConfig) -> np.ndarray:
         """The defender's clean-train indices: ``--index`` or a seeded ``--ratio`` sample (spec §3.5).
@@ -288,9 +320,17 @@ class Defense:
             return cls().run(cfg, ignored_keys=ignored, record=loaded.pop("record", None))
 
     def run(self, cfg: DefenseConfig, ignored_keys=(), record: AttackRecord | None = None) -> dict:
+        """The lifecycle, holding the record's lock shared and the output folder's exclusively."""
+        with contextlib.ExitStack() as held:
+            held.enter_context(record_read_lock(cfg))
+            return self._run(cfg, ignored_keys, record, held)
+
+    def _run(self, cfg: DefenseConfig, ignored_keys, record: AttackRecord | None, held: contextlib.ExitStack) -> dict:
         started = time.perf_counter()
         record_dir, record = open_record(cfg, record)
         out_dir = record_dir / "defense" / (cfg.output_name or self.name)
+        check_writable_folder(out_dir, "the output folder")
+        held.enter_context(folder_lock(out_dir, "the output folder"))
         finished = (out_dir / "defense_result.pt").exists()
         if finished and not cfg.overwrite:
             raise BurnError(f"{out_dir} already holds a finished {self.name} result; pass --overwrite true to "
@@ -303,6 +343,7 @@ class Defense:
         seed_everything(cfg.random_seed)
         model = build_classifier(record.model_name, info, record.num_classes)
         load_bb_state_dict(model, record.state_dict)
+        weights = tensors_digest(record.state_dict.items())
         # the model holds the weights now: drop this run's reference to the record's copy (a
         # ViT-L's weights are 1.2 GB that would otherwise stay in memory beside the model's)
         record = dataclasses.replace(record, state_dict={})
@@ -313,12 +354,15 @@ class Defense:
             subset_idx = np.zeros(0, dtype=np.int64)
         data = DefenseData(info, loaded.clean_train.subset(subset_idx), loaded.bd_train,
                            loaded.clean_test, loaded.bd_test, subset_idx)
+        fingerprint = self.fingerprint(cfg, weights, data)
+        if not finished and getattr(cfg, "resume", False):  # a finished output is moved aside with its checkpoints
+            self.check_resume(cfg, checkpoint_folder(cfg, out_dir), fingerprint)
 
         # -- inputs are valid: from here on we write ------------------------------------------
         replaced = move_aside(out_dir) if finished else None
         out_dir.mkdir(parents=True, exist_ok=True)
         logger = _make_logger(self.name, Path(cfg.log) if cfg.log else out_dir / "log")
-        run = DefenseRun(self.name, cfg, out_dir, device, data, record, logger)
+        run = DefenseRun(self.name, cfg, out_dir, device, data, record, logger, fingerprint)
         run.log_dir.mkdir(parents=True, exist_ok=True)
         run.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         np.savetxt(run.log_dir / "index.txt", subset_idx, fmt="%d")
@@ -355,7 +399,8 @@ class Defense:
                    if run.previous_sessions_s else {}),
                 "attacked": run.before.row(), "final": {k: final.get(k) for k in ("test_acc", "test_asr", "test_ra")},
                 "clean_subset_size": int(len(subset_idx)), "train_set_size": _train_set_size(record),
-                "budget": self.budget(cfg), "test_data_for_decisions": False, **run.extra_results}
+                "budget": self.budget(cfg), "test_data_for_decisions": False, **run.extra_results,
+                "fingerprint": fingerprint}
         write_json(out_dir / "cost.json", cost)
         # the result file marks the output as finished (compare, --overwrite), so it is written last
         write_defense_result(out_dir, record.model_name, record.num_classes, model.bb_state_dict())
@@ -368,8 +413,12 @@ class Defense:
 def run_folders(cfg: DefenseConfig, out_dir: Path) -> dict[str, Path]:
     """The log and checkpoint folders of a run: ``--log`` / ``--checkpoint_save``, else inside ``out_dir``."""
     return {"the log folder (--log)": Path(cfg.log) if cfg.log else out_dir / "log",
-            "the checkpoint folder (--checkpoint_save)": Path(cfg.checkpoint_save) if cfg.checkpoint_save
-            else out_dir / "checkpoint"}
+            "the checkpoint folder (--checkpoint_save)": checkpoint_folder(cfg, out_dir)}
+
+
+def checkpoint_folder(cfg: DefenseConfig, out_dir: Path) -> Path:
+    """``--checkpoint_save``, else ``<output>/checkpoint``."""
+    return Path(cfg.checkpoint_save) if cfg.checkpoint_save else out_dir / "checkpoint"
 
 
 def _train_set_size(record: AttackRecord) -> int | None:
@@ -404,6 +453,16 @@ def open_record(cfg, record: AttackRecord | None = None) -> tuple[Path, AttackRe
     if cfg.model and cfg.model != record.model_name:
         raise BurnError(f"--model {cfg.model} contradicts the record's model {record.model_name}; drop --model")
     return record_dir, record
+
+
+def record_read_lock(cfg):
+    """The lock of the record ``cfg`` names, shared (:mod:`burnkit.locks`), to hold from before the
+    record is read to the end of the run, so that no attack replaces it meanwhile; nothing to hold
+    when that folder does not exist (:func:`open_record` then says so)."""
+    record_dir = resolve_record_dir(cfg.result_file) if cfg.result_file else None
+    if record_dir is None or not record_dir.is_dir():
+        return contextlib.nullcontext()
+    return folder_lock(record_dir, "the record", shared=True)
 
 
 def resolve_record_dir(result_file: str) -> Path:

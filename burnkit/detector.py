@@ -27,7 +27,11 @@ every method) and the method's own flags. Everything else happens here, the same
 
 The record's poison flags are read for scoring only; no detector sees them. A finished output is
 refused unless ``--overwrite true`` (the old folder is kept, renamed; its ``detection_info.csv`` rows
-are carried into the new one, as BackdoorBench's append mode keeps them).
+are carried into the new one, as BackdoorBench's append mode keeps them). A run holds the record's
+lock, and those of the outputs it reads (:meth:`Detector.reads`), shared and its own folder's lock
+exclusively (:mod:`burnkit.locks`). Whatever a run reuses - a checkpoint, another run's output - must
+agree with its fingerprint (every result-changing setting, digests of the weights and data read),
+checked before anything is written (:meth:`Detector.check_reads`).
 """
 from __future__ import annotations
 
@@ -45,18 +49,21 @@ import pandas as pd
 import torch
 
 from .config import as_dict, find_config_file, option, parse_config
-from .data import ImageSet
+from .data import ImageSet, imageset_digest, tensors_digest
 from .datasets import DATASETS, DatasetInfo, dataset_info
-from .defense import _close_logger, _make_logger, choose_clean_indices, open_record, resolve_record_dir
+from .defense import (READ_SELECTION_KEYS, _close_logger, _make_logger, choose_clean_indices, open_record,
+                      record_read_lock, resolve_record_dir)
 from .detection_metrics import detection_metrics, roc_points
-from .engine import resolve_device, seed_everything
+from .engine import check_checkpoints, plain_fingerprint, resolve_device, seed_everything
 from .errors import BurnError, cli_errors
 from .fileio import atomic_write_bytes
+from .locks import folder_lock
 from .models import Classifier, build_classifier, load_bb_state_dict
-from .options import TrainingOptions
+from .options import TrainingOptions, result_settings
 from .records import AttackRecord, read_attack_record
 from .registry import Registry
-from .results import atomic_write_text, check_output_folders, move_aside, run_environment, write_json
+from .results import (atomic_write_text, check_output_folders, check_writable_folder, move_aside, run_environment,
+                      write_json)
 
 _REGISTRY = Registry("detector", "burnkit.detectors")
 register_detector = _REGISTRY.register
@@ -141,12 +148,14 @@ class DetectionResult:
 class DetectionRun:
     """Services a ``detect`` function uses: device, folders, logger, timing."""
 
-    def __init__(self, name: str, cfg: DetectorConfig, out_dir: Path, device: torch.device, logger):
+    def __init__(self, name: str, cfg: DetectorConfig, out_dir: Path, device: torch.device, logger,
+                 fingerprint: dict | None = None):
         self.name = name
         self.cfg = cfg
         self.out_dir = out_dir
         self.device = device
         self.logger = logger
+        self.fingerprint = fingerprint or {}  # what a checkpoint of this run must agree with (Detector.fingerprint)
         self.timings: dict[str, float] = {}
         self.extra_cost: dict = {}  # e.g. the compute of a run whose output a detector reads
 
@@ -180,6 +189,23 @@ class Detector:
 
     def clean_count(self, cfg: DetectorConfig) -> int:
         return cfg.clean_sample_num
+
+    def reads(self, cfg: DetectorConfig, record: AttackRecord) -> list[Path]:
+        """Output folders of other runs this run reads besides the record (BURN's detectors: a BURN
+        run); they are locked shared for the run, so they are not replaced under it."""
+        return []
+
+    def fingerprint(self, cfg: DetectorConfig, weights: str, data: DetectionData) -> dict:
+        """What a checkpoint of this run must agree with (as :meth:`burnkit.defense.Defense.fingerprint`):
+        the detector, every setting but the run-only ones, digests of the record's weights, the
+        inspected set and the clean reserve."""
+        return plain_fingerprint({"detector": self.name, **result_settings(cfg, READ_SELECTION_KEYS),
+                                  "data": {"weights": weights, "bd_train": imageset_digest(data.inspected),
+                                           "clean": imageset_digest(data.clean)}})
+
+    def check_reads(self, cfg: DetectorConfig, record: AttackRecord, fingerprint: dict) -> None:
+        """Before anything is written, refuse an output of another run (:meth:`reads`) that was not
+        made from this run's weights and data or contradicts a setting of this run."""
 
     @classmethod
     def output_dir(cls, record_dir: Path, name: str | None = None) -> Path:
@@ -219,12 +245,20 @@ class Detector:
             return cls().run(cfg, ignored_keys=ignored, record=loaded.get("record"))
 
     def run(self, cfg: DetectorConfig, ignored_keys=(), record: AttackRecord | None = None) -> dict:
+        """The lifecycle, holding the record's lock shared and the output folder's exclusively."""
+        with contextlib.ExitStack() as held:
+            held.enter_context(record_read_lock(cfg))
+            return self._run(cfg, ignored_keys, record, held)
+
+    def _run(self, cfg: DetectorConfig, ignored_keys, record: AttackRecord | None, held: contextlib.ExitStack) -> dict:
         started = time.perf_counter()
         record_dir, record = open_record(cfg, record)
         name = cfg.output_name or self.name
         if record.bd_train is None:
             raise BurnError(f"record {record_dir} has no poisoned training set (bd_train); detectors inspect it")
         out_dir = self.output_dir(record_dir, name)
+        check_writable_folder(out_dir, "the output folder")
+        held.enter_context(folder_lock(out_dir, "the output folder"))
         finished = (out_dir / SCORES_JSON).exists()
         if finished and not cfg.overwrite:
             raise BurnError(f"{out_dir} already holds a finished {self.name} detection; pass --overwrite true to "
@@ -239,6 +273,8 @@ class Detector:
         seed_everything(cfg.random_seed)
         model = build_classifier(record.model_name, info, record.num_classes)
         load_bb_state_dict(model, record.state_dict)
+        for folder in self.reads(cfg, record):
+            held.enter_context(folder_lock(folder, "the output", shared=True))
         self.preflight(cfg, record, model)
         loaded = record.load_data(cfg.dataset_path, download=cfg.download)
         if self.needs_clean:
@@ -248,6 +284,10 @@ class Detector:
             clean_idx, source = np.zeros(0, dtype=np.int64), "none"
         data = DetectionData(info, record.num_classes, loaded.bd_train, loaded.clean_train.subset(clean_idx),
                              clean_idx, source, record)
+        fingerprint = self.fingerprint(cfg, tensors_digest(record.state_dict.items()), data)
+        if not finished and getattr(cfg, "resume", False) and (out_dir / "checkpoint").is_dir():
+            check_checkpoints(out_dir / "checkpoint", fingerprint)  # ABL's isolation training
+        self.check_reads(cfg, record, fingerprint)
 
         # -- inputs are valid: from here on we write ------------------------------------------
         history = (out_dir / INFO_CSV).read_text() if finished and (out_dir / INFO_CSV).is_file() else ""
@@ -266,7 +306,7 @@ class Detector:
         logger.info("config: %s", as_dict(cfg))
         logger.info("inspected: %d training samples (bd_train); clean reserve: %d (%s)", len(loaded.bd_train),
                     len(clean_idx), source)
-        run = DetectionRun(self.name, cfg, out_dir, device, logger)
+        run = DetectionRun(self.name, cfg, out_dir, device, logger, fingerprint)
         seed_everything(cfg.random_seed)
         with run.timed("detect"):
             result = self.detect(model, data, cfg, run)

@@ -583,7 +583,7 @@ def _scheduler_step(scheduler, loss: float) -> None:
 CHECKPOINT_VERSION = 2
 CHECKPOINT_KEYS = ("version", "fingerprint", "model", "optimizer", "scheduler", "scaler", "generator",
                    "torch_rng", "rows", "epoch", "train_s")
-RESUME_FIX = "re-run with the flags it was made with to resume, or pass --resume false to start over"
+RESUME_FIX = "re-run with the record and flags it was made with to resume, or pass --resume false to start over"
 
 
 def plain_fingerprint(fingerprint: dict | None) -> dict:
@@ -601,26 +601,73 @@ def plain_fingerprint(fingerprint: dict | None) -> dict:
     return plain(fingerprint or {})
 
 
+DATA_KEYS = ("data", "train_set")  # fingerprint entries that hold digests of the data and weights read
+
+
 def describe_difference(saved: dict, now: dict, limit: int = 4) -> str:
-    """``"epochs 6 -> 10, lr 0.01 -> 0.05"``: the keys on which two fingerprints differ."""
-    keys = [k for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
-    parts = [f"{k} {saved.get(k, 'unset')!r} -> {now.get(k, 'unset')!r}" for k in keys[:limit]]
-    return ", ".join(parts) + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+    """``"epochs 6 -> 10, lr 0.01 -> 0.05"``: the keys on which two fingerprints differ (a digest of
+    the data read is named, not shown: ``data.bd_train differs``)."""
+    parts = []
+    for k in sorted(set(saved) | set(now)):
+        a, b = saved.get(k, "unset"), now.get(k, "unset")
+        if a == b:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            parts += [f"{k}.{sub} differs" for sub in sorted(set(a) | set(b)) if a.get(sub) != b.get(sub)]
+        elif k in DATA_KEYS:
+            parts.append(f"{k} differs")
+        else:
+            parts.append(f"{k} {a!r} -> {b!r}")
+    return ", ".join(parts[:limit]) + (f" and {len(parts) - limit} more" if len(parts) > limit else "")
+
+
+def fingerprint_mismatch(saved, expected: dict, partial: bool = False) -> str | None:
+    """None when a checkpoint's fingerprint ``saved`` agrees with ``expected``; else how it differs,
+    worded for "was made ...": ``with other settings (lr 0.01 -> 0.05)``, ``from other data
+    (data.weights differs)`` or ``with other settings and data (...)``. ``partial``: compare only the
+    keys ``expected`` has (a training phase adds its own keys to its run's fingerprint)."""
+    saved = saved if isinstance(saved, dict) else {}
+    if partial:
+        saved = {k: ({sub: saved[k].get(sub, "unset") for sub in v} if isinstance(v, dict) and
+                     isinstance(saved.get(k), dict) else saved.get(k, "unset")) for k, v in expected.items()}
+    differing = {k for k in set(saved) | set(expected) if saved.get(k) != expected.get(k)}
+    if not differing:
+        return None
+    data, settings = differing & set(DATA_KEYS), differing - set(DATA_KEYS)
+    what = "with other settings and data" if data and settings else "from other data" if data else "with other settings"
+    return f"{what} ({describe_difference(saved, expected)})"
 
 
 def load_checkpoint(path: Path, fingerprint: dict) -> dict:
     """Read a training checkpoint weights-only and check that it belongs to this run."""
+    state = _read_checkpoint(path)
+    problem = fingerprint_mismatch(state["fingerprint"], fingerprint)
+    if problem:
+        raise BurnError(f"training checkpoint {path} was made {problem}; {RESUME_FIX}")
+    if any(k not in state for k in CHECKPOINT_KEYS) or not isinstance(state["rows"], list) \
+            or not isinstance(state["epoch"], int):
+        raise BurnError(f"training checkpoint {path} is malformed; {RESUME_FIX}")
+    return state
+
+
+def check_checkpoints(folder: Path, fingerprint: dict) -> None:
+    """Before a resumable run writes anything: every training checkpoint in ``folder`` must be of
+    this burnkit version and agree with the run's ``fingerprint`` (its settings and the digests of
+    the data and weights it read). A phase's own keys - its name and training set - are checked
+    when the phase starts."""
+    for path in sorted(Path(folder).glob("*.pt")):
+        problem = fingerprint_mismatch(_read_checkpoint(path)["fingerprint"], fingerprint, partial=True)
+        if problem:
+            raise BurnError(f"training checkpoint {path} was made {problem}; {RESUME_FIX}")
+
+
+def _read_checkpoint(path: Path) -> dict:
     from .safe_load import safe_torch_load
 
     state = safe_torch_load(path, what="training checkpoint", fix=RESUME_FIX)
-    if not isinstance(state, dict) or any(k not in state for k in CHECKPOINT_KEYS) or \
-            state.get("version") != CHECKPOINT_VERSION:
+    if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION or \
+            not isinstance(state.get("fingerprint"), dict):
         raise BurnError(f"training checkpoint {path} is not a checkpoint of this burnkit version; {RESUME_FIX}")
-    if state["fingerprint"] != fingerprint:
-        raise BurnError(f"training checkpoint {path} was made with other settings "
-                        f"({describe_difference(state['fingerprint'], fingerprint)}); {RESUME_FIX}")
-    if not isinstance(state["rows"], list) or not isinstance(state["epoch"], int):
-        raise BurnError(f"training checkpoint {path} is malformed; {RESUME_FIX}")
     return state
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .config import option
+from .config import as_dict, option
 from .engine import TrainConfig
 from .errors import BurnError
 
@@ -16,6 +16,32 @@ from .errors import BurnError
 GROUP = "training, device and BackdoorBench-compatibility options"
 OPTIMIZERS = ("sgd", "adam", "adadelta")  # BackdoorBench silently runs Adam for any other name; here it is an error
 SCHEDULERS = ("CosineAnnealingLR", "StepLR", "MultiStepLR", "CyclicLR", "ReduceLROnPlateau")
+
+# The settings that do not change what a run computes, so a resumed run may change them. Every other
+# setting of an attack, defense or detector is part of its resume fingerprint (result_settings), so a
+# setting added later is covered without anyone remembering to list it.
+RUN_ONLY_KEYS = frozenset({
+    # how and where the run executes (a device changes floating-point noise, not the algorithm)
+    "device", "progress", "pin_memory", "non_blocking", "prefetch", "num_workers", "frequency_save",
+    # where settings and data are read from: the merged settings themselves, and digests of the data
+    # and weights read, are in the fingerprint
+    "yaml_path", "bd_yaml_path", "dataset_path", "download", "resource_cache",
+    # where the outputs go, and what happens to an existing output
+    "save_folder_name", "output_name", "log", "checkpoint_save", "checkpoint_load", "csv_save_path",
+    "resume", "overwrite",
+    # how often the test sets are scored (the model is the same; the last epoch is always scored)
+    "test_every",
+    # accepted for BackdoorBench compatibility, never read: the attack's name (the script decides),
+    # FT-SAM's print_freq
+    "attack", "print_freq",
+})
+
+
+def result_settings(cfg, also_run_only=frozenset()) -> dict:
+    """Every setting of ``cfg`` except :data:`RUN_ONLY_KEYS` (and ``also_run_only``): the settings a
+    checkpoint must agree with to be resumed."""
+    skip = RUN_ONLY_KEYS | set(also_run_only)
+    return {k: v for k, v in as_dict(cfg).items() if k not in skip}
 
 
 @dataclass

@@ -5,12 +5,11 @@ Resumability comes from the outputs themselves (a cell whose files exist is skip
 them); ``state.json`` in the output folder only remembers what compare did: attempts per cell, exit
 codes, the tail of failed logs, wall times. A failed cell is reported and retried on the next run; its
 defenses are reported as blocked; everything else goes on. One compare at a time per output folder
-(an advisory lock that dies with the process).
+(:mod:`burnkit.locks`: an advisory lock that dies with the process).
 """
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import time
 from concurrent.futures import FIRST_COMPLETED, wait
@@ -18,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import BurnError
+from ..locks import folder_lock
 from ..results import write_json
 from .executors import CellTask, make_executor, recover_orphans
 from .experiment import Experiment, cell_env
@@ -58,13 +58,9 @@ class RunReport:
 
 @contextlib.contextmanager
 def experiment_lock(output: Path):
-    output.mkdir(parents=True, exist_ok=True)
-    with open(output / ".lock", "w") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise BurnError(f"another compare is running this experiment (lock {output / '.lock'}); "
-                            "wait for it or stop it") from None
+    """One compare at a time per output folder: the folder lock every burnkit writer takes."""
+    with folder_lock(output, "the experiment output"):
+        output.mkdir(parents=True, exist_ok=True)
         yield
 
 

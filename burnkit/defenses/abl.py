@@ -45,12 +45,11 @@ from ..engine import StepContext, StepOutput, TrainConfig, predict
 from ..errors import BurnError
 from ..models import Classifier
 from ..results import MetricLog, plot_metrics
-from .retraining import (NoCleanDataConfig, check_phase_checkpoints, fit_phase, fresh_classifier, poisoned_train,
+from .retraining import (NoCleanDataConfig, fit_phase, fresh_classifier, poisoned_train,
                          poisoned_train_size, require_share, write_sample_flags)
 
 ASCENT_TYPES = ("Flooding", "LGA")
 UNLEARNING_OPTIMIZERS = ("continue", "fresh")
-PHASES = ("pre_train", "finetune", "unlearn")
 BB_UNUSED_KEYS = ("data_root", "seed", "poison_rate", "target_type", "target_label", "trigger_type", "num_classes",
                   "input_height", "input_width", "input_channel", "lr_finetuning_init", "lr_unlearning_init")
 
@@ -220,4 +219,3 @@ class AntiBackdoorLearning(Defense):
         if cfg.finetuning_ascent_model and cfg.finetuning_epochs > 0 and int(n * cfg.isolation_ratio) >= n:
             raise BurnError(f"--isolation_ratio {cfg.isolation_ratio} isolates all {n} training samples, leaving none "
                             "to fine-tune on; lower it (or pass --finetuning_ascent_model false)")
-        check_phase_checkpoints(cfg, self.name, out_dir, PHASES)

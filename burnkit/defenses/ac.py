@@ -39,7 +39,7 @@ from ..defense import Defense, DefenseData, DefenseRun, register_defense
 from ..errors import BurnError
 from ..models import Classifier
 from ..network_surgery import penultimate_features
-from .retraining import (RetrainConfig, check_phase_checkpoints, poisoned_train, poisoned_train_size,
+from .retraining import (RetrainConfig, poisoned_train, poisoned_train_size,
                          retrain_on_kept, write_sample_flags)
 
 ANALYSES = ("smaller", "relative-size")
@@ -129,4 +129,3 @@ class ActivationClustering(Defense):
 
     def preflight(self, cfg, record, out_dir):
         poisoned_train_size(record, "AC")
-        check_phase_checkpoints(cfg, self.name, out_dir, ("retrain",))

@@ -73,7 +73,7 @@ from ..boundary import SPACES, STEP_RULES, BoundaryResult, attack_space, scan
 from ..config import option
 from ..data import ImageSet, concat
 from ..defense import Defense, DefenseConfig, DefenseData, DefenseRun, register_defense
-from ..engine import StepOutput, cross_entropy_step, predict, seed_everything
+from ..engine import RESUME_FIX, StepOutput, cross_entropy_step, fingerprint_mismatch, predict, seed_everything
 from ..errors import BurnError
 from ..metrics import auroc
 from ..models import Classifier
@@ -83,7 +83,7 @@ from ..safe_load import safe_torch_load
 
 PD_OUTPUTS = ("logits", "probs")
 UNFLIPPED_RULES = ("skip", "nearest", "prediction")
-STATE_VERSION = 2
+STATE_VERSION = 3  # 3: fingerprints hold digests of the record's weights and data, not its path
 
 # Why a top-ranked sample is not relabelled (reason codes of ``relabel_plan``).
 RELABEL, UNFLIPPED, OWN_LABEL, TARGET, OTHER_LABEL = 0, 1, 2, 3, 4
@@ -405,20 +405,17 @@ def training_failure(cfg: BurnConfig, signals: dict, signals0: dict) -> str | No
 # --------------------------------------------------------------------------- state on disk
 
 
-def _fingerprint(cfg: BurnConfig, n_train: int, record_dir: str) -> dict:
-    """What a checkpoint must agree with to be resumed."""
-    keys = ("iterations", "epochs", "batch_size", "lr", "client_optimizer", "adam_betas", "wd", "amsgrad",
-            "lr_scheduler", "augment", "bn_eval", "kp_start", "kp_end", "kc_start", "kc_end", "omega_start", "omega_end",
-            "pd_output", "attack_space", "overshoot", "max_iter", "random_seed",
-            "premise_share", "premise_min_enrichment", "premise_max_adv_share", "max_retention_drop", "max_target_rise",
-            "test_every", "trace")
-    return {"record": str(record_dir), "n_train": int(n_train), **{k: _plain(getattr(cfg, k)) for k in keys},
-            **cfg.safeguards(), **cfg.scan_settings()}
+# what boundary_scan reads (paper_exact: through scan_settings)
+SCAN_KEYS = ("attack_space", "clip", "overshoot", "max_iter", "candidates", "step_rule", "scan_batch_size",
+             "paper_exact")
 
 
 def _scan_fingerprint(full: dict) -> dict:
-    return {k: full[k] for k in ("record", "n_train", "attack_space", "clip", "overshoot", "max_iter", "candidates",
-                                 "step_rule")}
+    """The part of the run's fingerprint (:meth:`Defense.fingerprint`: every result-changing setting,
+    digests of the weights and data read) that the boundary scan of θ0 depends on, so that a scan is
+    reused when only the fine-tuning settings changed."""
+    return {"defense": full["defense"], **{k: full[k] for k in SCAN_KEYS},
+            "data": {k: full["data"][k] for k in ("weights", "bd_train")}}
 
 
 def _cpu_copy(state_dict: dict) -> OrderedDict:
@@ -428,18 +425,17 @@ def _cpu_copy(state_dict: dict) -> OrderedDict:
     return snapshot
 
 
-def _plain(v):
-    return list(v) if isinstance(v, tuple) else v
-
-
 def _load(path: Path, expected: dict, what: str):
     """A checkpoint of this run, read weights-only (a record folder can carry any file), or None."""
     if not path.exists():
         return None
     state = safe_torch_load(path, what=f"the {what} checkpoint", fix="pass --resume false to start over")
-    if not isinstance(state, dict) or state.get("version") != STATE_VERSION or state.get("fingerprint") != expected:
-        raise BurnError(f"the {what} checkpoint {path} was made with other settings, another record or an older "
-                        "version; pass --resume false to start over")
+    if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+        raise BurnError(f"the {what} checkpoint {path} was made by another burnkit version; pass --resume false "
+                        "to start over")
+    problem = fingerprint_mismatch(state.get("fingerprint"), expected)
+    if problem:
+        raise BurnError(f"the {what} checkpoint {path} was made {problem}; {RESUME_FIX}")
     return state
 
 
@@ -466,7 +462,7 @@ def burn(model: Classifier, data: DefenseData, cfg: BurnConfig, run: DefenseRun)
         raise BurnError("BURN needs the record's poisoned training set (bd_train), but the record has none")
     device = run.device
     guards = cfg.safeguards()
-    fingerprint = _fingerprint(cfg, len(train), str(run.out_dir.parent.parent))
+    fingerprint = run.fingerprint
     scan_path, state_path = run.checkpoint_dir / "burn_scan.pt", run.checkpoint_dir / "burn_state.pt"
     if not cfg.resume:
         scan_path.unlink(missing_ok=True)
@@ -752,11 +748,7 @@ class Burn(Defense):
     def repair(self, model, data, cfg, run):
         return burn(model, data, cfg, run)
 
-    def preflight(self, cfg, record, out_dir):
-        """Refuse a broken checkpoint or one of other settings before anything is written."""
-        if not cfg.resume or record.bd_train is None:
-            return
-        folder = Path(cfg.checkpoint_save) if cfg.checkpoint_save else out_dir / "checkpoint"
-        fingerprint = _fingerprint(cfg, len(record.bd_train.original_index), str(out_dir.parent.parent))
-        _load(folder / "burn_scan.pt", _scan_fingerprint(fingerprint), "scan")
-        _load(folder / "burn_state.pt", fingerprint, "BURN")
+    def check_resume(self, cfg, checkpoint_dir, fingerprint):
+        """Refuse a broken checkpoint, or one of other settings or record content, before anything is written."""
+        _load(checkpoint_dir / "burn_scan.pt", _scan_fingerprint(fingerprint), "scan")
+        _load(checkpoint_dir / "burn_state.pt", fingerprint, "BURN")

@@ -54,10 +54,9 @@ from ..models import Classifier
 from ..network_surgery import ProjectionModel, attach_head, detach_head, feature_dim
 from ..results import MetricLog
 from ..views import ContrastiveViews
-from .retraining import (NoCleanDataConfig, check_phase_checkpoints, fit_phase, fresh_classifier, poisoned_train,
+from .retraining import (NoCleanDataConfig, fit_phase, fresh_classifier, poisoned_train,
                          poisoned_train_size, require_share)
 
-PHASES = ("self", "warmup", "semi")
 ANCHORS = ("first", "both")
 BB_UNUSED_KEYS = ("data_root", "seed", "poison_rate", "target_type", "target_label", "trigger_type", "num_classes",
                   "input_height", "input_width", "input_channel", "num_workers_semi", "temperature")
@@ -340,4 +339,3 @@ class Decoupling(Defense):
 
     def preflight(self, cfg, record, out_dir):
         require_share(poisoned_train_size(record, "DBD"), cfg.epsilon, "--epsilon", "labels")
-        check_phase_checkpoints(cfg, self.name, out_dir, PHASES)

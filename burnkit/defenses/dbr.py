@@ -53,11 +53,10 @@ from ..models import Classifier
 from ..network_surgery import detach_head
 from ..results import MetricLog, atomic_write_text
 from ..views import rotate_and_translate
-from .retraining import (NoCleanDataConfig, check_phase_checkpoints, fit_phase, fresh_classifier, poisoned_train,
+from .retraining import (NoCleanDataConfig, fit_phase, fresh_classifier, poisoned_train,
                          poisoned_train_size, write_sample_flags)
 
 CLEAN, SUSPICIOUS, POISON = 0, 1, 2
-SD_PHASES = ("sd_train", "sd_intra")
 BB_UNUSED_KEYS = ("data_root", "seed", "poison_rate", "target_type", "target_label", "num_classes", "input_height",
                   "input_width", "input_channel", "momentum", "weight_decay", "trans1", "trans2", "schedule", "gamma",
                   "warm", "debug", "print_freq", "save_all_process", "continue_step")
@@ -270,5 +269,4 @@ class DBR(Defense):
 
     def preflight(self, cfg, record, out_dir):
         poisoned_train_size(record, "D-BR")
-        check_phase_checkpoints(cfg, self.name, out_dir, (*SD_PHASES, "unlearn_relearn"))
 

@@ -46,8 +46,8 @@ from ..models import Classifier
 from ..network_surgery import FrozenEncoderHead, ProjectionModel, attach_head, detach_head, feature_dim
 from ..results import MetricLog
 from ..views import ContrastiveViews
-from .dbr import CLEAN, POISON, SD_PHASES, SampleDistinctionConfig, report_distinction, sample_distinction
-from .retraining import check_phase_checkpoints, fit_phase, fresh_classifier, poisoned_train, poisoned_train_size
+from .dbr import CLEAN, POISON, SampleDistinctionConfig, report_distinction, sample_distinction
+from .retraining import fit_phase, fresh_classifier, poisoned_train, poisoned_train_size
 
 
 CLASSIFIER_AUGMENTS = ("contrastive", "standard")
@@ -224,4 +224,3 @@ class DST(Defense):
 
     def preflight(self, cfg, record, out_dir):
         poisoned_train_size(record, "D-ST")
-        check_phase_checkpoints(cfg, self.name, out_dir, (*SD_PHASES, "extractor", "classifier"))

@@ -2,10 +2,12 @@
 "detect, then retrain on what is kept" recipe (AC, Spectral) and the report of a sample filter.
 
 A phase is one :meth:`DefenseRun.fit` call with its own checkpoint ``checkpoint/<phase>.pt``, whose
-fingerprint holds every setting that changes the result and a digest of the phase's training set.
-A killed run, started again with the same command, skips the finished phases (their checkpoints end
-at their last epoch: the model and the CSV rows are restored) and continues the interrupted one; a
-checkpoint of other settings or other data is refused with one line (``--resume false`` starts over).
+fingerprint is the run's (every setting that changes the result and digests of the record's weights
+and data, :meth:`burnkit.defense.Defense.fingerprint`) plus the phase's name and a digest of its
+training set. A killed run, started again with the same command, skips the finished phases (their
+checkpoints end at their last epoch: the model and the CSV rows are restored) and continues the
+interrupted one; a checkpoint of other settings or other data is refused with one line before
+anything is written (``Defense.check_resume``; ``--resume false`` starts over).
 """
 from __future__ import annotations
 
@@ -15,21 +17,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import as_dict, option
+from ..config import option
 from ..data import ImageSet, imageset_digest
 from ..defense import DefenseConfig, DefenseData, DefenseRun
-from ..engine import (CHECKPOINT_VERSION, RESUME_FIX, FitResult, TrainConfig, describe_difference, plain_fingerprint,
-                      seed_everything)
+from ..engine import FitResult, TrainConfig, seed_everything
 from ..errors import BurnError
 from ..models import Classifier, build_classifier
 from ..results import write_json
-from ..safe_load import safe_torch_load
-
-# settings that do not change what a phase computes (so they may differ on resume)
-RUN_ONLY_KEYS = frozenset({"device", "progress", "resume", "overwrite", "pin_memory", "non_blocking", "prefetch",
-                           "num_workers", "frequency_save", "yaml_path", "dataset_path", "download", "test_every",
-                           "result_file", "output_name", "log", "checkpoint_save", "checkpoint_load", "ratio",
-                           "index", "model", "dataset"})
 
 
 @dataclass
@@ -40,10 +34,6 @@ class NoCleanDataConfig(DefenseConfig):
     resume: bool = option(True, "continue an interrupted run from its checkpoints (false: start over)")
 
 
-def settings_fingerprint(cfg: DefenseConfig) -> dict:
-    return {k: v for k, v in as_dict(cfg).items() if k not in RUN_ONLY_KEYS}
-
-
 def phase_checkpoint(run: DefenseRun, phase: str) -> Path:
     return run.checkpoint_dir / f"{phase}.pt"
 
@@ -51,36 +41,11 @@ def phase_checkpoint(run: DefenseRun, phase: str) -> Path:
 def fit_phase(run: DefenseRun, model: torch.nn.Module, train_set: ImageSet, train_cfg: TrainConfig, phase: str,
               **kwargs) -> FitResult:
     """``run.fit`` with a resumable checkpoint for ``phase`` (see the module docstring)."""
-    fingerprint = {"defense": run.name, "phase": phase, **settings_fingerprint(run.cfg),
-                   "train_set": imageset_digest(train_set), **kwargs.pop("fingerprint", {})}
+    fingerprint = {**run.fingerprint, "phase": phase, **kwargs.pop("fingerprint", {})}
+    fingerprint["data"] = {**run.fingerprint.get("data", {}), "train_set": imageset_digest(train_set)}
     resume = bool(getattr(run.cfg, "resume", False))
     return run.fit(model, train_set, train_cfg, phase=phase, checkpoint=phase_checkpoint(run, phase),
                    resume=resume, fingerprint=fingerprint, **kwargs)
-
-
-def check_phase_checkpoints(cfg: DefenseConfig, name: str, out_dir: Path, phases: tuple[str, ...]) -> None:
-    """Preflight: refuse, before anything is written, a phase checkpoint that is unreadable, of
-    another burnkit version, or made with other settings (its data digest is checked when the phase
-    starts, once the data it trains on is known)."""
-    if not getattr(cfg, "resume", False):
-        return
-    folder = Path(cfg.checkpoint_save) if cfg.checkpoint_save else out_dir / "checkpoint"
-    expected = plain_fingerprint(settings_fingerprint(cfg))
-    for phase in phases:
-        path = folder / f"{phase}.pt"
-        if not path.exists():
-            continue
-        state = safe_torch_load(path, what="training checkpoint", fix=RESUME_FIX)
-        if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION \
-                or not isinstance(state.get("fingerprint"), dict):
-            raise BurnError(f"training checkpoint {path} is not a checkpoint of this burnkit version; {RESUME_FIX}")
-        saved = state["fingerprint"]
-        differs = sorted(k for k in set(expected) | set(saved) - {"defense", "phase", "train_set"}
-                         if k not in ("defense", "phase", "train_set") and saved.get(k) != expected.get(k))
-        if saved.get("defense") != name or saved.get("phase") != phase or differs:
-            what = describe_difference({k: saved.get(k) for k in differs}, {k: expected.get(k) for k in differs}) \
-                or f"made by {saved.get('defense')}:{saved.get('phase')}"
-            raise BurnError(f"training checkpoint {path} was made with other settings ({what}); {RESUME_FIX}")
 
 
 def fresh_classifier(run: DefenseRun, seed_offset: int = 0) -> Classifier:

@@ -39,7 +39,7 @@ from ..datasets import dataset_info
 from ..errors import BurnError
 from ..models import Classifier, build_classifier
 from ..network_surgery import feature_layer, layer_outputs
-from .retraining import (RetrainConfig, check_phase_checkpoints, poisoned_train, poisoned_train_size,
+from .retraining import (RetrainConfig, poisoned_train, poisoned_train_size,
                          retrain_on_kept, write_sample_flags)
 
 BB_UNUSED_KEYS = ("data_root", "seed", "poison_rate", "poison_rate_test", "target_type", "num_classes",
@@ -128,4 +128,3 @@ class SpectralSignatures(Defense):
                           cfg.target_layer)
         if cfg.target_label is not None and cfg.target_label >= record.num_classes:
             raise BurnError(f"--target_label {cfg.target_label} is not a class of this record (0..{record.num_classes - 1})")
-        check_phase_checkpoints(cfg, self.name, out_dir, ("retrain",))

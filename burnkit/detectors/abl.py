@@ -106,14 +106,11 @@ class ABLIsolation(Detector):
                                 augment=False, amp=cfg.amp)
         optimizer = torch.optim.SGD(fresh.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                     weight_decay=cfg.weight_decay, nesterov=cfg.momentum > 0)
-        fingerprint = {"record": str(data.record.record_dir), "n": len(data.inspected), "epochs": cfg.tuning_epochs,
-                       "lr": cfg.lr, "momentum": cfg.momentum, "weight_decay": cfg.weight_decay, "guard": kind,
-                       "gamma": gamma, "batch_size": cfg.batch_size, "seed": cfg.random_seed}
         with run.timed("isolation_training"):
             result = fit(fresh, data.inspected, train_cfg, device=run.device, step=guarded_step(kind, gamma),
                          optimizer=optimizer, seed=cfg.random_seed, progress=cfg.progress, desc="abl isolation",
                          checkpoint=run.out_dir / "checkpoint" / "isolation.pt", resume=cfg.resume,
-                         fingerprint=fingerprint)
+                         fingerprint=run.fingerprint)
         with run.timed("losses"):
             loss = per_sample_loss(fresh, data.inspected, run.device, amp=cfg.amp)
         flags = lowest_share(loss, cfg.isolation_ratio)

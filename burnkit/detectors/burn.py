@@ -14,6 +14,11 @@
   samples of the last iteration's D_poison. Its compute is that run's wall time.
 
 Both use no clean data. Folders: ``detection/burn_pretrain/`` and ``detection/burn_s_pretrain/``.
+
+A BURN run is read only if it was made from the weights and training set the record holds now (its
+``cost.json`` records its fingerprint), and ``burn`` reading one takes that run's scan settings (so
+``detection_scores.json`` says what the distances were measured with); a scan flag given that
+contradicts them is refused. The run's folder is locked shared while it is read.
 """
 from __future__ import annotations
 
@@ -27,10 +32,9 @@ import pandas as pd
 
 from ..boundary import SPACES, STEP_RULES
 from ..config import load_yaml, merge, option
+from ..defenses.burn import SCAN_KEYS
 from ..detector import DetectionResult, Detector, DetectorConfig, register_detector
 from ..errors import BurnError
-
-SCAN_KEYS = ("attack_space", "clip", "overshoot", "max_iter", "candidates", "step_rule", "paper_exact", "scan_batch_size")
 
 
 @dataclass
@@ -110,6 +114,24 @@ def burn_scan_config(cfg: BurnDistanceConfig, dataset: str):
     return burn_cfg
 
 
+def burn_fingerprint(folder: Path, fingerprint: dict) -> dict:
+    """The fingerprint of the BURN run in ``folder`` (its settings and the digests of what it read,
+    from its ``cost.json``), checked to be of the weights and training set this run reads."""
+    try:
+        made = json.loads((folder / "cost.json").read_text()).get("fingerprint")
+    except (OSError, ValueError, AttributeError):
+        made = None
+    if not isinstance(made, dict) or not isinstance(made.get("data"), dict):
+        raise BurnError(f"{folder}/cost.json does not record what the BURN run was made from (an older burnkit wrote "
+                        "it); run defense/burn.py on this record again with --overwrite true")
+    for key, what in (("weights", "model weights"), ("bd_train", "poisoned training set")):
+        if made["data"].get(key) != fingerprint["data"][key]:
+            raise BurnError(f"the BURN run {folder} was made from other {what} than the record holds now (the record "
+                            "was replaced after it ran); run defense/burn.py on this record again with --overwrite "
+                            "true, or point --burn_output at a run of this record")
+    return made
+
+
 def top_share(values: np.ndarray, share: float) -> np.ndarray:
     flags = np.zeros(len(values), dtype=bool)
     k = min(len(values), max(1, int(round(share * len(values)))))
@@ -125,12 +147,32 @@ class BurnDistance(Detector):
     config_cls = BurnDistanceConfig
     header = ("AUC", "target")
 
+    def reads(self, cfg, record):
+        return [burn_folder(record.record_dir, cfg.burn_output)] if cfg.burn_output else []
+
     def preflight(self, cfg, record, model):
         if cfg.burn_output:
             read_burn_samples(burn_folder(record.record_dir, cfg.burn_output), record.bd_train.original_index,
                               "boundary_l2")
         else:
             burn_scan_config(cfg, record.clean_data)
+
+    def check_reads(self, cfg, record, fingerprint):
+        """A run read must be of this record's weights and data; its scan settings become this run's
+        (what detection_scores.json records), and a scan flag given with other values is refused."""
+        if not cfg.burn_output:
+            return
+        folder = burn_folder(record.record_dir, cfg.burn_output)
+        made = burn_fingerprint(folder, fingerprint)
+        contradicted = [k for k in SCAN_KEYS if getattr(cfg, k) is not None and getattr(cfg, k) != made.get(k)]
+        if contradicted:
+            asked = ", ".join(f"--{k} {getattr(cfg, k)}" for k in contradicted)
+            used = ", ".join(f"--{k} {made[k]}" for k in contradicted)
+            raise BurnError(f"the BURN run {folder} measured its distances with {used}, not {asked}; drop those flags "
+                            "to read its distances, or drop --burn_output to scan with them")
+        for key in SCAN_KEYS:
+            if key in made:
+                setattr(cfg, key, made[key])
 
     def detect(self, model, data, cfg, run):
         if cfg.burn_output:
@@ -164,8 +206,14 @@ class BurnScore(Detector):
     config_cls = BurnScoreConfig
     header = ("AUC", "target")
 
+    def reads(self, cfg, record):
+        return [burn_folder(record.record_dir, cfg.burn_output)]
+
     def preflight(self, cfg, record, model):
         read_burn_samples(burn_folder(record.record_dir, cfg.burn_output), record.bd_train.original_index, "S")
+
+    def check_reads(self, cfg, record, fingerprint):
+        burn_fingerprint(burn_folder(record.record_dir, cfg.burn_output), fingerprint)
 
     def detect(self, model, data, cfg, run):
         folder = burn_folder(data.record.record_dir, cfg.burn_output)
