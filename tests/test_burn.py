@@ -283,14 +283,19 @@ def test_relabel_plan_never_relabels_with_the_own_label_or_towards_the_target():
     relabel, reason = burn_mod.relabel_plan(res, carried, BurnConfig(unflipped="prediction").safeguards(), target=None)
     # no suspected target: only the own-label rule; sample 1's own prediction is its carried label 0
     assert reason.tolist() == [R, O, O, R, O]
+    # suspect_label_only: only samples carrying the suspected target's label (0) may be relabelled
+    only = BurnConfig(unflipped="nearest", suspect_label_only=True).safeguards()
+    relabel, reason = burn_mod.relabel_plan(res, carried, only, target=0)
+    assert reason.tolist() == [burn_mod.OTHER_LABEL, R, O, T, burn_mod.OTHER_LABEL]
+    assert burn_mod.relabel_plan(res, carried, only, target=None)[1].tolist() == [R, R, O, R, R]  # no suspect: no rule
 
 
 def test_paper_exact_switches_every_safeguard_off():
     cfg = BurnConfig(paper_exact=True, unflipped="nearest", avoid_target=True)
     assert cfg.safeguards() == {"unflipped": "prediction", "skip_own_label": False, "avoid_target": False,
-                                "premise_check": False}
+                                "suspect_label_only": False, "premise_check": False}
     assert BurnConfig().safeguards() == {"unflipped": "skip", "skip_own_label": True, "avoid_target": True,
-                                         "premise_check": True}
+                                         "suspect_label_only": False, "premise_check": True}
     with pytest.raises(BurnError, match="unflipped"):
         BurnConfig(unflipped="closest").validate()
     # the paper's boundary attack: every class (argmin over k != k̂), its per-step update, no clipping
