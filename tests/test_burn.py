@@ -437,9 +437,11 @@ def test_a_failing_premise_stops_burn_and_keeps_the_model_it_was_given(digits_co
     assert df["iteration"].tolist() == [0] and "poison is not far from the boundary" in df["stopped"][0]
     assert df["finetune_s"][0] == 0 and df["test_asr"][0] == pytest.approx(result["before"].asr)
     detection = json.loads((out / "burn_detection.json").read_text())
-    assert detection["stopped"]["iteration"] == 0
+    assert detection["stopped"]["iteration"] == 0 and detection["stopped"]["kept"].startswith("θ0")
+    assert "defense/sau.py" in detection["stopped"]["advice"]  # what the user can do instead
     assert result["cost"]["burn"]["stopped"]["reason"] == df["stopped"][0]
-    assert any("stopped at iteration 0" in log.read_text() for log in (out / "log").glob("*.log"))
+    logs = "".join(log.read_text() for log in (out / "log").glob("*.log"))
+    assert "stopped at iteration 0" in logs and "returns θ0" in logs and "Alternatives:" in logs
     (out / "defense_result.pt").unlink()  # as if killed at the end: the resumed run stops again
     again = _run(*CHECKS_ON, "--premise_min_enrichment", "100")
     assert all(torch.equal(theta0.net.state_dict()[k], v) for k, v in _net_state(again).items())

@@ -85,6 +85,11 @@ PD_OUTPUTS = ("logits", "probs")
 UNFLIPPED_RULES = ("skip", "nearest", "prediction")
 STATE_VERSION = 3  # 3: fingerprints hold digests of the record's weights and data, not its path
 
+# What BURN tells the user when one of its checks stops it (console, burn_detection.json, cost.json).
+STOP_ADVICE = ("Without clean data BURN cannot remove this backdoor safely. Alternatives: a defense that uses a "
+               "few clean samples (e.g. defense/sau.py or defense/ft-sam.py with --ratio 0.05), or another "
+               "no-clean-data defense (defense/abl.py, defense/d-br.py, defense/clp.py).")
+
 # Why a top-ranked sample is not relabelled (reason codes of ``relabel_plan``).
 RELABEL, UNFLIPPED, OWN_LABEL, TARGET, OTHER_LABEL = 0, 1, 2, 3, 4
 SKIP_COLUMNS = {UNFLIPPED: "n_skipped_unflipped", OWN_LABEL: "n_skipped_own_label", TARGET: "n_skipped_target",
@@ -558,10 +563,9 @@ def burn(model: Classifier, data: DefenseData, cfg: BurnConfig, run: DefenseRun)
         if stop_reason is not None:
             model.net.load_state_dict(before)  # keep the last model that passed
             logits_next = None
-            state["stopped"] = {"iteration": t, "reason": stop_reason}
-            run.logger.warning("BURN stopped at iteration %d and keeps %s: %s", t,
-                               "θ0 (the model it was given)" if t == 0 else f"the model of iteration {t - 1}",
-                               stop_reason)
+            kept = "θ0 (the model it was given)" if t == 0 else f"the model of iteration {t - 1}"
+            state["stopped"] = {"iteration": t, "reason": stop_reason, "kept": kept, "advice": STOP_ADVICE}
+            run.logger.warning("BURN stopped at iteration %d and keeps %s: %s", t, kept, stop_reason)
         tested = t % cfg.test_every == 0 or t == last or stop_reason is not None
         metrics = None
         if tested:
@@ -594,6 +598,10 @@ def burn(model: Classifier, data: DefenseData, cfg: BurnConfig, run: DefenseRun)
                         ", ".join(f"{c[10:]} {v}" for c, v in counts.items() if v) or "none skipped",
                         len(clean_pos), _pct(signals["retention"]), _pct(signals["target_share"]))
 
+    if state["stopped"] is not None:
+        stop = state["stopped"]
+        run.logger.warning("BURN stopped at iteration %d and returns %s. %s", stop["iteration"],
+                           stop.get("kept", "the last model that passed its checks"), STOP_ADVICE)
     report = write_report(run.out_dir, train, result, state, cfg, target, relabel, reason)
     if cfg.trace:
         atomic_torch_save({"logits0": logits0.half(), "logits": state.get("trace", []), "labels": labels,
