@@ -51,7 +51,7 @@ from .errors import BurnError, cli_errors
 from .locks import folder_lock
 from .registry import Registry
 from .models import Classifier, build_classifier
-from .options import TrainingOptions, result_settings
+from .options import IO_GROUP, TrainingOptions, result_settings
 from .records import PoisonedSplit, atomic_torch_save, write_attack_record
 from .results import MetricLog, check_output_folders, move_aside, plot_metrics, run_environment, write_json
 
@@ -66,16 +66,21 @@ class AttackConfig(TrainingOptions):
     """BackdoorBench's prototype + attack keys (spec §6.1); the training, device and compatibility
     flags come from :class:`~burnkit.options.TrainingOptions`."""
 
-    yaml_path: str | None = option(None, "prototype YAML (default config/attack/prototype/<dataset>.yaml)", cli_only=True)
-    bd_yaml_path: str | None = option(None, "attack YAML (default config/attack/<attack>/default.yaml)", cli_only=True)
-    save_folder_name: str | None = option(None, "record folder name under record/ (default: timestamped)")
+    yaml_path: str | None = option(None, "prototype YAML", cli_only=True,
+                                   default_help="config/attack/prototype/<dataset>.yaml", group=IO_GROUP)
+    bd_yaml_path: str | None = option(None, "attack YAML", cli_only=True,
+                                      default_help="config/attack/<attack>/default.yaml", group=IO_GROUP)
+    save_folder_name: str | None = option(None, "record folder name under record/",
+                                          default_help="<time>_<attack>_<dataset>_<model>", group=IO_GROUP)
     dataset: str = option("cifar10", "cifar10, cifar100, gtsrb, tiny, mnist, fashion-mnist, digits", choices=tuple(DATASETS))
-    dataset_path: str = option("./data", "clean data: <path>/<dataset>, the dataset folder, or an image-folder archive")
-    download: bool = option(False, "let torchvision download a missing clean dataset (needs internet)")
+    dataset_path: str = option("./data", "clean data: <path>/<dataset>, the dataset folder, or an image-folder archive",
+                               group=IO_GROUP)
+    download: bool = option(False, "let torchvision download a missing clean dataset (needs internet)", group=IO_GROUP)
     model: str = option("preactresnet18", "victim architecture (attack_models zoo)")
     epochs: int = option(100, "training epochs")
     random_seed: int = option(0, "seed for poison selection, subset, init and training")
-    attack: str | None = option(None, "attack name (informational, as in BackdoorBench)")
+    attack: str | None = option(None, "BackdoorBench's attack name key; the script's name is what counts",
+                                unused=True)
     attack_label_trans: str = option("all2one", "all2one or all2all", choices=("all2one", "all2all"))
     attack_target: int = option(0, "target class (all2one)", low=0)
     attack_label_shift_amount: int = option(1, "label shift (all2all)")
@@ -129,6 +134,9 @@ class Attack:
     config_cls: ClassVar[type[AttackConfig]] = AttackConfig
     clean_label: ClassVar[bool] = False
     resumable: ClassVar[bool] = True  # False: the attack has state the engine's checkpoint lacks
+    # flags of config_cls this attack accepts but never reads (listed apart in --help), e.g. the
+    # optimiser flags of an attack whose classifier's optimiser is fixed
+    unused_flags: ClassVar[tuple[str, ...]] = ()
     description: ClassVar[str] = ""
     logger: logging.Logger = logging.getLogger("burnkit")  # the run's logger once ``run`` starts
 
@@ -199,9 +207,15 @@ class Attack:
     # -- lifecycle -------------------------------------------------------------------------------
 
     @classmethod
+    def ignored_flags(cls) -> tuple[str, ...]:
+        """The flags ``--help`` lists as accepted but unused (as :meth:`burnkit.defense.Defense.ignored_flags`)."""
+        return cls.unused_flags
+
+    @classmethod
     def parse(cls, argv=None):
         prog = f"attack/{cls.name}.py"
-        parser = build_parser(cls.config_cls, prog, cls.description or (cls.__doc__ or "").strip().split("\n")[0])
+        parser = build_parser(cls.config_cls, prog, cls.description or (cls.__doc__ or "").strip().split("\n")[0],
+                              unused=cls.ignored_flags(), method=cls.name)
         cli = parse_cli(parser, cls.config_cls, sys.argv[1:] if argv is None else argv, prog)
         dataset = cli.get("dataset") or "cifar10"
         proto = cli.get("yaml_path") or find_config_file(f"config/attack/prototype/{dataset}.yaml")

@@ -34,16 +34,24 @@ FALSE = {"false", "0", "no", "n", "off", "none", "null"}
 
 def option(default: Any = None, help: str = "", short: str | None = None, choices=None, cli_only: bool = False,
            bare: str = "true", group: str | None = None, low: float | None = None, above: float | None = None,
-           high: float | None = None):
+           high: float | None = None, required: bool = False, default_help: str | None = None, unused: bool = False):
     """A config field with its help text (and an optional short flag such as ``-pm``). A bool flag
     given without a value means ``bare`` (BackdoorBench's store_true flags; "false" for store_false).
     ``group`` lists the flag under that heading of ``--help``, after the ungrouped ones.
 
     ``choices`` (strings, matched case-insensitively and stored in the spelling given here) and the
     bounds ``low <= value``, ``above < value``, ``value <= high`` are checked for every value from
-    the YAML or the command line (for lists: every element)."""
+    the YAML or the command line (for lists: every element).
+
+    ``--help`` states the default once, after the help text; ``default_help`` replaces the value
+    there when the value says nothing by itself (a ``None`` that the run fills in, e.g. "the
+    record's"), so the help text must not state it again. ``required`` marks a flag the run cannot
+    do without (the run, not argparse, refuses its absence: a YAML file may give it too).
+    ``unused`` marks a flag kept only so that BackdoorBench's command lines and YAML files work: no
+    method reading this config uses it, and ``--help`` lists it apart (:func:`build_parser`)."""
     meta = {"help": help, "short": short, "choices": choices, "cli_only": cli_only, "bare": bare, "group": group,
-            "low": low, "above": above, "high": high}
+            "low": low, "above": above, "high": high, "required": required, "default_help": default_help,
+            "unused": unused}
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda d=default: type(d)(d), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -228,28 +236,96 @@ class OneLineArgumentParser(argparse.ArgumentParser):
         raise BurnError(f"{message}; see {self.prog} --help")
 
 
-def build_parser(config_cls, prog: str, description: str = "") -> argparse.ArgumentParser:
-    """An argparse parser with one ``--field`` per dataclass field, all defaulting to None."""
-    parser = OneLineArgumentParser(prog=prog, description=description, allow_abbrev=False,
-                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    hints = _hints(config_cls)
+UNUSED_GROUP = "compatibility flags (accepted, unused by {method})"
+UNUSED_DESCRIPTION = ("BackdoorBench's flags and the flags burnkit's methods share, accepted so that one command "
+                      "line or YAML file serves them all; {method} does not read them.")
+
+
+def _field_default(f: dataclasses.Field):
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+
+
+def _shown(value) -> str:
+    """A default as it would be typed on the command line."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (list, tuple)):
+        return ",".join(_shown(v) for v in value) if value else "none"
+    if isinstance(value, str):
+        return value if value.strip() else repr(value)
+    return str(value)
+
+
+def help_line(f: dataclasses.Field, tp, unused: bool = False) -> str:
+    """A field's ``--help`` text: what it does, then ``[required; TYPE]`` or ``[TYPE; default: X]``
+    (the one place a default is stated; a flag the method does not read has none worth stating)."""
+    base, _ = _strip_optional(tp)
+    meta = f.metadata
+    if unused:
+        facts = _type_name(base)
+    elif meta.get("required"):
+        facts = f"required; {_type_name(base)}"
+    else:
+        default = meta.get("default_help") or _shown(_field_default(f))
+        facts = f"{_type_name(base)}; default: {default}"
+    text = meta.get("help", "")
+    return f"{text} [{facts}]" if text else f"[{facts}]"
+
+
+def unused_fields(config_cls, unused=()) -> set[str]:
+    """The fields of ``config_cls`` that a method accepts without reading: those declared with
+    ``option(unused=True)`` and the method's own ``unused`` list (names must be fields)."""
+    names = {f.name for f in dataclasses.fields(config_cls)}
+    unknown = sorted(set(unused) - names)
+    if unknown:
+        raise ValueError(f"{config_cls.__name__} has no field {', '.join(unknown)} to list as unused")
+    return {f.name for f in dataclasses.fields(config_cls) if f.metadata.get("unused")} | set(unused)
+
+
+def build_parser(config_cls, prog: str, description: str = "", unused=(), method: str | None = None
+                 ) -> argparse.ArgumentParser:
+    """An argparse parser with one ``--field`` per dataclass field, all defaulting to None (so that
+    a flag not given leaves the YAML's value in place).
+
+    ``--help`` is written for a reader: the usage line names the required flags only; each flag
+    states its default once (:func:`help_line`); required flags come first; flags grouped with
+    ``option(group=...)`` follow under their heading; last, under :data:`UNUSED_GROUP`, the flags
+    ``method`` accepts but does not read (:func:`unused_fields`)."""
     fields = dataclasses.fields(config_cls)
+    method = method or prog
+    ignored = unused_fields(config_cls, unused)
+    required = [f for f in fields if f.metadata.get("required") and f.name not in ignored]
+    usage = " ".join([prog, *(f"--{f.name} {f.name.upper()}" for f in required), "[options]"])
+    parser = OneLineArgumentParser(prog=prog, usage=usage, description=description, allow_abbrev=False)
+    hints = _hints(config_cls)
     groups: dict[str, argparse._ArgumentGroup] = {}
-    for f in sorted(fields, key=lambda f: f.metadata.get("group") is not None):  # stable: ungrouped first
-        group = f.metadata.get("group")
-        target = parser if group is None else groups.setdefault(group, parser.add_argument_group(group))
+
+    def group(title: str, description: str | None = None) -> argparse._ArgumentGroup:
+        if title not in groups:  # created on first use: argparse prints a described group even when empty
+            groups[title] = parser.add_argument_group(title, description)
+        return groups[title]
+
+    def place(f) -> int:  # the sort is stable: required, ungrouped, grouped, unused
+        if f.name in ignored:
+            return 3
+        return 0 if f.metadata.get("required") else 2 if f.metadata.get("group") else 1
+
+    for f in sorted(fields, key=place):
+        if f.name in ignored:
+            target = group(UNUSED_GROUP.format(method=method), UNUSED_DESCRIPTION.format(method=method))
+        elif f.metadata.get("group") is not None:
+            target = group(f.metadata["group"])
+        else:
+            target = parser
         names = [f"--{f.name}"]
         if f.metadata.get("short"):
             names.insert(0, f.metadata["short"])
         base, _ = _strip_optional(hints[f.name])
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
-        help_text = f.metadata.get("help", "")
-        help_text = f"{help_text} [{_type_name(base)}; default {default!r}]" if help_text else \
-            f"[{_type_name(base)}; default {default!r}]"
         bare = {"nargs": "?", "const": f.metadata.get("bare", "true")} if base is bool else {}
         target.add_argument(*names, dest=f.name, default=None, type=str, metavar=f.name.upper(),
-                            help=help_text.replace("%", "%%"), **bare)
+                            help=help_line(f, hints[f.name], f.name in ignored).replace("%", "%%"), **bare)
     return parser
 
 
@@ -403,12 +479,14 @@ def merge(config_cls, yaml_values: dict, cli_values: dict, yaml_source: str = "Y
     return cfg, ignored
 
 
-def parse_config(config_cls, argv, prog: str, description: str = "", default_yaml=None):
+def parse_config(config_cls, argv, prog: str, description: str = "", default_yaml=None, unused=(),
+                 method: str | None = None):
     """Parse ``argv``, read the YAML (``--yaml_path`` or ``default_yaml(cli_values)``), merge.
+    ``unused``/``method``: see :func:`build_parser`.
 
     Returns ``(config, yaml_path or None, ignored_yaml_keys)``.
     """
-    parser = build_parser(config_cls, prog, description)
+    parser = build_parser(config_cls, prog, description, unused, method)
     cli = parse_cli(parser, config_cls, argv, prog)
     yaml_path = cli.get("yaml_path")
     if yaml_path is None and default_yaml is not None:

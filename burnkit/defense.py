@@ -48,7 +48,7 @@ from .errors import BurnError, cli_errors
 from .locks import folder_lock
 from .registry import Registry
 from .models import Classifier, build_classifier, load_bb_state_dict
-from .options import TrainingOptions, result_settings
+from .options import IO_GROUP, TrainingOptions, result_settings
 from .records import AttackRecord, read_attack_record, write_defense_result
 from .results import (MetricLog, check_output_folders, check_writable_folder, move_aside, plot_metrics, run_environment,
                       write_json)
@@ -71,17 +71,25 @@ class DefenseConfig(TrainingOptions):
     """Flags every BackdoorBench defense accepts (spec §3.3), under the same names; the training,
     device and compatibility flags come from :class:`~burnkit.options.TrainingOptions`."""
 
-    result_file: str | None = option(None, "attack record folder under record/ (or a path to it)")
-    output_name: str | None = option(None, "output folder under record/<result_file>/defense/ (default: the defense's name); lets variants of one defense share a record", cli_only=True)
-    yaml_path: str | None = option(None, "the one YAML of defaults (default config/defense/<name>/<dataset>.yaml)")
-    dataset: str | None = option(None, "cifar10, cifar100, gtsrb, tiny, mnist, fashion-mnist, digits (default: the record's)",
-                                 choices=tuple(DATASETS))
-    dataset_path: str | None = option(None, "clean data: <path>/<dataset>, the dataset folder, or an image-folder archive")
-    download: bool = option(False, "let torchvision download a missing clean dataset (needs internet)")
-    checkpoint_load: str | None = option(None, "accepted for BackdoorBench compatibility (unused, as there)")
-    checkpoint_save: str | None = option(None, "checkpoint folder (default <output>/checkpoint/)")
-    log: str | None = option(None, "log folder (default <output>/log/); receives index.txt")
-    model: str | None = option(None, "model name; must match the record's when given")
+    result_file: str | None = option(None, "the attack record folder under record/ (or a path to it)", required=True)
+    output_name: str | None = option(None, "output folder under record/<result_file>/defense/; lets variants of one "
+                                           "defense share a record", cli_only=True, default_help="the defense's name",
+                                      group=IO_GROUP)
+    yaml_path: str | None = option(None, "the one YAML of defaults",
+                                   default_help="config/defense/<name>/<dataset>.yaml", group=IO_GROUP)
+    dataset: str | None = option(None, "cifar10, cifar100, gtsrb, tiny, mnist, fashion-mnist, digits",
+                                 choices=tuple(DATASETS), default_help="the record's", group=IO_GROUP)
+    dataset_path: str | None = option(None, "clean data: <path>/<dataset>, the dataset folder, or an image-folder archive",
+                                      default_help="the data folder the record names, beside record/",
+                                      group=IO_GROUP)
+    download: bool = option(False, "let torchvision download a missing clean dataset (needs internet)",
+                            group=IO_GROUP)
+    checkpoint_load: str | None = option(None, "BackdoorBench's flag, unused there too", unused=True)
+    checkpoint_save: str | None = option(None, "checkpoint folder", default_help="<output>/checkpoint/",
+                                         group=IO_GROUP)
+    log: str | None = option(None, "log folder; receives index.txt", default_help="<output>/log/", group=IO_GROUP)
+    model: str | None = option(None, "model name; must match the record's when given", default_help="the record's",
+                               group=IO_GROUP)
     batch_size: int = option(256, "batch size")
     random_seed: int = option(0, "seed for the clean subset, shuffling and augmentation")
     ratio: float = option(0.05, "share of the clean training split given to the defender", above=0, high=1)
@@ -234,6 +242,10 @@ class Defense:
     name: ClassVar[str] = ""
     config_cls: ClassVar[type[DefenseConfig]] = DefenseConfig
     needs_clean_subset: ClassVar[bool] = True
+    # flags of config_cls this defense accepts (BackdoorBench's command lines and YAML files carry
+    # them) but never reads, e.g. the optimiser flags of a defense that builds its own optimiser;
+    # --help lists them apart so that nobody tunes a flag that changes nothing
+    unused_flags: ClassVar[tuple[str, ...]] = ()
     description: ClassVar[str] = ""
     # config keys that measure the defense's compute budget (cost.json "budget"); the default list
     # covers defenses that do not set their own (e.g. BURN: iterations and epochs per iteration)
@@ -290,6 +302,11 @@ class Defense:
         return find_config_file(*candidates)
 
     @classmethod
+    def ignored_flags(cls) -> tuple[str, ...]:
+        """:attr:`unused_flags`, and the clean-subset flags of a defense that gets no clean data."""
+        return (*cls.unused_flags, *(() if cls.needs_clean_subset else ("ratio", "index")))
+
+    @classmethod
     def parse(cls, argv=None, prog: str | None = None, loaded: dict | None = None):
         """CLI + YAML -> config. Without ``--dataset`` and ``--yaml_path`` the record is read here to
         pick its dataset's YAML; it is left in ``loaded["record"]`` so that :meth:`run` does not read
@@ -308,7 +325,8 @@ class Defense:
             return cls.default_yaml(cli, loaded.get("record"))
 
         return parse_config(cls.config_cls, sys.argv[1:] if argv is None else argv, prog,
-                            cls.description or (cls.__doc__ or "").strip().split("\n")[0], default_yaml)
+                            cls.description or (cls.__doc__ or "").strip().split("\n")[0], default_yaml,
+                            unused=cls.ignored_flags(), method=cls.name)
 
     @classmethod
     def main(cls, argv=None) -> dict:

@@ -59,7 +59,7 @@ from .errors import BurnError, cli_errors
 from .fileio import atomic_write_bytes
 from .locks import folder_lock
 from .models import Classifier, build_classifier, load_bb_state_dict
-from .options import TrainingOptions, result_settings
+from .options import IO_GROUP, OPTIMISER_FLAGS, SCHEDULE_FLAGS, TrainingOptions, result_settings
 from .records import AttackRecord, read_attack_record
 from .registry import Registry
 from .results import (atomic_write_text, check_output_folders, check_writable_folder, move_aside, run_environment,
@@ -82,20 +82,27 @@ class DetectorConfig(TrainingOptions):
     """Flags every detector accepts; the device, seed and training keys come from
     :class:`~burnkit.options.TrainingOptions` (only ABL trains)."""
 
-    result_file: str | None = option(None, "attack record folder under record/ (or a path to it)")
-    output_name: str | None = option(None, "method folder name (default: the detector's name); lets variants of "
-                                           "one detector share a record", cli_only=True)
-    yaml_path: str | None = option(None, "the one YAML of defaults (default config/detection/<name>/<dataset>.yaml)")
-    dataset: str | None = option(None, "dataset of the record (default: the record's)", choices=tuple(DATASETS))
-    dataset_path: str | None = option(None, "clean data: <path>/<dataset>, the dataset folder, or an image-folder archive")
-    download: bool = option(False, "let torchvision download a missing clean dataset (needs internet)")
-    log: str | None = option(None, "log folder (default <output>/log/); receives index.txt")
-    model: str | None = option(None, "model name; must match the record's when given")
+    result_file: str | None = option(None, "the attack record folder under record/ (or a path to it)", required=True)
+    output_name: str | None = option(None, "method folder name; lets variants of one detector share a record",
+                                     cli_only=True, default_help="the detector's name", group=IO_GROUP)
+    yaml_path: str | None = option(None, "the one YAML of defaults",
+                                   default_help="config/detection/<name>/<dataset>.yaml", group=IO_GROUP)
+    dataset: str | None = option(None, "dataset of the record", choices=tuple(DATASETS), default_help="the record's",
+                                 group=IO_GROUP)
+    dataset_path: str | None = option(None, "clean data: <path>/<dataset>, the dataset folder, or an image-folder archive",
+                                      default_help="the data folder the record names, beside record/",
+                                      group=IO_GROUP)
+    download: bool = option(False, "let torchvision download a missing clean dataset (needs internet)",
+                            group=IO_GROUP)
+    log: str | None = option(None, "log folder; receives index.txt", default_help="<output>/log/", group=IO_GROUP)
+    model: str | None = option(None, "model name; must match the record's when given", default_help="the record's",
+                               group=IO_GROUP)
     batch_size: int = option(256, "batch size of the forward passes", low=1)
     clean_sample_num: int = option(100, "clean training images for detectors that need them (class-balanced, "
                                         "without replacement)", low=1)
     index: str | None = option(None, "file of clean-train indices (one per line) instead of --clean_sample_num")
-    csv_save_path: str | None = option(None, "also append BackdoorBench's headerless summary row to this CSV")
+    csv_save_path: str | None = option(None, "also append BackdoorBench's headerless summary row to this CSV",
+                                       group=IO_GROUP)
 
 
 @dataclass
@@ -103,8 +110,8 @@ class FeatureConfig(DetectorConfig):
     """Detectors that read an intermediate representation."""
 
     target_layer: str | None = option(None, "feature point: a module name of the network, NAME:input for that "
-                                            "module's input; default: the last stage before the classifier, found "
-                                            "generically (layer4 on PreAct-ResNet18)")
+                                            "module's input", default_help="the last stage before the classifier, "
+                                            "found generically (layer4 on PreAct-ResNet18)")
 
 
 def input_shape(record: AttackRecord) -> tuple[int, int, int]:
@@ -176,6 +183,9 @@ class Detector:
     config_cls: ClassVar[type[DetectorConfig]] = DetectorConfig
     header: ClassVar[tuple[str, ...]] = ("target",)
     needs_clean: ClassVar[bool] = False
+    # flags of config_cls this detector accepts but never reads (listed apart in --help): the
+    # training keys TrainingOptions brings, as detectors do not train through train_config
+    unused_flags: ClassVar[tuple[str, ...]] = ("epochs", "lr", *OPTIMISER_FLAGS, *SCHEDULE_FLAGS, "test_every")
     folder: ClassVar[str] = "detection/{}_pretrain"  # BackdoorBench's pattern; abl: detection_pretrain/{}
     description: ClassVar[str] = ""
 
@@ -214,6 +224,11 @@ class Detector:
     # -- lifecycle ---------------------------------------------------------------------------
 
     @classmethod
+    def ignored_flags(cls) -> tuple[str, ...]:
+        """:attr:`unused_flags`, and the clean-reserve flags of a detector that needs no clean data."""
+        return (*cls.unused_flags, *(() if cls.needs_clean else ("clean_sample_num", "index")))
+
+    @classmethod
     def parse(cls, argv=None, prog: str | None = None, loaded: dict | None = None):
         """CLI + YAML -> config; without ``--dataset``/``--yaml_path`` the record is read here to pick
         its dataset's YAML and kept in ``loaded["record"]``."""
@@ -234,7 +249,8 @@ class Detector:
             return find_config_file(*names, f"config/detection/{cls.name}/config.yaml")
 
         return parse_config(cls.config_cls, sys.argv[1:] if argv is None else argv, prog,
-                            cls.description or (cls.__doc__ or "").strip().split("\n")[0], default_yaml)
+                            cls.description or (cls.__doc__ or "").strip().split("\n")[0], default_yaml,
+                            unused=cls.ignored_flags(), method=cls.name)
 
     @classmethod
     def main(cls, argv=None) -> dict:

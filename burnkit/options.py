@@ -13,9 +13,15 @@ from .engine import TrainConfig
 from .errors import BurnError
 
 
-GROUP = "training, device and BackdoorBench-compatibility options"
+GROUP = "training and device options"
+IO_GROUP = "record, data and output options"  # the flags of a defense or detector that say what it reads and writes
 OPTIMIZERS = ("sgd", "adam", "adadelta")  # BackdoorBench silently runs Adam for any other name; here it is an error
 SCHEDULERS = ("CosineAnnealingLR", "StepLR", "MultiStepLR", "CyclicLR", "ReduceLROnPlateau")
+
+# The keys only the engine's optimiser and scheduler read (through train_config): a method that
+# builds its own optimiser or schedule lists them among the flags it does not use (``--help``).
+OPTIMISER_FLAGS = ("client_optimizer", "sgd_momentum", "wd", "adam_betas")
+SCHEDULE_FLAGS = ("lr_scheduler", "cos_t_max", "steplr_stepsize", "steplr_gamma", "steplr_milestones")
 
 # The settings that do not change what a run computes, so a resumed run may change them. Every other
 # setting of an attack, defense or detector is part of its resume fingerprint (result_settings), so a
@@ -48,31 +54,36 @@ def result_settings(cfg, also_run_only=frozenset()) -> dict:
 class TrainingOptions:
     """Device, compatibility and training keys under BackdoorBench's names."""
 
-    device: str | None = option(None, "cpu, cuda or cuda:N (default: cuda if present)", group=GROUP)
+    device: str | None = option(None, "cpu, cuda or cuda:N", group=GROUP, default_help="cuda if present")
     amp: bool = option(False, "mixed precision on CUDA", group=GROUP)
-    pin_memory: bool = option(True, "accepted for BackdoorBench compatibility (no DataLoader is used)", short="-pm", group=GROUP)
-    non_blocking: bool = option(True, "accepted for BackdoorBench compatibility", short="-nb", group=GROUP)
-    prefetch: bool = option(False, "accepted for BackdoorBench compatibility", short="-pf", group=GROUP)
-    num_workers: int = option(4, "accepted for BackdoorBench compatibility (batches are tensor slices)", group=GROUP,
-                              low=0)
-    frequency_save: int = option(0, "accepted for BackdoorBench compatibility", group=GROUP, low=0)
+    pin_memory: bool = option(True, "BackdoorBench's DataLoader setting (no DataLoader is used here)", short="-pm",
+                              group=GROUP, unused=True)
+    non_blocking: bool = option(True, "BackdoorBench's host-to-device copy setting", short="-nb", group=GROUP,
+                                unused=True)
+    prefetch: bool = option(False, "BackdoorBench's DataLoader setting", short="-pf", group=GROUP, unused=True)
+    num_workers: int = option(4, "BackdoorBench's DataLoader workers (batches are tensor slices here)", group=GROUP,
+                              low=0, unused=True)
+    frequency_save: int = option(0, "BackdoorBench's checkpoint interval", group=GROUP, low=0, unused=True)
     epochs: int = option(10, "training epochs", group=GROUP, low=0)
     batch_size: int = option(128, "batch size", group=GROUP, low=1)
     lr: float = option(0.01, "learning rate", group=GROUP, low=0)
     client_optimizer: str = option("sgd", "sgd, adam or adadelta", group=GROUP, choices=OPTIMIZERS)
-    sgd_momentum: float = option(0.9, "SGD momentum", group=GROUP, low=0)
-    wd: float = option(5e-4, "weight decay", group=GROUP, low=0)
-    adam_betas: tuple[float, float] = option((0.9, 0.999), "Adam betas", group=GROUP, low=0, high=1)
+    sgd_momentum: float = option(0.9, "momentum of --client_optimizer sgd", group=GROUP, low=0)
+    wd: float = option(5e-4, "weight decay of --client_optimizer sgd or adam", group=GROUP, low=0)
+    adam_betas: tuple[float, float] = option((0.9, 0.999), "betas of --client_optimizer adam", group=GROUP, low=0,
+                                             high=1)
     lr_scheduler: str | None = option("CosineAnnealingLR", "CosineAnnealingLR, StepLR, MultiStepLR, CyclicLR, ReduceLROnPlateau or None",
                                       group=GROUP, choices=SCHEDULERS)
-    cos_t_max: int | None = option(None, "CosineAnnealingLR T_max (BackdoorBench default: 100)", group=GROUP, low=1)
-    steplr_stepsize: int = option(1, "StepLR step size", group=GROUP, low=1)
-    steplr_gamma: float = option(0.1, "StepLR/MultiStepLR decay", group=GROUP, low=0)
-    steplr_milestones: list[int] | None = option(None, "MultiStepLR milestones, e.g. 30,60", group=GROUP, low=0)
+    cos_t_max: int | None = option(None, "T_max of --lr_scheduler CosineAnnealingLR", group=GROUP, low=1,
+                                   default_help="100, as in BackdoorBench")
+    steplr_stepsize: int = option(1, "step size of --lr_scheduler StepLR", group=GROUP, low=1)
+    steplr_gamma: float = option(0.1, "decay of --lr_scheduler StepLR or MultiStepLR", group=GROUP, low=0)
+    steplr_milestones: list[int] | None = option(None, "milestones of --lr_scheduler MultiStepLR, e.g. 30,60",
+                                                 group=GROUP, low=0)
     random_seed: int = option(0, "seed", group=GROUP, low=0, high=2**63 - 1)
     progress: bool = option(True, "show progress bars", group=GROUP)
     overwrite: bool = option(False, "replace a finished output of the same name; the old folder is kept, renamed "
-                                    "<name>.replaced-<time> (default: refuse, so nothing finished is lost)", group=GROUP)
+                                    "<name>.replaced-<time> (false: refuse, so nothing finished is lost)", group=GROUP)
     test_every: int = option(1, "score the test sets every N epochs/iterations and after the last (burnkit extra; "
                                 "N > 1 saves CPU time, 1 is BackdoorBench's behaviour)", group=GROUP, low=1)
 

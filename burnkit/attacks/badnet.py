@@ -28,7 +28,7 @@ def white_square_trigger(size: int = 32, square: int = 3, channels: int = 3) -> 
 
 @dataclass
 class BadNetConfig(AttackConfig):
-    patch_mask_path: str | None = option(None, "trigger image (default: the 3x3 white square)")
+    patch_mask_path: str | None = option(None, "trigger image", default_help="the 3x3 white square")
 
 
 @register_attack

@@ -29,7 +29,8 @@ def noise_trigger(h: int, w: int, c: int, seed: int = NOISE_SEED) -> np.ndarray:
 
 @dataclass
 class BlendedConfig(AttackConfig):
-    attack_trigger_img_path: str | None = option(None, "trigger image (default: the project's seeded noise image)")
+    attack_trigger_img_path: str | None = option(None, "trigger image",
+                                                 default_help="the project's seeded noise image")
     attack_train_blended_alpha: float = option(0.2, "blend ratio for training images")
     attack_test_blended_alpha: float = option(0.2, "blend ratio for test images")
 

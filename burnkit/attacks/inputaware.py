@@ -42,6 +42,7 @@ from ..attack import register_attack
 from ..config import option
 from ..engine import StepOutput, TrainConfig, fit
 from ..errors import BurnError
+from ..options import OPTIMISER_FLAGS, SCHEDULE_FLAGS
 from .dynamic import DynamicAttack, DynamicConfig
 
 
@@ -110,7 +111,8 @@ class InputAwareConfig(DynamicConfig):
     lr_G: float = option(0.01, "learning rate of the pattern generator netG (Adam)")
     lr_C: float = option(0.01, "learning rate of the classifier (SGD)")
     lr_M: float = option(0.01, "learning rate of the mask network netM (Adam)")
-    C_lr_scheduler: str | None = option(None, "accepted for BackdoorBench compatibility (its classifier always uses MultiStepLR)")
+    C_lr_scheduler: str | None = option(None, "BackdoorBench's key; its classifier always uses MultiStepLR",
+                                          unused=True)
     schedulerG_milestones: list[int] = option([200, 300, 400, 500], "netG MultiStepLR milestones (epochs)")
     schedulerC_milestones: list[int] = option([100, 200, 300, 400], "classifier MultiStepLR milestones (epochs)")
     schedulerM_milestones: list[int] = option([10, 20], "netM MultiStepLR milestones (epochs)")
@@ -138,6 +140,8 @@ class InputAware(DynamicAttack):
     """Input-Aware Dynamic backdoor: per-image generated triggers with cross samples, all-to-one by default."""
 
     name = "inputaware"
+    # flags it accepts but does not read: the classifier trains with SGD at lr_C under schedulerC_*
+    unused_flags = ("lr", *OPTIMISER_FLAGS, *SCHEDULE_FLAGS)
     config_cls = InputAwareConfig
     static_trigger = False
     resumable = False

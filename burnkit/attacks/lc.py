@@ -67,9 +67,10 @@ def add_corner_trigger(images: np.ndarray, reduced_amplitude: float | None = 1.0
 @dataclass
 class LabelConsistentConfig(AttackConfig):
     attack_train_replace_imgs_path: str | None = option(
-        None, "PGD images, uint8 N_train x H x W x C (default: <resource_cache>/label-consistent/<model>_<dataset>_train.npy)")
-    attack_test_replace_imgs_path: str | None = option(None, "accepted for BackdoorBench compatibility (unused: "
-                                                             "test images get the corner pattern only)")
+        None, "PGD images, uint8 N_train x H x W x C",
+        default_help="<resource_cache>/label-consistent/<model>_<dataset>_train.npy")
+    attack_test_replace_imgs_path: str | None = option(None, "BackdoorBench's key; test images get the corner "
+                                                             "pattern only", unused=True)
     reduced_amplitude: float | None = option(1.0, "corner amplitude in [0, 1] (null: paste 0/255)")
     resource_cache: str = option(DEFAULT_CACHE, "folder of generated attack resources")
 

@@ -35,7 +35,7 @@ from ..safe_load import first_nonfinite
 @dataclass
 class LowFrequencyConfig(AttackConfig):
     lowFrequencyPatternPath: str | None = option(
-        None, "pattern .npy (default: <resource_cache>/lowFrequency/<dataset>_<model>_0_255.npy)")
+        None, "pattern .npy", default_help="<resource_cache>/lowFrequency/<dataset>_<model>_0_255.npy")
     resource_cache: str = option(DEFAULT_CACHE, "folder of generated attack resources")
 
 

@@ -28,9 +28,9 @@ from ..resources import DEFAULT_CACHE, check_length, load_image_array, missing, 
 @dataclass
 class SsbaConfig(AttackConfig):
     attack_train_replace_imgs_path: str | None = option(
-        None, "training replacement images (default: <resource_cache>/ssba/<dataset>_ssba_train_b1.npy)")
+        None, "training replacement images", default_help="<resource_cache>/ssba/<dataset>_ssba_train_b1.npy")
     attack_test_replace_imgs_path: str | None = option(
-        None, "test replacement images (default: <resource_cache>/ssba/<dataset>_ssba_test_b1.npy)")
+        None, "test replacement images", default_help="<resource_cache>/ssba/<dataset>_ssba_test_b1.npy")
     resource_cache: str = option(DEFAULT_CACHE, "folder of generated attack resources")
 
 

@@ -45,15 +45,19 @@ APPLE_REGION = ((120, 204), (128, 195), 224)  # rows, cols (end-exclusive) of Ba
 
 @dataclass
 class TrojanNNConfig(AttackConfig):
-    selected_layer_name: str | None = option(None, "layer whose inputs are the chosen neurons (default: the zoo's last layer)")
-    selected_layer_param_name: str | None = option(None, "weight ranking the neurons (default: <layer>.weight)")
+    selected_layer_name: str | None = option(None, "layer whose inputs are the chosen neurons",
+                                             default_help="the zoo's last layer")
+    selected_layer_param_name: str | None = option(None, "weight ranking the neurons",
+                                                   default_help="<layer>.weight")
     num_neuron: int = option(2, "neurons to excite")
     neuron_target_values: float = option(100.0, "activation the trigger pushes them to")
-    mask_path: str | None = option(None, "mask image, non-zero = trigger area (default: apple4-like rectangle)")
+    mask_path: str | None = option(None, "mask image, non-zero = trigger area",
+                                   default_help="an apple4-like rectangle")
     mask_update_iters: int = option(1000, "signed-gradient steps")
     trigger_step_size: float = option(0.1, "step in [0, 1] pixel units")
     trigger_eps: float = option(0.3, "L-inf bound of the change from the mask image")
-    clean_model_path: str | None = option(None, "clean model state dict (default: the cache's clean_model.pth)")
+    clean_model_path: str | None = option(None, "clean model state dict",
+                                          default_help="the cache's clean_model.pth")
     resource_cache: str = option(DEFAULT_CACHE, "folder of generated attack resources")
 
     def validate(self) -> None:

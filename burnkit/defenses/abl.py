@@ -44,6 +44,7 @@ from ..defense import Defense, DefenseData, DefenseRun, register_defense
 from ..engine import StepContext, StepOutput, TrainConfig, predict
 from ..errors import BurnError
 from ..models import Classifier
+from ..options import OPTIMISER_FLAGS, SCHEDULE_FLAGS
 from ..results import MetricLog, plot_metrics
 from .retraining import (NoCleanDataConfig, fit_phase, fresh_classifier, poisoned_train,
                          poisoned_train_size, require_share, write_sample_flags)
@@ -206,6 +207,8 @@ class AntiBackdoorLearning(Defense):
     """ABL: train from scratch, isolate the lowest-loss samples early, then unlearn them."""
 
     name = "abl"
+    # flags it accepts but does not read: its three phases use their own epochs, SGD and schedule
+    unused_flags = ("epochs", *OPTIMISER_FLAGS, *SCHEDULE_FLAGS)
     config_cls = ABLConfig
     needs_clean_subset = False
     budget_keys: ClassVar[tuple[str, ...]] = ("tuning_epochs", "finetuning_epochs", "unlearning_epochs")

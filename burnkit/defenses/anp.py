@@ -48,6 +48,7 @@ from ..defense import Defense, DefenseData, DefenseRun, SelectionConfig, registe
 from ..engine import Metrics, eval_mode, predict, test_due
 from ..errors import BurnError
 from ..models import Classifier, architecture_name
+from ..options import OPTIMISER_FLAGS, SCHEDULE_FLAGS
 from ..metrics import accuracy
 from ..results import NOT_SCORED, MetricLog, atomic_write_text, plot_metrics
 
@@ -371,6 +372,8 @@ class AdversarialNeuronPruning(Defense):
     """ANP: prune the BN channels most sensitive to adversarial neuron perturbations."""
 
     name = "anp"
+    # flags it accepts but does not read: the mask optimiser is SGD with momentum 0.9 for nb_iter steps
+    unused_flags = ("epochs", *OPTIMISER_FLAGS, *SCHEDULE_FLAGS, "progress")
     config_cls = ANPConfig
     budget_keys = ("nb_iter",)
 

@@ -121,8 +121,8 @@ class BurnConfig(DefenseConfig):
     pd_output: str = option("logits", "outputs compared by PD: logits or probs", choices=PD_OUTPUTS)
     attack_space: str = option("input", "space of the boundary distance: input (normalised) or pixel", choices=SPACES)
     clip: bool = option(True, "clip attack iterates to valid images")
-    overshoot: float = option(0.02, "boundary attack overshoot η (choice: DeepFool's default; the paper gives none)")
-    max_iter: int = option(50, "boundary attack steps per sample (choice: DeepFool's default)")
+    overshoot: float = option(0.02, "boundary attack overshoot η (choice: DeepFool's value; the paper gives none)")
+    max_iter: int = option(50, "boundary attack steps per sample (choice: DeepFool's value)")
     candidates: int = option(3, "candidate classes of the boundary attack, top by logit; 0 = every class, as the "
                                 "paper (choice; evidence in docs/burn.md)")
     step_rule: str = option("total", "where the boundary attack's overshoot acts: total (DeepFool's reference code: "

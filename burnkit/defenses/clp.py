@@ -33,6 +33,7 @@ from ..config import option
 from ..defense import Defense, DefenseConfig, DefenseData, DefenseRun, register_defense
 from ..errors import BurnError
 from ..models import Classifier
+from ..options import OPTIMISER_FLAGS, SCHEDULE_FLAGS
 from ..results import MetricLog, atomic_write_text, plot_metrics
 
 @dataclass
@@ -46,7 +47,7 @@ class PruneByUConfig(DefenseConfig):
     u_min: float = option(0.0, "smallest u of the logged sweep", low=0)
     u_max: float = option(10.0, "largest u of the logged sweep", low=0)
     u_num: int = option(21, "points of the logged sweep (0: no sweep; BackdoorBench parses it as a float)", low=0)
-    batch_size: int = option(256, "batch size of the evaluations")
+    batch_size: int = option(256, "EP: the number of poisoned training images in its one batch")
     amp: bool = option(False, "mixed precision on CUDA for scoring")
 
     def validate(self) -> None:
@@ -178,6 +179,8 @@ class ChannelLipschitzPruning(Defense):
     """CLP: prune the channels with the largest upper bound of their Lipschitz constant (data-free)."""
 
     name = "clp"
+    # flags it accepts but does not read: CLP is data-free, nothing is trained or batched
+    unused_flags = ("epochs", "lr", *OPTIMISER_FLAGS, *SCHEDULE_FLAGS, "batch_size", "test_every", "progress")
     config_cls = PruneByUConfig
     needs_clean_subset = False
     budget_keys: ClassVar[tuple[str, ...]] = ("u",)

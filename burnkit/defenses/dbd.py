@@ -52,6 +52,7 @@ from ..defense import Defense, DefenseData, DefenseRun, register_defense
 from ..engine import StepContext, StepOutput, TrainConfig, eval_mode, iterate, predict
 from ..models import Classifier
 from ..network_surgery import ProjectionModel, attach_head, detach_head, feature_dim
+from ..options import OPTIMISER_FLAGS, SCHEDULE_FLAGS
 from ..results import MetricLog
 from ..views import ContrastiveViews
 from .retraining import (NoCleanDataConfig, fit_phase, fresh_classifier, poisoned_train,
@@ -93,7 +94,7 @@ class DBDConfig(NoCleanDataConfig):
                                                "the images as they are")
     semi_optimizer: str = option("continue", "continue: the warm-up's Adam goes on at lr_semi (BackdoorBench's one "
                                              "optimizer); fresh: a new Adam", choices=("continue", "fresh"))
-    batch_size: int = option(128, "batch size of the warm-up (BackdoorBench forces 128) and of scoring")
+    batch_size: int = option(128, "BackdoorBench's key; its warm-up forces 128, as here")
     amp: bool = option(False, "mixed precision on CUDA")
 
 
@@ -330,6 +331,8 @@ class Decoupling(Defense):
     """DBD: self-supervised backbone, linear warm-up, then semi-supervised fine-tuning on low-loss samples."""
 
     name = "dbd"
+    # flags it accepts but does not read: every phase has its own lr_*, batch_size_* and optimiser
+    unused_flags = ("lr", "batch_size", *OPTIMISER_FLAGS, *SCHEDULE_FLAGS)
     config_cls = DBDConfig
     needs_clean_subset = False
     budget_keys: ClassVar[tuple[str, ...]] = ("epoch_self", "epoch_warmup", "epochs", "train_iteration")

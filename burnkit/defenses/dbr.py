@@ -73,8 +73,10 @@ class SampleDistinctionConfig(NoCleanDataConfig):
     lr: float = option(0.01, "learning rate of the separation model")
     clean_ratio: float = option(0.2, "share of samples taken as clean (lowest FCT)", above=0, high=1)
     poison_ratio: float = option(0.05, "share of samples taken as poisoned (highest FCT)", above=0, high=1)
-    gamma_low: float | None = option(None, "FCT threshold of the clean set (default: from clean_ratio)")
-    gamma_high: float | None = option(None, "FCT threshold of the poisoned set (default: from poison_ratio)")
+    gamma_low: float | None = option(None, "FCT threshold of the clean set",
+                                     default_help="from clean_ratio")
+    gamma_high: float | None = option(None, "FCT threshold of the poisoned set",
+                                      default_help="from poison_ratio")
     amp: bool = option(False, "mixed precision on CUDA")
 
     def validate(self) -> None:

@@ -32,6 +32,7 @@ from ..defense import Defense, DefenseData, DefenseRun, register_defense
 from ..engine import eval_mode
 from ..errors import BurnError
 from ..models import Classifier
+from ..options import OPTIMISER_FLAGS, SCHEDULE_FLAGS
 from ..results import atomic_write_text
 from .clp import PruneByUConfig, log_u_sweep, outliers, prune_by_table
 from .retraining import poisoned_train, poisoned_train_size
@@ -123,6 +124,8 @@ class EntropyPruning(Defense):
     """EP (leaderboard: DDE): prune BN channels whose pre-activation entropy over one poisoned batch is low."""
 
     name = "ep"
+    # flags it accepts but does not read: nothing is trained
+    unused_flags = ("epochs", "lr", *OPTIMISER_FLAGS, *SCHEDULE_FLAGS, "test_every", "progress")
     config_cls = PruneByUConfig
     needs_clean_subset = False
     budget_keys: ClassVar[tuple[str, ...]] = ("u", "batch_size")

@@ -64,9 +64,9 @@ class FtSamConfig(DefenseConfig):
                                   "turns it OFF, as BackdoorBench's store_false flag", bare="false")
     alpha: float = option(0.0, "GSAM: weight of the removed gradient component orthogonal to the SAM gradient")
     label_smoothing: float = option(0.1, "label smoothing of the CE (smoothing/(C-1) on the other classes)")
-    rho: float = option(2.0, "accepted for BackdoorBench compatibility (unused there: rho_max/rho_min apply)")
-    print_freq: int = option(1, "accepted for BackdoorBench compatibility")
-    bd_yaml_path: str | None = option(None, "accepted for BackdoorBench compatibility (unused)")
+    rho: float = option(2.0, "BackdoorBench's key, unused there too: rho_max/rho_min apply", unused=True)
+    print_freq: int = option(1, "BackdoorBench's logging interval", unused=True)
+    bd_yaml_path: str | None = option(None, "BackdoorBench's key, unused there too", unused=True)
     checkpoint_path: str | None = option(None, "start from record/<checkpoint_path>/defense_result.pt (or that file)")
 
     def validate(self) -> None:

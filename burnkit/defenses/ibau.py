@@ -42,6 +42,7 @@ from ..defense import Defense, DefenseConfig, DefenseData, DefenseRun, register_
 from ..engine import eval_mode, iterate, make_optimizer
 from ..errors import BurnError
 from ..models import Classifier, twice_differentiable
+from ..options import SCHEDULE_FLAGS
 
 Tensors = Sequence[torch.Tensor]
 
@@ -50,12 +51,13 @@ Tensors = Sequence[torch.Tensor]
 class IBAUConfig(DefenseConfig):
     n_rounds: int = option(5, "rounds of (perturbation search, unlearning pass)")
     K: int = option(5, "fixed-point iterations of the implicit hypergradient")
-    optim: str = option("Adam", "accepted for BackdoorBench compatibility (unused, as there)")
+    optim: str = option("Adam", "BackdoorBench's key, unused there too (see --client_optimizer)", unused=True)
     lr: float = option(0.0001, "learning rate of the outer (model) optimiser")
     client_optimizer: str = option("adam", "outer optimiser: adam (amsgrad, as BackdoorBench), sgd or adadelta")
     wd: float = option(0.0, "weight decay of the outer optimiser")
     batch_size: int = option(256, "batch size")
-    lr_scheduler: str | None = option("CosineAnnealingLR", "accepted for BackdoorBench compatibility (never stepped, as there)")
+    lr_scheduler: str | None = option("CosineAnnealingLR", "BackdoorBench's key; the scheduler is never stepped there either",
+                                      unused=True)
     pert_lr: float = option(10.0, "SGD lr of the universal perturbation (BackdoorBench hard-codes 10)")
     pert_reg: float = option(0.001, "L2 regulariser weight on the perturbation (hard-coded 0.001)")
     pert_norm_bound: float = option(0.0, "L2 radius the perturbation is projected onto after its pass (0: "
@@ -217,6 +219,8 @@ class IBAU(Defense):
     """I-BAU: adversarial unlearning of a universal perturbation via implicit hypergradients."""
 
     name = "i-bau"
+    # flags it accepts but does not read: n_rounds rounds; the outer optimiser is never scheduled
+    unused_flags = ("epochs", *SCHEDULE_FLAGS, "progress")
     config_cls = IBAUConfig
     budget_keys = ("n_rounds", "K")
 

@@ -59,7 +59,7 @@ class NADConfig(DefenseConfig):
     # BackdoorBench's NAD YAMLs carry these keys without reading them (spec §7.3): accepted, unused
     YAML_COMPAT_KEYS: ClassVar[tuple[str, ...]] = ("momentum", "weight_decay")
     te_epochs: int = option(10, "epochs of the teacher fine-tuning and of the student distillation")
-    epochs: int = option(100, "accepted for BackdoorBench compatibility (NAD uses te_epochs)")
+    epochs: int = option(100, "BackdoorBench's key; NAD trains for te_epochs", unused=True)
     batch_size: int = option(256, "batch size")
     lr: float = option(0.01, "learning rate (teacher; student epochs 0-1)")
     amp: bool = option(True, "mixed precision on CUDA")

@@ -53,6 +53,7 @@ from ..defense import Defense, DefenseConfig, DefenseData, DefenseRun, register_
 from ..engine import StepContext, StepOutput, eval_mode
 from ..errors import BurnError
 from ..models import Classifier
+from ..options import SCHEDULE_FLAGS
 
 PGD_INITS = ("max", "min", "zero", "random")
 JS_FLOOR = 1e-8  # BackdoorBench floors both softmax outputs before the JS divergence
@@ -68,8 +69,9 @@ class SAUConfig(DefenseConfig):
     client_optimizer: str = option("adam", "unlearning optimiser: adam (amsgrad, as BackdoorBench), sgd or adadelta")
     wd: float = option(0.0, "weight decay of the unlearning optimiser")
     batch_size: int = option(256, "batch size")
-    lr_scheduler: str | None = option("CosineAnnealingLR", "accepted for BackdoorBench compatibility (never stepped, as there)")
-    optim: str = option("Adam", "accepted for BackdoorBench compatibility (unused, as there)")
+    lr_scheduler: str | None = option("CosineAnnealingLR", "BackdoorBench's key; the scheduler is never stepped there either",
+                                      unused=True)
+    optim: str = option("Adam", "BackdoorBench's key, unused there too (see --client_optimizer)", unused=True)
     lmd_1: float = option(1.0, "weight of CE on clean samples")
     lmd_2: float = option(0.0, "weight of CE on perturbed samples")
     lmd_3: float = option(1.0, "weight of the shared adversarial unlearning loss")
@@ -243,6 +245,8 @@ class SAU(Defense):
     """SAU: unlearn shared adversarial examples of the backdoored and the unlearning model."""
 
     name = "sau"
+    # flags it accepts but does not read: n_rounds rounds; the unlearning optimiser is never scheduled
+    unused_flags = ("epochs", *SCHEDULE_FLAGS)
     config_cls = SAUConfig
     budget_keys = ("n_rounds",)
 

@@ -51,10 +51,10 @@ class SpectralConfig(RetrainConfig):
     YAML_COMPAT_KEYS: ClassVar[tuple[str, ...]] = BB_UNUSED_KEYS
     percentile: float = option(85.0, "drop the samples of a class scoring above this percentile of its scores",
                                above=0, high=100)
-    target_label: int | None = option(None, "filter only this class (an oracle input: the attack's target); "
-                                            "default: every class", low=0)
-    target_layer: str | None = option(None, "layer whose outputs are the features (default: layer4, else the "
-                                            "network's last feature map)")
+    target_label: int | None = option(None, "filter only this class (an oracle input: the attack's target)",
+                                      low=0, default_help="every class")
+    target_layer: str | None = option(None, "layer whose outputs are the features",
+                                      default_help="layer4, else the network's last feature map")
 
 
 def spectral_scores(features: torch.Tensor) -> torch.Tensor:

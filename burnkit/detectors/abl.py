@@ -93,6 +93,7 @@ class ABLIsolation(Detector):
     """ABL loss isolation: the lowest-loss samples of a briefly, guardedly trained model."""
 
     name = "abl"
+    unused_flags = tuple(f for f in Detector.unused_flags if f != "lr")  # its isolation training reads --lr
     config_cls = ABLDetectionConfig
     header = ("AUC", "target")
     folder = "detection_pretrain/{}"

@@ -114,8 +114,9 @@ def activation_clustering(features, labels, nb_dims: int = 10, nb_clusters: int 
 
 @dataclass
 class ACConfig(FeatureConfig):
-    target_layer: str | None = option(None, "feature point (module name, NAME:input for its input); default: the "
-                                            "input of the final layer, the last hidden activations the paper clusters")
+    target_layer: str | None = option(None, "feature point (module name, NAME:input for its input)",
+                                      default_help="the input of the final layer, the last hidden activations "
+                                                   "the paper clusters")
     nb_dims: int = option(10, "dimensions after the reduction", low=1)
     nb_clusters: int = option(2, "k-means clusters per class", low=2)
     reducer: str = option("ica", "reduction: ica (the paper, BackdoorBench's detector) or pca", choices=REDUCERS)

@@ -81,7 +81,7 @@ class SpectralConfig(FeatureConfig):
     percentile: float = option(85.0, "flag scores above this percentile of their class (BackdoorBench)",
                                low=0, high=100)
     centered: bool = option(True, "project centred features (Tran et al.); false = BackdoorBench's uncentred projection")
-    target_label: int | None = option(None, "analyse only this class (default: every class)", low=0)
+    target_label: int | None = option(None, "analyse only this class", low=0, default_help="every class")
 
 
 @register_detector

@@ -28,7 +28,7 @@ class ResourceConfig:
     dataset_path: str = option("./data", "clean data: <path>/<dataset>, the dataset folder, or an archive")
     model: str = option("preactresnet18", "architecture of the clean model (attack_models zoo)")
     resource_cache: str = option(DEFAULT_CACHE, "folder the resources are written to (outside git)")
-    device: str | None = option(None, "cpu, cuda or cuda:N (default: cuda if present)")
+    device: str | None = option(None, "cpu, cuda or cuda:N", default_help="cuda if present")
     random_seed: int = option(0, "seed")
     batch_size: int = option(128, "batch size")
     progress: bool = option(True, "show progress bars")
@@ -43,7 +43,8 @@ class ResourceConfig:
 class FromCleanModelConfig(ResourceConfig):
     """Generators that start from the clean model (LF pattern, LC images)."""
 
-    clean_model_path: str | None = option(None, "clean model state dict (default: the cache's clean_model.pth)")
+    clean_model_path: str | None = option(None, "clean model state dict",
+                                          default_help="the cache's clean_model.pth")
 
 
 class Session:

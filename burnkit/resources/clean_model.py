@@ -34,7 +34,7 @@ class CleanModelConfig(ResourceConfig):
     sgd_momentum: float = option(0.9, "SGD momentum")
     wd: float = option(5e-4, "weight decay")
     lr_scheduler: str | None = option("CosineAnnealingLR", "scheduler (BackdoorBench's names)")
-    cos_t_max: int | None = option(None, "CosineAnnealingLR T_max (default: epochs)")
+    cos_t_max: int | None = option(None, "CosineAnnealingLR T_max", default_help="--epochs")
     train_subset: int = option(0, "train on a class-balanced subset of this many samples (0 = all)")
     amp: bool = option(False, "mixed precision on CUDA")
 

@@ -34,7 +34,8 @@ class LcAdvConfig(FromCleanModelConfig):
     eps: float = option(8.0, "L-inf radius in 0..255 pixel units")
     step_size: float = option(1.5, "PGD step in 0..255 pixel units")
     steps: int = option(100, "PGD steps")
-    classes: list[int] | None = option([0], "classes to craft (default: 0, the default target); empty = all")
+    classes: list[int] | None = option([0], "classes to craft (LC poisons only its --attack_target, 0 unless "
+                                            "changed); empty = all")
     train_subset: int = option(0, "craft only the class-balanced subset of this size an attack with the same "
                                   "--train_subset/--random_seed uses (0 = whole split)")
     batch_size: int = option(256, "batch size")

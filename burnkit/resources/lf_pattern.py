@@ -37,7 +37,8 @@ class LfPatternConfig(FromCleanModelConfig):
     cutoff: float = option(0.25, "keep DFT frequencies up to this fraction of Nyquist")
     iters: int = option(300, "gradient steps (one batch each)")
     step: float = option(0.01, "step size in [0, 1] pixel units")
-    target: int | None = option(None, "target class for a targeted search (default: untargeted)")
+    target: int | None = option(None, "target class for a targeted search",
+                                default_help="untargeted")
 
     def validate(self) -> None:
         super().validate()
