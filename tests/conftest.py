@@ -10,25 +10,43 @@ import os
 import shutil
 import tarfile
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 import torch
 
 torch.set_num_threads(int(os.environ.get("BURN_TEST_THREADS", "1")))  # tiny tensors: 1 thread is fastest
 
-def _shared_dir(marker: str = "data/cifar10-jpeg.tar.gz") -> Path:
-    """``../shared`` beside the checkout (CI's layout), or $BURN_SHARED_DIR: the first that holds
-    ``marker``."""
-    candidates = [os.environ.get("BURN_SHARED_DIR"), Path(__file__).resolve().parents[2] / "shared", "/work/shared"]
-    for candidate in candidates:
-        if candidate and (Path(candidate) / marker).exists():
-            return Path(candidate)
-    return Path(__file__).resolve().parents[2] / "shared"
+REPO = Path(__file__).resolve().parents[1]
+# BackdoorBench's model manifest: the state-dict keys and shapes of every model its generate_cls_model
+# builds (at 10 and 100 classes), dumped from BackdoorBench; tests/test_models.py checks the zoo against it
+BB_MODEL_KEYS = REPO / "tests" / "data" / "bb-model-keys.json.gz"
+# BURN_REQUIRE_FULL_TESTS=1 (.ci/run sets it) turns every skip for a missing test input into a failure
+REQUIRE_FULL_TESTS = os.environ.get("BURN_REQUIRE_FULL_TESTS") == "1"
 
 
-SHARED = _shared_dir()
-CIFAR_TARBALL = SHARED / "data" / "cifar10-jpeg.tar.gz"
-BB_MODEL_KEYS = _shared_dir("spec/bb-model-keys.json") / "spec" / "bb-model-keys.json"
+def missing_input(what: str, fix: str) -> NoReturn:
+    """Skip the calling test, in one line that says what is missing and how to get it. Under
+    ``BURN_REQUIRE_FULL_TESTS=1`` fail instead: CI has every input, so a skip there would hide a
+    check that did not run."""
+    message = f"{what}; {fix} (docs/testing.md)"
+    if REQUIRE_FULL_TESTS:
+        pytest.fail(f"{message}; BURN_REQUIRE_FULL_TESTS=1 allows no skip", pytrace=False)
+    pytest.skip(message)
+
+
+def _cifar_tarball() -> Path:
+    """The CIFAR-10 image-folder archive (``train/<class>/*.jpg``, ``test/<class>/*.jpg``):
+    ``$BURN_CIFAR10_TARBALL``, else ``shared/data/cifar10-jpeg.tar.gz`` beside the checkout (CI's
+    layout) or beside the folder holding it (a git worktree's)."""
+    given = os.environ.get("BURN_CIFAR10_TARBALL")
+    if given:
+        return Path(given).expanduser()
+    beside = [base / "shared" / "data" / "cifar10-jpeg.tar.gz" for base in (REPO.parent, REPO.parent.parent)]
+    return next((path for path in beside if path.is_file()), beside[0])
+
+
+CIFAR_TARBALL = _cifar_tarball()
 
 
 def pytest_addoption(parser):
@@ -89,9 +107,10 @@ def digits_copy(digits_workdir, tmp_path, monkeypatch) -> Path:
 
 
 def extract_cifar_subset(root: Path, keep: dict[str, int]) -> Path:
-    """The first ``keep[split]`` JPEGs of every class of each split, from the shared tarball."""
-    if not CIFAR_TARBALL.exists():
-        pytest.skip(f"shared CIFAR-10 tarball not found at {CIFAR_TARBALL}")
+    """The first ``keep[split]`` JPEGs of every class of each split, from the CIFAR-10 archive."""
+    if not CIFAR_TARBALL.is_file():
+        missing_input(f"the CIFAR-10 image-folder archive is not at {CIFAR_TARBALL}",
+                      "set BURN_CIFAR10_TARBALL=/path/to/cifar10-jpeg.tar.gz")
     counts: dict[tuple[str, str], int] = {}
     with tarfile.open(CIFAR_TARBALL) as tar:
         members = []
@@ -114,7 +133,7 @@ def extract_cifar_subset(root: Path, keep: dict[str, int]) -> Path:
 @pytest.fixture(scope="session")
 def cifar_root(tmp_path_factory) -> Path:
     """A small real CIFAR-10 image folder (the first 30 train / 10 test JPEGs of every class)
-    taken from the shared tarball; skipped with a reason if the tarball is absent."""
+    taken from the CIFAR-10 archive; skipped with a reason if the archive is absent."""
     return extract_cifar_subset(tmp_path_factory.mktemp("cifar_subset") / "cifar10", {"train": 30, "test": 10})
 
 
