@@ -9,6 +9,7 @@ setup(
     name="burnkit",
     version="0.1.0",
     description="BURN backdoor unlearning and BackdoorBench-compatible attacks, defenses and comparisons",
+    license="Apache-2.0",
     long_description=(HERE / "README.md").read_text() if (HERE / "README.md").exists() else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
