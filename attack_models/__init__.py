@@ -1,7 +1,7 @@
 """The model zoo of attacked networks, with BackdoorBench's exact state-dict names.
 
 Every name BackdoorBench's ``generate_cls_model`` builds is here (spec §1.7), with the keys and
-shapes of ``shared/spec/bb-model-keys.json``: ``preactresnet18`` (BackdoorBench's own network,
+shapes of ``tests/data/bb-model-keys.json.gz``: ``preactresnet18`` (BackdoorBench's own network,
 :mod:`attack_models.preact_resnet`) and 26 torchvision architectures built with torchvision's
 constructors (:mod:`attack_models.torchvision_zoo`). ``smallcnn`` and ``preactresnet34`` are
 burnkit's extras for CPU-scale work.

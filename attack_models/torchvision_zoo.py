@@ -10,7 +10,7 @@ built differently there, and here the same way:
 * ``convnext_tiny``: BackdoorBench copies ImageNet weights into a fresh ``num_classes`` model; the
   keys and shapes are those of ``convnext_tiny(num_classes=C)``.
 
-The state-dict keys and shapes equal ``shared/spec/bb-model-keys.json`` (``tests/test_models.py``).
+The state-dict keys and shapes equal ``tests/data/bb-model-keys.json.gz`` (``tests/test_models.py``).
 
 Adaptations that leave every key name unchanged:
 

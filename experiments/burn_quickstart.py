@@ -2,10 +2,10 @@
 
 Makes ``record/<name>`` with our BadNets attack and the small CNN when it does not exist yet
 (CIFAR-10 from torchvision with ``--download`` when online, or from an image-folder archive such as
-the shared ``cifar10-jpeg.tar.gz`` given by ``--dataset_path`` when offline), runs BURN on it with
+``cifar10-jpeg.tar.gz`` given by ``--dataset_path`` when offline; docs/testing.md says how to make one), runs BURN on it with
 the paper's settings and prints ACC/ASR/RA before and after, detection AUROCs and wall times.
 
-    PYTHONPATH=. python experiments/burn_quickstart.py --dataset_path ../shared/data/cifar10-jpeg.tar.gz
+    PYTHONPATH=. python experiments/burn_quickstart.py --dataset_path /path/to/cifar10-jpeg.tar.gz
     PYTHONPATH=. python experiments/burn_quickstart.py --download            # online
 """
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Every zoo model x {BURN (1 iteration), FT, FP, NAD, ANP, I-BAU, FT-SAM, SAU}: ok or its one-line refusal.
 
 For each model a tiny BadNets record is made (1 epoch on 3 images per class, pratio 0.1, target 0,
-batch 8) on a 30-image CIFAR-10 subset taken from the shared JPEG tarball, or - for a model whose
+batch 8) on a 30-image CIFAR-10 subset taken from the CIFAR-10 image-folder archive (``--tarball``, else
+$BURN_CIFAR10_TARBALL; docs/testing.md says how to get one), or - for a model whose
 pooling needs more than 32 px (AlexNet) - on the same images upsampled to 64 px and written in
 Tiny-ImageNet's official layout. Each defense then runs on the record through its own CLI code path
 with budgets cut to one epoch/round/iteration. A cell is ``ok`` (the defense wrote its result), or
@@ -68,7 +69,7 @@ TINY_WNIDS = [f"n{9000000 + i:08d}" for i in range(10)]
 REVISION = git_revision()  # the code the cells of this invocation ran
 
 
-def build_data(work: Path, tarball: Path) -> None:
+def build_data(work: Path, tarball: Path | None) -> None:
     """``data/cifar10/{train,test}/<class>/*.jpg`` (3 + 1 per class) and the same images at 64 px as
     ``data/tiny/tiny-imagenet-200`` (wnids.txt, train/<wnid>/images, val/images + val_annotations.txt)."""
     cifar = work / "data" / "cifar10"
@@ -323,7 +324,7 @@ def write_table(results: dict, defenses: list[str], path: Path, command: str) ->
         "revisions; delete `<dir>/cells/<model>__<defense>.json` to recompute one); `--render_only` rewrites "
         "this table from the cell files.",
         "",
-        "Data: `cifar10` = 3 train / 1 test JPEG per class from `shared/data/cifar10-jpeg.tar.gz`; `tiny` = the same "
+        "Data: `cifar10` = 3 train / 1 test JPEG per class from the CIFAR-10 image-folder archive (docs/testing.md); `tiny` = the same "
         "images upsampled to 64 px in Tiny-ImageNet's official layout (for AlexNet, which needs >= 63 px). "
         "Attack: `attack/badnet.py --epochs 1 --batch_size 8 --pratio 0.1`. Defense flags (all: "
         f"`{' '.join(COMMON)}`):",
@@ -348,7 +349,8 @@ def write_table(results: dict, defenses: list[str], path: Path, command: str) ->
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--work", type=Path, required=True, help="work folder (data/, record/, cells/)")
-    p.add_argument("--tarball", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.tar.gz")
+    p.add_argument("--tarball", type=Path, default=os.environ.get("BURN_CIFAR10_TARBALL"),
+                   help="the CIFAR-10 image-folder archive (default: $BURN_CIFAR10_TARBALL; docs/testing.md)")
     p.add_argument("--models", default="", help="comma list (default: every zoo model + resnext29, senet18)")
     p.add_argument("--defenses", default=",".join(DEFENSES))
     p.add_argument("--table", type=Path, default=None, help="markdown output (default <work>/matrix.md)")
@@ -364,6 +366,11 @@ def main(argv=None) -> None:
             cell = make_record(name, arg) if kind == "attack" else run_defense(name, arg)
         Path(out).write_text(json.dumps(cell, default=str) + "\n")
         return
+    data_made = (args.work / "data" / "cifar10" / "test").is_dir()  # by an earlier run: no archive needed
+    if not args.render_only and not data_made and (args.tarball is None or not Path(args.tarball).is_file()):
+        p.error(f"no CIFAR-10 image-folder archive at {args.tarball}; pass --tarball PATH or set BURN_CIFAR10_TARBALL "
+                "(docs/testing.md)" if args.tarball else "give the CIFAR-10 image-folder archive: --tarball PATH or "
+                "BURN_CIFAR10_TARBALL (docs/testing.md)")
     args.work.mkdir(parents=True, exist_ok=True)
     models = args.models.split(",") if args.models else attack_models.list_models() + sorted(attack_models.NOT_BUILDABLE)
     defenses = args.defenses.split(",")
@@ -371,8 +378,7 @@ def main(argv=None) -> None:
     if args.render_only:
         results = collect(args.work.resolve(), models, defenses)
     else:
-        tarball = args.tarball if args.tarball.is_file() else Path("/work/shared/data/cifar10-jpeg.tar.gz")
-        build_data(args.work.resolve(), tarball)
+        build_data(args.work.resolve(), Path(args.tarball) if args.tarball else None)
         results = matrix(args.work.resolve(), models, defenses, args.recompute_stale, args.keep_weights)
         (args.work / "matrix.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
     command = "OMP_NUM_THREADS=1 PYTHONPATH=. python experiments/model_defense_matrix.py --work <dir>"

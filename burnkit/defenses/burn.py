@@ -1,6 +1,6 @@
 """BURN: Backdoor Unlearning via adversaRial bouNdary analysis (Su et al., 2025), Algorithm 1.
 
-Paper: ``shared/paper/burn-paper.md`` (§2.3 boundary attack, §5 method, Algorithm 1).
+Paper: Su et al., arXiv:2507.10491 (docs/citing.md); §2.3 boundary attack, §5 method, Algorithm 1.
 
 BURN sees only the record's poisoned training set (no clean auxiliary data). Phase 1 measures every
 training sample's minimal-L2 boundary distance ``l(x)`` on the frozen infected model θ0, relabels
