@@ -236,6 +236,7 @@ class OneLineArgumentParser(argparse.ArgumentParser):
         raise BurnError(f"{message}; see {self.prog} --help")
 
 
+PRECEDENCE = "A value given on the command line overrides the YAML's (--yaml_path), which overrides the default shown."
 UNUSED_GROUP = "compatibility flags (accepted, unused by {method})"
 UNUSED_DESCRIPTION = ("BackdoorBench's flags and the flags burnkit's methods share, accepted so that one command "
                       "line or YAML file serves them all; {method} does not read them.")
@@ -298,7 +299,9 @@ def build_parser(config_cls, prog: str, description: str = "", unused=(), method
     ignored = unused_fields(config_cls, unused)
     required = [f for f in fields if f.metadata.get("required") and f.name not in ignored]
     usage = " ".join([prog, *(f"--{f.name} {f.name.upper()}" for f in required), "[options]"])
-    parser = OneLineArgumentParser(prog=prog, usage=usage, description=description, allow_abbrev=False)
+    has_yaml = any(f.name == "yaml_path" for f in fields)
+    parser = OneLineArgumentParser(prog=prog, usage=usage, description=description, allow_abbrev=False,
+                                   epilog=PRECEDENCE if has_yaml else None)
     hints = _hints(config_cls)
     groups: dict[str, argparse._ArgumentGroup] = {}
 

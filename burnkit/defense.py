@@ -93,7 +93,8 @@ class DefenseConfig(TrainingOptions):
     batch_size: int = option(256, "batch size")
     random_seed: int = option(0, "seed for the clean subset, shuffling and augmentation")
     ratio: float = option(0.05, "share of the clean training split given to the defender", above=0, high=1)
-    index: str | None = option(None, "file of clean-train indices (one per line); overrides --ratio")
+    index: str | None = option(None, "file of clean-train indices (one per line); overrides --ratio",
+                               default_help="a seeded draw of --ratio")
 
     def validate(self) -> None:
         super().validate()

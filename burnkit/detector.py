@@ -100,7 +100,8 @@ class DetectorConfig(TrainingOptions):
     batch_size: int = option(256, "batch size of the forward passes", low=1)
     clean_sample_num: int = option(100, "clean training images for detectors that need them (class-balanced, "
                                         "without replacement)", low=1)
-    index: str | None = option(None, "file of clean-train indices (one per line) instead of --clean_sample_num")
+    index: str | None = option(None, "file of clean-train indices (one per line) instead of --clean_sample_num",
+                               default_help="a seeded class-balanced draw")
     csv_save_path: str | None = option(None, "also append BackdoorBench's headerless summary row to this CSV",
                                        group=IO_GROUP)
 
