@@ -37,24 +37,26 @@ from ..detector import DetectionResult, Detector, DetectorConfig, register_detec
 from ..errors import BurnError
 
 
+BURNS_OWN = "defense/burn.py's"  # a scan setting left unset takes BURN's own default
+
+
 @dataclass
 class BurnDistanceConfig(DetectorConfig):
     burn_output: str | None = option(None, "read the distances from this finished BURN output folder (relative to "
                                            "the record folder, e.g. defense/burn) instead of scanning")
     flag_share: float = option(0.005, "share flagged: the largest distances (k_p^0 of BURN's Phase 1)", above=0, high=1)
-    attack_space: str | None = option(None, "space of the distance: input (normalised) or pixel (default: "
-                                            "defense/burn.py's)", choices=SPACES)
-    clip: bool | None = option(None, "clip attack iterates to valid images (default: defense/burn.py's)")
-    overshoot: float | None = option(None, "boundary attack overshoot (default: defense/burn.py's)", low=0)
-    max_iter: int | None = option(None, "boundary attack steps per sample (default: defense/burn.py's)", low=1)
-    candidates: int | None = option(None, "candidate classes of the boundary attack, top by logit; 0 = every class "
-                                          "(default: defense/burn.py's)", low=0)
+    attack_space: str | None = option(None, "space of the distance: input (normalised) or pixel", choices=SPACES,
+                                      default_help=BURNS_OWN)
+    clip: bool | None = option(None, "clip attack iterates to valid images", default_help=BURNS_OWN)
+    overshoot: float | None = option(None, "boundary attack overshoot", low=0, default_help=BURNS_OWN)
+    max_iter: int | None = option(None, "boundary attack steps per sample", low=1, default_help=BURNS_OWN)
+    candidates: int | None = option(None, "candidate classes of the boundary attack, top by logit; 0 = every class",
+                                    low=0, default_help=BURNS_OWN)
     step_rule: str | None = option(None, "where the overshoot acts: total (DeepFool's code) or step (the paper's "
-                                         "update) (default: defense/burn.py's)", choices=STEP_RULES)
+                                         "update)", choices=STEP_RULES, default_help=BURNS_OWN)
     paper_exact: bool | None = option(None, "the paper's boundary attack: every class, its per-step update, no "
-                                            "clipping (default: defense/burn.py's)")
-    scan_batch_size: int | None = option(None, "samples per boundary-attack batch (default: defense/burn.py's)",
-                                         low=1)
+                                            "clipping", default_help=BURNS_OWN)
+    scan_batch_size: int | None = option(None, "samples per boundary-attack batch", low=1, default_help=BURNS_OWN)
 
 
 @dataclass
