@@ -7,6 +7,10 @@ index column first, NaN written as ``nan_value``) and ``<name>_df_summary.csv`` 
 half-written CSV; the summary is written only when the rows are complete, so a killed run never
 leaves one whose ``last`` row passes for a final result.
 
+Every key a row names is a column, also when its value is ``None`` in every row (a run that stops
+early still writes the columns a full run writes, with empty cells); columns keep the order in which
+rows first name them, so one producer always writes one header.
+
 A value that was deliberately not measured (the test sets are scored only every ``--test_every``
 epochs) is :data:`NOT_SCORED`: its cell stays empty, the column stays in place, and a ``tested``
 column (False on such rows) is added, so skipped rows are told apart from measured ones.
@@ -51,18 +55,28 @@ class MetricLog:
         self.rows: list[dict] = []
 
     def append(self, row: dict) -> None:
-        self.rows.append({k: _clean(v) for k, v in row.items() if v is not None})
+        """Add a row; ``None`` values are kept (written as empty cells), so their columns stay."""
+        self.rows.append({k: _clean(v) for k, v in row.items()})
 
     def extend(self, rows) -> None:
         for row in rows:
             self.append(row)
 
+    def columns(self) -> list[str]:
+        """Every key any row names, in the order rows first name them (rows restored from a
+        checkpoint included, which is why this is derived from the rows, not kept on the side)."""
+        order: dict[str, None] = {}
+        for row in self.rows:
+            order.update(dict.fromkeys(k for k in row if k not in order))
+        return list(order)
+
     def frame(self) -> pd.DataFrame:
-        rows = self.rows
+        rows, columns = self.rows, self.columns()
         if any(_skipped(v) for row in rows for v in row.values()):
             rows = [{**{k: (None if _skipped(v) else v) for k, v in row.items()},
                      TESTED: not any(_skipped(v) for v in row.values())} for row in rows]
-        return pd.DataFrame(rows, dtype=object)
+            columns.append(TESTED)
+        return pd.DataFrame(rows, columns=columns, dtype=object)
 
     def summary(self) -> pd.DataFrame:
         return summarize(self.frame())
