@@ -266,6 +266,23 @@ def code_revision(root: str | None = None) -> dict:
     return {"revision": lines[1], "dirty": bool(status.stdout.strip())}
 
 
+def portable_path(text: str, *bases: Path) -> str:
+    """``text`` relative to the first of ``bases`` (e.g. the work dir) that holds it when it is an
+    absolute path, else relative to this checkout when it is inside it; any other text as it is.
+    Stamps and reports name files this way, so they read the same on every machine."""
+    from .config import repo_root
+
+    path = Path(text).expanduser()
+    if not path.is_absolute():
+        return text
+    with contextlib.suppress(OSError, RuntimeError):
+        path = path.resolve()
+    for base in (*bases, repo_root()):
+        if path.is_relative_to(base.resolve()):
+            return path.relative_to(base.resolve()).as_posix() or "."
+    return text
+
+
 def git_revision() -> str | None:
     """The short commit hash of this checkout (None outside one)."""
     revision = code_revision()["revision"]
@@ -323,6 +340,7 @@ def run_environment(device, start: RunStart, cfg=None, read: dict | None = None,
 
     config = as_dict(cfg) if cfg is not None else {}
     return {"device": device_description(device), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            "cpu_time_s": cpu_seconds() - start.cpu,
-            "stamp": {**start.code, "seed": config.get("random_seed"), "config": config,
+            "cpu_time_s": round(cpu_seconds() - start.cpu, 3),  # os.times counts in clock ticks
+            "stamp": {**start.code, "seed": config.get("random_seed"),
+                      "config": {k: portable_path(v, Path.cwd()) if isinstance(v, str) else v for k, v in config.items()},
                       "record_digest": record_digest, "read": read or {}, "machine": machine(device)}}

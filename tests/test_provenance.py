@@ -1,6 +1,8 @@
 """Every run is stamped: the code revision (and uncommitted changes), the resolved config and seed,
 digests of the record and data it read, the machine, wall and CPU seconds - for an attack, a defense
-and a detector on the real digits record, checked against git, the record and the config here."""
+and a detector on the real digits record, checked against git, the record and the config here; and
+compare's cells carry the stamps (paths relative to the work dir), mark the cells made by other code
+stale, and run them again on request."""
 from __future__ import annotations
 
 import json
@@ -8,8 +10,12 @@ import os
 import subprocess
 from pathlib import Path
 
+import pandas as pd
 import torch
 
+from burnkit.compare import main
+from burnkit.compare.experiment import load_experiment
+from burnkit.compare.runner import plan
 from burnkit.config import as_dict
 from burnkit.data import imageset_digest, tensors_digest
 from burnkit.defense import get_defense
@@ -18,6 +24,7 @@ from burnkit.records import read_attack_record
 from burnkit.results import code_revision
 
 from conftest import FIXTURE_SEED
+from test_compare import copy_record, experiment
 
 REPO = Path(__file__).resolve().parents[1]
 MACHINE_KEYS = {"cpu", "cores", "torch_threads", "gpu", "torch", "python", "host"}
@@ -36,7 +43,10 @@ def check_stamp(facts: dict, cfg, record_digest: str) -> dict:
     stamp = facts["stamp"]
     assert {k: stamp[k] for k in ("revision", "dirty")} == expected_revision()
     assert stamp["seed"] == cfg.random_seed
-    assert stamp["config"] == json.loads(json.dumps(as_dict(cfg), default=str))  # the full resolved config
+    # the full resolved config, with files of the checkout named relative to it (the same on every machine)
+    config = {k: Path(v).relative_to(REPO).as_posix() if isinstance(v, str) and v.startswith(f"{REPO}/") else v
+              for k, v in as_dict(cfg).items()}
+    assert stamp["config"] == json.loads(json.dumps(config, default=str)) and str(REPO) not in json.dumps(stamp)
     assert stamp["record_digest"] == record_digest
     assert set(stamp["machine"]) == MACHINE_KEYS
     assert stamp["machine"]["cores"] == os.cpu_count() and stamp["machine"]["torch"] == torch.__version__
@@ -70,7 +80,7 @@ def test_attack_defense_and_detector_are_stamped_alike(digits_copy):
     result = ft().run(cfg)
     cost = json.loads((result["out_dir"] / "cost.json").read_text())
     stamp = check_stamp(cost, cfg, weights)
-    assert stamp["config"]["epochs"] == 1 and stamp["seed"] == 3
+    assert stamp["config"]["epochs"] == 1 and stamp["seed"] == 3 and stamp["config"]["yaml_path"] == "config/defense/ft/config.yaml"
     subset = data.clean_train.subset(torch.as_tensor(
         [int(line) for line in (result["out_dir"] / "log" / "index.txt").read_text().split()], dtype=torch.long))
     assert stamp["read"] == {"weights": weights, "bd_train": imageset_digest(data.bd_train),
@@ -117,3 +127,62 @@ def test_a_stamp_without_git_still_names_the_rest(tmp_path, monkeypatch):
     facts = results.run_environment(torch.device("cpu"), results.RunStart(), None)
     assert facts["stamp"]["revision"] == "unknown" and facts["stamp"]["dirty"] is None
     assert set(facts["stamp"]["machine"]) == MACHINE_KEYS
+
+
+def restamp(path: Path, revision: str) -> None:
+    """Pretend a finished run was made by other code (another commit)."""
+    facts = json.loads(path.read_text())
+    facts["stamp"]["revision"] = revision
+    path.write_text(json.dumps(facts))
+
+
+def test_cells_carry_their_stamp_and_stale_cells_are_marked_then_rerun(digits_workdir, tmp_path):
+    copy_record(digits_workdir, tmp_path, "badnet_digits")
+    exp = experiment(tmp_path, "stamped", {"ft": {"overrides": {"epochs": 1}}}, seeds=[0],
+                     attacks={"badnet": {"record_name": "badnet_digits"}}, detectors={"spectral": {}},
+                     detector_overrides={"progress": False})
+    assert main([str(exp), "--workdir", str(tmp_path)]) == 0
+    out = tmp_path / "compare" / "stamped"
+    cells = pd.read_csv(out / "cells.csv", keep_default_na=False).set_index("defense")
+    detection = pd.read_csv(out / "detection_cells.csv", keep_default_na=False)
+    weights = tensors_digest(read_attack_record(tmp_path / "record" / "badnet_digits").state_dict.items())
+    for row in [*cells.to_dict("records"), *detection.to_dict("records")]:
+        for column in ("summary_csv", "stamp_file", "folder"):
+            if column in row:  # relative to the work dir: the report names no machine's folders
+                assert not row[column].startswith("/") and (tmp_path / row[column]).exists(), row[column]
+        assert row["revision"] == expected_revision()["revision"] and str(row["dirty"]) == str(expected_revision()["dirty"])
+        assert str(row["stale"]) == "False" and row["record_digest"] == weights  # the same record for all
+        assert float(row["cpu_time_s"]) > 0 and "cores" in row["machine"] and "torch" in row["machine"]
+        assert str(tmp_path) not in json.dumps(row)
+    assert json.loads(cells.loc["ft", "config"])["epochs"] == 1 and json.loads(cells.loc["ft", "config"])["random_seed"] == 0
+    report = json.loads((out / "report.json").read_text())
+    assert {k: report[k] for k in ("revision", "dirty")} == expected_revision() and report["cells"] == {"total": 3, "done": 3,
+                                                                                          "stale": 0}
+    assert str(tmp_path) not in (out / "report.json").read_text()
+    for name in (cells.loc["ft", "stamp_file"], cells.loc["ft", "summary_csv"], "record/badnet_digits/defense/ft/ft_df.csv",
+                 detection.loc[0, "stamp_file"]):  # the report folder holds the cells' own files
+        assert (out / "cells" / name).read_bytes() == (tmp_path / name).read_bytes()
+
+    ft_cost = tmp_path / "record" / "badnet_digits" / "defense" / "ft" / "cost.json"
+    restamp(ft_cost, "0" * 40)
+    assert main([str(exp), "--workdir", str(tmp_path), "--collect-only"]) == 0
+    cells = pd.read_csv(out / "cells.csv", keep_default_na=False).set_index("defense")
+    assert cells["stale"].astype(str).to_dict() == {"No defense": "False", "ft": "True"}
+    assert "‡" in (out / "leaderboard.md").read_text() and "Stale" in (out / "leaderboard.md").read_text()
+    assert json.loads((out / "report.json").read_text())["cells"]["stale"] == 1
+    loaded = load_experiment(exp, str(tmp_path))
+    assert {c.cell_id: s for c, s in plan(loaded)}["defense/badnet_digits/ft"] == "stale"
+    assert {c.cell_id: s for c, s in plan(loaded, rerun_stale=True)} == {
+        "attack/badnet_digits": "done", "defense/badnet_digits/ft": "rerun", "detection/badnet_digits/spectral": "done"}
+
+    assert main([str(exp), "--workdir", str(tmp_path)]) == 0  # without the flag a stale cell is kept
+    assert json.loads(ft_cost.read_text())["stamp"]["revision"] == "0" * 40
+    assert main([str(exp), "--workdir", str(tmp_path), "--rerun-stale"]) == 0
+    assert json.loads(ft_cost.read_text())["stamp"]["revision"] == expected_revision()["revision"]
+    assert len(list(ft_cost.parent.parent.glob("ft.replaced-*"))) == 1  # the stale output is kept aside
+    cells = pd.read_csv(out / "cells.csv", keep_default_na=False)
+    assert set(cells["stale"].astype(str)) == {"False"}
+
+    # a stale record: every cell that reads it is run again after it
+    restamp(tmp_path / "record" / "badnet_digits" / "provenance.json", "1" * 40)
+    assert set(s for _, s in plan(loaded, rerun_stale=True)) == {"rerun"}
