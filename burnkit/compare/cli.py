@@ -1,4 +1,5 @@
 """``burn-compare EXPERIMENT.yaml``: run the missing cells of an attacks x defenses matrix, then tabulate.
+``burn-compare publish``: write the published tables from the committed reports (:mod:`.publish`).
 
 Exit status: 0 when every cell has results, 1 when some failed or are blocked (the reports are
 written anyway), 2 for a bad experiment file or flag.
@@ -23,7 +24,9 @@ PROG = "burn-compare"
 
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineArgumentParser(prog=PROG, allow_abbrev=False, description="Run the missing cells of an attacks x defenses x seeds "
-                                     "matrix (resumable), then write CSV/Markdown/HTML tables and plots.")
+                                     "matrix (resumable), then write CSV/Markdown/HTML tables and plots. "
+                                     "`burn-compare publish` writes the published tables from the committed reports "
+                                     "(see burn-compare publish --help).")
     parser.add_argument("experiment", help="experiment YAML (see docs/compare.md)")
     parser.add_argument("--executor", choices=EXECUTORS, help="where cells run (default: the YAML's, else local)")
     parser.add_argument("--jobs", type=int, help="cells in flight at once (default: the YAML's, else 1)")
@@ -45,6 +48,10 @@ def _terminate(signum, frame):
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["publish"]:
+        from .publish import main as publish
+
+        return publish(argv[1:])
     on_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminate) if on_main_thread else None
     try:
