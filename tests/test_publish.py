@@ -135,7 +135,7 @@ def test_published_numbers_are_the_cells_per_seed_mean_std_and_range(digits_work
                     ignore=shutil.ignore_patterns("logs", "state.json", ".lock"))
     (root / PUBLISHED).write_text(yaml.safe_dump({"tables": {"two_seeds": {
         "title": "FT on digits", "artifact": "experiments/results/two_seeds", "source": "cells.csv",
-        "keys": ["defense", "attack"], "values": {"acc": {"label": "ACC (%)", "scale": 100, "digits": 2},
+        "keys": ["defense", "attack"], "facts": ["budget"], "values": {"acc": {"label": "ACC (%)", "scale": 100, "digits": 2},
                                                  "asr": {"label": "ASR (%)", "scale": 100, "digits": 2}},
         "summary": {"value": "asr", "rows": "defense", "columns": "attack"}}}}))
     assert main(["publish", "--root", str(root)]) == 0
@@ -145,6 +145,7 @@ def test_published_numbers_are_the_cells_per_seed_mean_std_and_range(digits_work
     acc = [cells.loc[("ft", seed), "acc"] * 100 for seed in (0, 1)]
     assert acc[0] != acc[1]  # two seeds, two numbers: the statistics below are not trivial
     assert cell_text(doc, "ft | badnet", "Seeds") == "2/2"
+    assert cell_text(doc, "ft | badnet", "budget") == cells.loc[("ft", 0), "budget"] == "epochs 1 (default 100)"
     assert cell_text(doc, "ft | badnet", "ACC (%)") == f"{statistics.fmean(acc):.2f} ± {statistics.stdev(acc):.2f}"
     assert cell_text(doc, "ft | badnet", "ACC (%) min–max") == f"{min(acc):.2f}–{max(acc):.2f}"
     assert cell_text(doc, "ft | badnet", "ACC (%) per seed") == f"s0: {acc[0]:.2f}, s1: {acc[1]:.2f}"
