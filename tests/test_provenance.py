@@ -158,7 +158,7 @@ def test_cells_carry_their_stamp_and_stale_cells_are_marked_then_rerun(digits_wo
     report = json.loads((out / "report.json").read_text())
     assert {k: report[k] for k in ("revision", "dirty")} == expected_revision() and report["cells"] == {"total": 3, "done": 3,
                                                                                           "stale": 0}
-    assert str(tmp_path) not in (out / "report.json").read_text()
+    assert all(str(tmp_path) not in (out / name).read_text() for name in ("report.json", "leaderboard.md", "index.html"))
     for name in (cells.loc["ft", "stamp_file"], cells.loc["ft", "summary_csv"], "record/badnet_digits/defense/ft/ft_df.csv",
                  detection.loc[0, "stamp_file"]):  # the report folder holds the cells' own files
         assert (out / "cells" / name).read_bytes() == (tmp_path / name).read_bytes()

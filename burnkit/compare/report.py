@@ -40,6 +40,9 @@ def write_report(exp: Experiment, command: str = "", wall_time_s: float | None =
     """Collect the experiment's outputs and write every report file; returns their paths."""
     out = exp.output
     out.mkdir(parents=True, exist_ok=True)
+    # paths in the checkout relative to it, in the work dir relative to the work dir: the report is
+    # committed as an artifact and must read the same on every machine
+    command = shlex.join(portable_path(t, exp.workdir) for t in shlex.split(command)) if command else ""
     revision = code_revision()
     cells = collect(exp, revision)
     summary = aggregate(cells, exp)
@@ -65,13 +68,12 @@ def write_report(exp: Experiment, command: str = "", wall_time_s: float | None =
 
 
 def report_facts(exp: Experiment, command: str, revision: dict, cells: pd.DataFrame, detection: pd.DataFrame) -> dict:
-    """``report.json``: what made the report - the experiment file and command (paths in the checkout
-    relative to it, in the work dir relative to the work dir), the code revision the report states,
-    the cells (done, stale) and the machines their runs used."""
+    """``report.json``: what made the report - the experiment file and command, the code revision the
+    report states, the cells (done, stale) and the machines their runs used."""
     rows = pd.concat([cells, detection], ignore_index=True) if not detection.empty else cells
     done = rows[rows["status"] == "done"]
     return {"name": exp.name, "experiment": portable_path(str(exp.path.resolve()), exp.workdir),
-            "command": shlex.join(portable_path(t, exp.workdir) for t in shlex.split(command)) if command else "",
+            "command": command,
             "revision": revision["revision"], "dirty": revision["dirty"],
             "cells": {"total": len(rows), "done": len(done), "stale": int(done["stale"].astype(bool).sum())},
             "machines": sorted({m for m in done["machine"] if isinstance(m, str) and m})}
@@ -273,7 +275,7 @@ def _footer(exp: Experiment, cells: pd.DataFrame, command: str, wall_time_s: flo
                  "ran with another. Compute: wall seconds per run (mean ± std over seeds).")
     run = f" in {wall_time_s:.0f} s" if wall_time_s is not None else ""
     lines.append(f"Generated {time.strftime('%Y-%m-%d %H:%M')}{run}" + (f" by `{command}`" if command else "") +
-                 f"; work dir {exp.workdir}. Std is over seeds (ddof=1); DER is BackdoorBench's simplified form.")
+                 ". Std is over seeds (ddof=1); DER is BackdoorBench's simplified form.")
     return lines
 
 
