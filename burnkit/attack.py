@@ -42,7 +42,7 @@ import torch
 from PIL import Image
 
 from .config import as_dict, build_parser, check_yaml_keys, find_config_file, load_yaml, merge, option, parse_cli
-from .data import Augment, ImageSet, class_balanced_subset, imageset_digest
+from .data import Augment, ImageSet, class_balanced_subset, imageset_digest, tensors_digest
 from .datasets import DATASETS, DatasetInfo, dataset_info, load_split, resolve_data_root
 from .defense import _close_logger, _make_logger, _pct, attach_log_file
 from .engine import (EvalSuite, FitResult, TrainConfig, check_trainable, cpu_memory_warning, fit, load_checkpoint,
@@ -53,7 +53,7 @@ from .registry import Registry
 from .models import Classifier, build_classifier
 from .options import IO_GROUP, TrainingOptions, result_settings
 from .records import PoisonedSplit, atomic_torch_save, write_attack_record
-from .results import MetricLog, check_output_folders, move_aside, plot_metrics, run_environment, write_json
+from .results import MetricLog, RunStart, check_output_folders, move_aside, plot_metrics, run_environment, write_json
 
 _REGISTRY = Registry("attack", "burnkit.attacks")
 register_attack = _REGISTRY.register  # class decorator
@@ -246,14 +246,14 @@ class Attack:
     @classmethod
     def run(cls, cfg: AttackConfig, ignored=()) -> dict:
         """Write ``record/<save_folder_name>``, holding its lock from the first check to the last file."""
-        started = time.perf_counter()
+        started, start = time.perf_counter(), RunStart()
         name = cfg.save_folder_name or f"{time.strftime('%Y%m%d_%H%M%S')}_{cls.name}_{cfg.dataset}_{cfg.model}"
         record_dir = Path("record") / name
         with folder_lock(record_dir, "the record"):
-            return cls._write_record(cfg, ignored, record_dir, started)
+            return cls._write_record(cfg, ignored, record_dir, started, start)
 
     @classmethod
-    def _write_record(cls, cfg: AttackConfig, ignored, record_dir: Path, started: float) -> dict:
+    def _write_record(cls, cfg: AttackConfig, ignored, record_dir: Path, started: float, start: RunStart) -> dict:
         name = record_dir.name
         info = dataset_info(cfg.dataset)
         attack = cls(cfg, info)
@@ -341,11 +341,14 @@ class Attack:
         atomic_torch_save(backdoorbench_info(args), record_dir / "info.pickle")
         atomic_torch_save(indicator_train, record_dir / "train_poison_index_list.pickle")
         final = log.last()
+        weights = model.bb_state_dict()
         provenance = {"attack": cls.name, "record": str(record_dir), "config": args,
                       "train_subset_size": int(len(plan.train_positions)),
                       "poisoned_train": int(indicator_train.sum()), "bd_test_size": len(bd_test_split.original_index),
                       "wall_time_s": time.perf_counter() - started, "poison_time_s": poison_time.seconds,
-                      "train_time_s": train_time.seconds, **_resume_facts(fit_result), **run_environment(device),
+                      "train_time_s": train_time.seconds, **_resume_facts(fit_result),
+                      **run_environment(device, start, cfg, {"train_set": imageset_digest(train_set)},
+                                        record_digest=tensors_digest(weights.items())),
                       "final": {k: final.get(k) for k in ("test_acc", "test_asr", "test_ra")}}
         if fit_result is not None and fit_result.resumed_from_epoch:
             provenance["wall_time_s_all_sessions"] = (provenance["wall_time_s"] + provenance["train_time_s_all_sessions"]
@@ -355,7 +358,7 @@ class Attack:
         write_json(record_dir / "provenance.json", provenance)
         # attack_result.pt marks the record as finished (defenses, compare, resume), so it is written last
         write_attack_record(record_dir, model_name=cfg.model, num_classes=info.num_classes,
-                            state_dict=model.bb_state_dict(), clean_data=cfg.dataset,
+                            state_dict=weights, clean_data=cfg.dataset,
                             bd_train=bd_train_split, bd_test=bd_test_split, extra=extra)
         shutil.rmtree(record_dir / "checkpoint", ignore_errors=True)
         logger.info("record written: acc %s asr %s ra %s (wall %.1fs) -> %s", _pct(final.get("test_acc")),

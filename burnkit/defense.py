@@ -50,8 +50,8 @@ from .registry import Registry
 from .models import Classifier, build_classifier, load_bb_state_dict
 from .options import IO_GROUP, TrainingOptions, result_settings
 from .records import AttackRecord, read_attack_record, write_defense_result
-from .results import (MetricLog, check_output_folders, check_writable_folder, move_aside, plot_metrics, run_environment,
-                      write_json)
+from .results import (MetricLog, RunStart, check_output_folders, check_writable_folder, move_aside, plot_metrics,
+                      run_environment, write_json)
 
 _REGISTRY = Registry("defense", "burnkit.defenses")
 # settings of a defense or detector that only name or select what it reads (the record, its model and
@@ -272,11 +272,8 @@ class Defense:
         before the record's copy is dropped), its poisoned training set, the clean subset and the
         test sets. A record replaced by another with as many samples, or a changed setting, is
         refused instead of silently continued; the record's path is not part of it."""
-        sets = {"bd_train": data.poisoned_train, "clean_subset": data.clean_subset, "clean_test": data.clean_test,
-                "bd_test": data.bd_test}
-        digests = {k: imageset_digest(v) if v is not None else None for k, v in sets.items()}
         return plain_fingerprint({"defense": self.name, **result_settings(cfg, READ_SELECTION_KEYS),
-                                  "data": {"weights": weights, **digests}})
+                                  "data": self.read_digests(weights, data)})
 
     def check_resume(self, cfg: DefenseConfig, checkpoint_dir: Path, fingerprint: dict) -> None:
         """Before anything is written, refuse a checkpoint this run would resume from that another
@@ -285,6 +282,15 @@ class Defense:
         a defense with checkpoints of its own (BURN) overrides it."""
         if checkpoint_dir.is_dir():
             check_checkpoints(checkpoint_dir, fingerprint)
+
+    def read_digests(self, weights: str, data: DefenseData) -> dict:
+        """Digests of everything a run reads (:func:`~burnkit.data.tensors_digest`): the record's
+        weights (``weights``, taken before the record's copy is dropped), its poisoned training set,
+        the clean subset and the test sets - the content the run's numbers depend on, whatever path
+        named it."""
+        sets = {"bd_train": data.poisoned_train, "clean_subset": data.clean_subset, "clean_test": data.clean_test,
+                "bd_test": data.bd_test}
+        return {"weights": weights, **{k: imageset_digest(v) if v is not None else None for k, v in sets.items()}}
 
     def choose_subset(self, clean_train: ImageSet, cfg: DefenseConfig) -> np.ndarray:
         """The defender's clean-train indices: ``--index`` or a seeded ``--ratio`` sample (spec §3.5).
@@ -345,7 +351,7 @@ class Defense:
             return self._run(cfg, ignored_keys, record, held)
 
     def _run(self, cfg: DefenseConfig, ignored_keys, record: AttackRecord | None, held: contextlib.ExitStack) -> dict:
-        started = time.perf_counter()
+        started, start = time.perf_counter(), RunStart()
         record_dir, record = open_record(cfg, record)
         out_dir = record_dir / "defense" / (cfg.output_name or self.name)
         check_writable_folder(out_dir, "the output folder")
@@ -413,7 +419,7 @@ class Defense:
         plot_metrics([r for r in run.metrics.rows], out_dir, prefix="")
         final = run.metrics.last()
         cost = {"defense": self.name, "result_file": cfg.result_file, "wall_time_s": time.perf_counter() - started,
-                "phases_s": run.timings, **run_environment(device),
+                "phases_s": run.timings, **run_environment(device, start, cfg, fingerprint["data"], record_digest=weights),
                 **({"wall_time_s_all_sessions": time.perf_counter() - started + run.previous_sessions_s}
                    if run.previous_sessions_s else {}),
                 "attacked": run.before.row(), "final": {k: final.get(k) for k in ("test_acc", "test_asr", "test_ra")},

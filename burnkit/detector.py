@@ -62,8 +62,8 @@ from .models import Classifier, build_classifier, load_bb_state_dict
 from .options import IO_GROUP, OPTIMISER_FLAGS, SCHEDULE_FLAGS, TrainingOptions, result_settings
 from .records import AttackRecord, read_attack_record
 from .registry import Registry
-from .results import (atomic_write_text, check_output_folders, check_writable_folder, move_aside, run_environment,
-                      write_json)
+from .results import (RunStart, atomic_write_text, check_output_folders, check_writable_folder, move_aside,
+                      run_environment, write_json)
 
 _REGISTRY = Registry("detector", "burnkit.detectors")
 register_detector = _REGISTRY.register
@@ -206,13 +206,16 @@ class Detector:
         run); they are locked shared for the run, so they are not replaced under it."""
         return []
 
+    def read_digests(self, weights: str, data: DetectionData) -> dict:
+        """Digests of what a run reads (:func:`~burnkit.data.tensors_digest`): the record's weights,
+        the inspected set and the clean reserve."""
+        return {"weights": weights, "bd_train": imageset_digest(data.inspected), "clean": imageset_digest(data.clean)}
+
     def fingerprint(self, cfg: DetectorConfig, weights: str, data: DetectionData) -> dict:
         """What a checkpoint of this run must agree with (as :meth:`burnkit.defense.Defense.fingerprint`):
-        the detector, every setting but the run-only ones, digests of the record's weights, the
-        inspected set and the clean reserve."""
+        the detector, every setting but the run-only ones, and :meth:`read_digests`."""
         return plain_fingerprint({"detector": self.name, **result_settings(cfg, READ_SELECTION_KEYS),
-                                  "data": {"weights": weights, "bd_train": imageset_digest(data.inspected),
-                                           "clean": imageset_digest(data.clean)}})
+                                  "data": self.read_digests(weights, data)})
 
     def check_reads(self, cfg: DetectorConfig, record: AttackRecord, fingerprint: dict) -> None:
         """Before anything is written, refuse an output of another run (:meth:`reads`) that was not
@@ -268,7 +271,7 @@ class Detector:
             return self._run(cfg, ignored_keys, record, held)
 
     def _run(self, cfg: DetectorConfig, ignored_keys, record: AttackRecord | None, held: contextlib.ExitStack) -> dict:
-        started = time.perf_counter()
+        started, start = time.perf_counter(), RunStart()
         record_dir, record = open_record(cfg, record)
         name = cfg.output_name or self.name
         if record.bd_train is None:
@@ -301,7 +304,8 @@ class Detector:
             clean_idx, source = np.zeros(0, dtype=np.int64), "none"
         data = DetectionData(info, record.num_classes, loaded.bd_train, loaded.clean_train.subset(clean_idx),
                              clean_idx, source, record)
-        fingerprint = self.fingerprint(cfg, tensors_digest(record.state_dict.items()), data)
+        weights = tensors_digest(record.state_dict.items())
+        fingerprint = self.fingerprint(cfg, weights, data)
         if not finished and getattr(cfg, "resume", False) and (out_dir / "checkpoint").is_dir():
             check_checkpoints(out_dir / "checkpoint", fingerprint)  # ABL's isolation training
         self.check_reads(cfg, record, fingerprint)
@@ -329,7 +333,8 @@ class Detector:
             result = self.detect(model, data, cfg, run)
         result = check_result(result, len(loaded.bd_train), self.name)
         wall = time.perf_counter() - started
-        summary = write_outputs(self, out_dir, cfg, record_dir, data, result, run, wall, history)
+        environment = run_environment(device, start, cfg, fingerprint["data"], record_digest=weights)
+        summary = write_outputs(self, out_dir, cfg, record_dir, data, result, run, wall, environment, history)
         logger.info("AUROC %.4f, TPR@1%%FPR %.4f, TPR@5%%FPR %.4f, precision at the poison rate %.4f; flagged %d "
                     "(TP %d, FP %d) in %.1fs -> %s", summary["auroc"], summary["tpr_at_1fpr"], summary["tpr_at_5fpr"],
                     summary["precision_at_poison_rate"], summary["flagged"], summary["TP"], summary["FP"], wall, out_dir)
@@ -414,8 +419,9 @@ def _csv_lines(rows: list[list]) -> str:
 
 
 def write_outputs(detector: Detector, out_dir: Path, cfg: DetectorConfig, record_dir: Path, data: DetectionData,
-                  result: DetectionResult, run: DetectionRun, wall: float, history: str = "") -> dict:
-    """Every output file of a run; returns the JSON sidecar's content."""
+                  result: DetectionResult, run: DetectionRun, wall: float, environment: dict, history: str = "") -> dict:
+    """Every output file of a run; returns the JSON sidecar's content. ``environment``: the run's
+    :func:`~burnkit.results.run_environment` (device, CPU time, stamp) for ``cost.json``."""
     truth = data.inspected.poison.numpy().astype(bool)
     metrics = detection_metrics(result.scores, truth, result.flagged)
     relabelled = truth & (data.inspected.labels.numpy() != data.inspected.original_labels.numpy())
@@ -451,14 +457,14 @@ def write_outputs(detector: Detector, out_dir: Path, cfg: DetectorConfig, record
         "score_direction": "higher = more suspicious", "threshold": result.threshold, "target": result.target,
         **metrics, "clean_samples_used": int(len(data.clean_indices)), "clean_source": data.clean_source,
         "wall_time_s": wall, "compute_s": compute, "phases_s": run.timings, **run.extra_cost,
-        "device": run_environment(run.device)["device"], "random_seed": cfg.random_seed,
+        "device": environment["device"], "random_seed": cfg.random_seed,
         "notes": result.notes, "config": {k: _plain(v) for k, v in as_dict(cfg).items()},
         "files": {"scores": SCORES_NPY, "samples": SAMPLES_CSV, "info": INFO_CSV},
     }
     plot_roc(out_dir / "detection_roc.png", {detector.name: result.scores}, truth, f"{detector.name} on {record_name}")
     write_json(out_dir / "cost.json", {"detector": detector.name, "result_file": record_name, "wall_time_s": wall,
                                        "compute_s": compute, "phases_s": run.timings, **run.extra_cost,
-                                       **run_environment(run.device),
+                                       **environment,
                                        "clean_subset_size": int(len(data.clean_indices))})
     write_json(out_dir / SCORES_JSON, summary)  # last: its presence marks the run finished
     return summary

@@ -7,12 +7,17 @@ index column first, NaN written as ``nan_value``) and ``<name>_df_summary.csv`` 
 half-written CSV; the summary is written only when the rows are complete, so a killed run never
 leaves one whose ``last`` row passes for a final result.
 
+Every key a row names is a column, also when its value is ``None`` in every row (a run that stops
+early still writes the columns a full run writes, with empty cells); columns keep the order in which
+rows first name them, so one producer always writes one header.
+
 A value that was deliberately not measured (the test sets are scored only every ``--test_every``
 epochs) is :data:`NOT_SCORED`: its cell stays empty, the column stays in place, and a ``tested``
 column (False on such rows) is added, so skipped rows are told apart from measured ones.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -20,6 +25,7 @@ import platform
 import subprocess
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -51,18 +57,28 @@ class MetricLog:
         self.rows: list[dict] = []
 
     def append(self, row: dict) -> None:
-        self.rows.append({k: _clean(v) for k, v in row.items() if v is not None})
+        """Add a row; ``None`` values are kept (written as empty cells), so their columns stay."""
+        self.rows.append({k: _clean(v) for k, v in row.items()})
 
     def extend(self, rows) -> None:
         for row in rows:
             self.append(row)
 
+    def columns(self) -> list[str]:
+        """Every key any row names, in the order rows first name them (rows restored from a
+        checkpoint included, which is why this is derived from the rows, not kept on the side)."""
+        order: dict[str, None] = {}
+        for row in self.rows:
+            order.update(dict.fromkeys(k for k in row if k not in order))
+        return list(order)
+
     def frame(self) -> pd.DataFrame:
-        rows = self.rows
+        rows, columns = self.rows, self.columns()
         if any(_skipped(v) for row in rows for v in row.values()):
             rows = [{**{k: (None if _skipped(v) else v) for k, v in row.items()},
                      TESTED: not any(_skipped(v) for v in row.values())} for row in rows]
-        return pd.DataFrame(rows, dtype=object)
+            columns.append(TESTED)
+        return pd.DataFrame(rows, columns=columns, dtype=object)
 
     def summary(self) -> pd.DataFrame:
         return summarize(self.frame())
@@ -222,19 +238,109 @@ def write_json(path: str | Path, payload: dict) -> None:
     atomic_write_text(path, json.dumps(payload, indent=2, default=str) + "\n")
 
 
-def git_revision() -> str | None:
+# --------------------------------------------------------------------------- provenance (the stamp)
+
+
+def code_revision(root: str | None = None) -> dict:
+    """``{"revision": full commit hash, "dirty": bool}`` of the checkout at ``root`` (default: the
+    one this package runs from). ``dirty`` counts tracked changes and untracked files git does not
+    ignore, i.e. anything that would differ from the commit. Outside a git checkout (an exported
+    tree, an installed package, no git, a checkout git refuses to read) the revision is
+    ``"unknown"`` and ``dirty`` is None: numbers made there cannot be traced to a commit."""
+    from .config import repo_root
+
+    root_path = Path(root) if root else repo_root()
+    unknown = {"revision": "unknown", "dirty": None}
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             cwd=Path(__file__).resolve().parent, timeout=5)
-        return out.stdout.strip() or None
+        top = subprocess.run(["git", "rev-parse", "--show-toplevel", "HEAD"], capture_output=True, text=True,
+                             cwd=root_path, timeout=10)
+        lines = top.stdout.split()
+        if top.returncode != 0 or len(lines) != 2 or Path(lines[0]).resolve() != root_path.resolve():
+            return unknown  # not a checkout of its own (e.g. installed inside another repository)
+        status = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, cwd=root_path,
+                                timeout=30)
     except (OSError, subprocess.SubprocessError):
-        return None
+        return unknown
+    if status.returncode != 0:
+        return unknown
+    return {"revision": lines[1], "dirty": bool(status.stdout.strip())}
 
 
-def run_environment(device) -> dict:
+def portable_path(text: str, *bases: Path) -> str:
+    """``text`` relative to the first of ``bases`` (e.g. the work dir) that holds it when it is an
+    absolute path, else relative to this checkout when it is inside it; any other text as it is.
+    Stamps and reports name files this way, so they read the same on every machine."""
+    from .config import repo_root
+
+    path = Path(text).expanduser()
+    if not path.is_absolute():
+        return text
+    with contextlib.suppress(OSError, RuntimeError):
+        path = path.resolve()
+    for base in (*bases, repo_root()):
+        if path.is_relative_to(base.resolve()):
+            return path.relative_to(base.resolve()).as_posix() or "."
+    return text
+
+
+def git_revision() -> str | None:
+    """The short commit hash of this checkout (None outside one)."""
+    revision = code_revision()["revision"]
+    return None if revision == "unknown" else revision[:7]
+
+
+def cpu_seconds() -> float:
+    """CPU seconds this process has used (user + system, all its threads, and its finished child
+    processes such as data-loader workers): what a run costs on a shared machine, where wall time
+    depends on the load."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``; elsewhere what :mod:`platform` knows)."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() in ("model name", "Model", "cpu model") and value.strip():
+                return value.strip()
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def machine(device) -> dict:
+    """The machine a run used: CPU model and cores, torch's threads, the GPU (or "none"), versions."""
     import torch
 
+    device = torch.device(device)
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "none"
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "gpu": gpu,
+            "torch": torch.__version__, "python": platform.python_version(), "host": platform.node()}
+
+
+@dataclass
+class RunStart:
+    """Noted when a run starts: its CPU clock and the revision of the code it loaded (a commit or an
+    edit made while it runs does not change what ran)."""
+
+    cpu: float = field(default_factory=cpu_seconds)
+    code: dict = field(default_factory=code_revision)
+
+
+def run_environment(device, start: RunStart, cfg=None, read: dict | None = None,
+                    record_digest: str | None = None) -> dict:
+    """What every run writes into its ``cost.json`` / ``provenance.json`` besides its own facts: the
+    device, the time it finished, its CPU seconds since ``start`` (:func:`cpu_seconds`), and the
+    ``stamp`` that lets a reader make the numbers again - the code revision and whether the tree had
+    uncommitted changes, the full resolved config and the seed, ``record_digest`` (the
+    :func:`~burnkit.data.tensors_digest` of the record's weights: the same for the attack that wrote
+    the record and every run that read it), ``read`` (digests of the data the run read) and the
+    machine. Attacks, defenses, detectors and resource builders all write it through here."""
+    from .config import as_dict
     from .engine import device_description
 
-    return {"device": device_description(device), "torch": torch.__version__, "python": platform.python_version(),
-            "host": platform.node(), "git": git_revision(), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    config = as_dict(cfg) if cfg is not None else {}
+    return {"device": device_description(device), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "cpu_time_s": round(cpu_seconds() - start.cpu, 3),  # os.times counts in clock ticks
+            "stamp": {**start.code, "seed": config.get("random_seed"),
+                      "config": {k: portable_path(v, Path.cwd()) if isinstance(v, str) else v for k, v in config.items()},
+                      "record_digest": record_digest, "read": read or {}, "machine": machine(device)}}

@@ -169,6 +169,17 @@ def test_end_to_end_outputs_and_selection_sets(digits_copy):
     assert detection["mean_l2_poison"] > detection["mean_l2_clean"]  # the paper's observation
     assert result["cost"]["burn"]["timings_s"]["scan"] > 0
     assert {"is_poison", "original_label"} <= set(samples)
+    # shares are written as the exact ratio k/n (0.2, never float32's 0.20000000298023224)
+    text = pd.read_csv(out / "burn_df.csv", dtype=str, keep_default_na=False)
+    denominators = {"poison_precision": df["n_poison"], "clean_set_poison_rate": df["n_clean"],
+                    "poison_recall": [int(samples["is_poison"].sum())] * 3, "train_target_share": [n] * 3}
+    checked = 0
+    for column, counts in denominators.items():
+        for value, count in zip(text[column], counts):
+            if value:
+                assert value == repr(round(float(value) * int(count)) / int(count)), (column, value, count)
+                checked += 1
+    assert checked >= 8
 
 
 def test_algorithm_never_reads_the_poison_flags(digits_copy, monkeypatch):
@@ -445,6 +456,11 @@ def test_a_failing_premise_stops_burn_and_keeps_the_model_it_was_given(digits_co
     (out / "defense_result.pt").unlink()  # as if killed at the end: the resumed run stops again
     again = _run(*CHECKS_ON, "--premise_min_enrichment", "100")
     assert all(torch.equal(theta0.net.state_dict()[k], v) for k, v in _net_state(again).items())
+    # a run that stops early writes the columns of one that does not, in the same order, left empty
+    _run(*CHECKS_THAT_CANNOT_FIRE, "--output_name", "full")
+    full = pd.read_csv(out.parent / "full" / "burn_df.csv")
+    assert list(df.columns) == list(full.columns)
+    assert df[["omega", "train_retention", "train_target_share", "clean_set_poison_rate"]].isna().all(axis=None)
 
 
 def test_test_every_scores_the_test_sets_every_nth_iteration_and_the_last(digits_copy):

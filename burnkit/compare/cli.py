@@ -1,4 +1,5 @@
 """``burn-compare EXPERIMENT.yaml``: run the missing cells of an attacks x defenses matrix, then tabulate.
+``burn-compare publish``: write the published tables from the committed reports (:mod:`.publish`).
 
 Exit status: 0 when every cell has results, 1 when some failed or are blocked (the reports are
 written anyway), 2 for a bad experiment file or flag.
@@ -23,13 +24,18 @@ PROG = "burn-compare"
 
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineArgumentParser(prog=PROG, allow_abbrev=False, description="Run the missing cells of an attacks x defenses x seeds "
-                                     "matrix (resumable), then write CSV/Markdown/HTML tables and plots.")
+                                     "matrix (resumable), then write CSV/Markdown/HTML tables and plots. "
+                                     "`burn-compare publish` writes the published tables from the committed reports "
+                                     "(see burn-compare publish --help).")
     parser.add_argument("experiment", help="experiment YAML (see docs/compare.md)")
     parser.add_argument("--executor", choices=EXECUTORS, help="where cells run (default: the YAML's, else local)")
     parser.add_argument("--jobs", type=int, help="cells in flight at once (default: the YAML's, else 1)")
     parser.add_argument("--workdir", help="folder holding record/ and data/ (default: the YAML's, else the CWD)")
     parser.add_argument("--dry-run", action="store_true", help="list the cells and their commands; run nothing")
     parser.add_argument("--collect-only", action="store_true", help="run nothing; tabulate what is on disk")
+    parser.add_argument("--rerun-stale", action="store_true",
+                        help="also run again the cells whose outputs other code made (another revision, other uncommitted "
+                             "changes, or unknown), replacing them (--overwrite true; the old folders are kept, renamed)")
     parser.add_argument("--allow-custom-python", action="store_true",
                         help="let the experiment file run code from outside this checkout (its python, a scripts_root "
                              "elsewhere, env.PYTHONPATH and the like, submitit setup lines); only for files you trust")
@@ -41,10 +47,15 @@ def _terminate(signum, frame):
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["publish"]:
+        from .publish import main as publish
+
+        return publish(argv[1:])
     on_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminate) if on_main_thread else None
     try:
-        return _main(sys.argv[1:] if argv is None else list(argv))
+        return _main(argv)
     finally:
         if on_main_thread:
             signal.signal(signal.SIGTERM, previous)
@@ -72,11 +83,11 @@ def _main(argv: list[str]) -> int:
         if jobs < 1:
             raise BurnError(f"--jobs must be at least 1, got {jobs}")
         if args.dry_run:
-            for cell, status in plan(exp):
-                print(f"{status:4}  {cell.cell_id}\n      {shlex.join(exp.command(cell))}")
+            for cell, status in plan(exp, args.rerun_stale):
+                print(f"{status:5}  {cell.cell_id}\n       {shlex.join(exp.command(cell))}")
             return 0
         with experiment_lock(exp.output):
-            report = run_experiment(exp, executor, jobs)
+            report = run_experiment(exp, executor, jobs, rerun_stale=args.rerun_stale)
             return _finish(exp, command, started, ok=report.ok, failed=report.failed, blocked=report.blocked)
 
 

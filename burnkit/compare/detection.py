@@ -30,7 +30,8 @@ from ..detection_metrics import auroc, ranking_metrics
 from ..detector import SCORES_JSON, SCORES_NPY, plot_roc
 from ..errors import BurnError
 from ..records import read_attack_record
-from ..results import atomic_write_text
+from ..results import atomic_write_text, portable_path
+from .collect import cell_stamp, common_value
 from .experiment import Experiment
 from .outputs import detection_folder
 from .report import fmt, markdown_table
@@ -85,15 +86,17 @@ def record_truth(record_dir: Path) -> tuple[np.ndarray, np.ndarray]:
     return truth, relabelled
 
 
-def collect_detection(exp: Experiment) -> tuple[pd.DataFrame, dict[str, dict[str, np.ndarray]]]:
-    """One row per detection cell (NaN where outputs are missing) and, per record, the score vectors."""
+def collect_detection(exp: Experiment, revision: dict) -> tuple[pd.DataFrame, dict[str, dict[str, np.ndarray]]]:
+    """One row per detection cell (NaN where outputs are missing), with its stamp and whether it is stale
+    against ``revision`` (as :func:`~burnkit.compare.collect.collect`), and, per record, the score vectors."""
     rows, curves, truths = [], {}, {}
     for cell in exp.detection_cells:
         rec = cell.source
         record_dir = exp.workdir / "record" / rec.record
         folder = detection_folder(record_dir, cell.script, cell.detector)
         row = {"dataset": rec.dataset, "model": rec.model, "attack": rec.attack, "detector": cell.detector,
-               "script": cell.script, "seed": rec.seed, "record": rec.record, "folder": str(folder),
+               "script": cell.script, "seed": rec.seed, "record": rec.record,
+               "folder": portable_path(str(folder), exp.workdir),
                "status": "missing", "variant": "", **{k: math.nan for k in VALUES}, "flagged": math.nan,
                "TP": math.nan, "n_samples": math.nan, "n_poison": math.nan}
         if cell.is_done(exp.workdir):
@@ -116,6 +119,7 @@ def collect_detection(exp: Experiment) -> tuple[pd.DataFrame, dict[str, dict[str
                            flagged=_number(facts.get("flagged")), TP=_number(facts.get("TP")),
                            variant=variant_label(facts.get("config") or {}, facts.get("method")))
                 curves.setdefault(rec.record, {})[cell.detector] = (scores, truth)
+        row.update(cell_stamp(exp, cell, row["status"] == "done", revision))
         rows.append(row)
     return pd.DataFrame(rows), curves
 
@@ -127,7 +131,8 @@ def aggregate_detection(cells: pd.DataFrame, exp: Experiment) -> pd.DataFrame:
     for key, group in cells.groupby(keys, sort=False):
         have = group[group["status"] == "done"]
         variants = [v for v in have["variant"].fillna("").astype(str) if v] if "variant" in have else []
-        row = dict(zip(keys, key), variant=" / ".join(dict.fromkeys(variants)), n=len(have), seeds=len(group))
+        row = dict(zip(keys, key), variant=" / ".join(dict.fromkeys(variants)), n=len(have), seeds=len(group),
+                   revision=common_value(have["revision"]), stale=int(have["stale"].astype(bool).sum()))
         for value in (*VALUES, "flagged", "TP"):
             series = have[value].astype(float)
             row[f"{value}_mean"] = series.mean() if len(series) else math.nan
@@ -234,9 +239,9 @@ def burn_notes(block: pd.DataFrame, scripts: dict[str, str]) -> list[str]:
     return notes
 
 
-def write_detection(exp: Experiment, out: Path) -> DetectionReport:
+def write_detection(exp: Experiment, out: Path, revision: dict) -> DetectionReport:
     """Collect, aggregate, write the CSVs and ROC overlays; return the report's sections."""
-    cells, curves = collect_detection(exp)
+    cells, curves = collect_detection(exp, revision)
     summary = aggregate_detection(cells, exp) if len(cells) else pd.DataFrame()
     report = DetectionReport(cells, summary)
     if cells.empty:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from ..config import load_yaml, repo_root
 from ..errors import BurnError, brief
-from .outputs import defense_done, detection_done, record_done
+from .outputs import defense_done, detection_done, detection_folder, record_done
 
 TOP_KEYS = {"name", "workdir", "output", "scripts_root", "python", "executor", "jobs", "gpus", "env",
             "submitit", "ray", "allow_unavailable", "seeds", "record_name", "datasets", "models",
@@ -64,10 +64,14 @@ class RecordCell:
     args: tuple[str, ...]
 
     kind = "attack"
+    stamp_name = "provenance.json"  # the file holding the run's stamp (burnkit.results.run_environment)
 
     @property
     def cell_id(self) -> str:
         return f"attack/{self.record}"
+
+    def output_dir(self, workdir: Path) -> Path:
+        return workdir / "record" / self.record
 
     def is_done(self, workdir: Path) -> bool:
         return record_done(workdir / "record" / self.record)
@@ -83,6 +87,7 @@ class DefenseCell:
     args: tuple[str, ...]
 
     kind = "defense"
+    stamp_name = "cost.json"
 
     @property
     def record(self) -> str:
@@ -96,8 +101,11 @@ class DefenseCell:
     def cell_id(self) -> str:
         return f"defense/{self.record}/{self.folder}"
 
+    def output_dir(self, workdir: Path) -> Path:
+        return workdir / "record" / self.record / "defense" / self.folder
+
     def is_done(self, workdir: Path) -> bool:
-        return defense_done(workdir / "record" / self.record / "defense" / self.folder, self.script)
+        return defense_done(self.output_dir(workdir), self.script)
 
 
 @dataclass(frozen=True)
@@ -113,6 +121,7 @@ class DetectionCell:
 
     kind = "detection"
     script_dir = "detection_pretrain"
+    stamp_name = "cost.json"
 
     @property
     def record(self) -> str:
@@ -121,6 +130,9 @@ class DetectionCell:
     @property
     def cell_id(self) -> str:
         return f"detection/{self.record}/{self.detector}"
+
+    def output_dir(self, workdir: Path) -> Path:
+        return detection_folder(workdir / "record" / self.record, self.script, self.detector)
 
     def is_done(self, workdir: Path) -> bool:
         return detection_done(workdir / "record" / self.record, self.script, self.detector)

@@ -135,3 +135,45 @@ def detection_done(record_dir: Path, script: str, name: str) -> bool:
     """Finished when the per-sample scores and their sidecar exist (written last by our detectors)."""
     folder = detection_folder(record_dir, script, name)
     return (folder / "detection_scores.json").is_file() and (folder / "detection_scores.npy").is_file()
+
+
+# --------------------------------------------------------------------------- the runs' stamps
+
+STAMP_COLUMNS = ("revision", "dirty", "stale", "record_digest", "machine", "cpu_time_s", "stamp_file", "config")
+
+
+def read_stamp(path: Path) -> dict:
+    """What a finished run's ``cost.json`` / ``provenance.json`` says made it, as table columns: the
+    code revision (outputs older than the stamp: the short hash they kept, else ``"unknown"``; the
+    runs of other tools: ``"unknown"``), uncommitted changes (None: not known), the record's weight
+    digest, the machine, CPU seconds and the resolved config (JSON, keys sorted)."""
+    facts = {}
+    if path.is_file():
+        try:
+            facts = json.loads(path.read_text())
+        except (OSError, ValueError):
+            facts = {}
+    facts = facts if isinstance(facts, dict) else {}
+    stamp = facts.get("stamp") if isinstance(facts.get("stamp"), dict) else {}
+    machine = stamp.get("machine") if isinstance(stamp.get("machine"), dict) else {}
+    config = stamp.get("config") or {}
+    return {"revision": str(stamp.get("revision") or facts.get("git") or "unknown"), "dirty": stamp.get("dirty"),
+            "record_digest": str(stamp.get("record_digest") or ""),
+            "machine": machine_text(machine) if machine else str(facts.get("device") or ""),
+            "cpu_time_s": _number(facts.get("cpu_time_s")),
+            "config": json.dumps(config, sort_keys=True, default=str) if config else ""}
+
+
+def machine_text(machine: dict) -> str:
+    """A stamp's machine in one line: CPU model, cores, torch threads, GPU, torch version."""
+    return (f"{machine.get('cpu', '?')}, {machine.get('cores', '?')} cores, {machine.get('torch_threads', '?')} torch "
+            f"threads, GPU {machine.get('gpu', '?')}, torch {machine.get('torch', '?')}")
+
+
+def same_code(stamp: dict, table: dict) -> bool:
+    """Whether a run was made by the code a table states: the same commit and the same state of
+    uncommitted changes. An unknown revision, or an output older than the stamp (its short hash, no
+    record of uncommitted changes), is never the same: nothing says exactly what ran."""
+    revision = str(stamp.get("revision") or "unknown")
+    return (revision != "unknown" and revision == str(table.get("revision")) and stamp.get("dirty") is not None
+            and stamp.get("dirty") == table.get("dirty"))

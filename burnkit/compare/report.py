@@ -8,44 +8,95 @@ data decided anything (``†``, also marked in the ACC/ASR/RA matrix), its budge
 default where it ran with less), compute seconds and device. ``index.html`` is one static file (plots
 are relative ``plots/*.png``), so it opens from disk without a server. Plots: per attack a radar like the BURN paper's Fig. 4 (axes = defenses; ACC and
 ASR; solid = defended, dashed = the undefended model) and per (dataset, model) a DER bar chart.
+
+The report states the code revision it was made with (``report.json``: revision, uncommitted
+changes, the command, the machines); a cell made by other code is *stale* (``‡`` in the tables, listed
+in the footer). ``cells/`` holds a copy of every finished cell's stamp file, summary and per-epoch CSV
+under its path in the work dir, so the report folder is a self-contained artifact
+(``experiments/results/<name>/``, read by ``burn-compare publish``).
 """
 from __future__ import annotations
 
 import html
 import math
+import shlex
+import shutil
 import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from ..results import atomic_write_text
+from ..fileio import atomic_write_bytes
+from ..results import atomic_write_text, code_revision, portable_path, write_json
 from .collect import NO_DEFENSE, aggregate, collect
 from .experiment import Experiment
+
+REPORT_JSON = "report.json"
+CELL_FILES = "cells"  # the copies of the cells' own files
 
 
 def write_report(exp: Experiment, command: str = "", wall_time_s: float | None = None) -> dict[str, Path]:
     """Collect the experiment's outputs and write every report file; returns their paths."""
     out = exp.output
     out.mkdir(parents=True, exist_ok=True)
-    cells = collect(exp)
+    # paths in the checkout relative to it, in the work dir relative to the work dir: the report is
+    # committed as an artifact and must read the same on every machine
+    command = shlex.join(portable_path(t, exp.workdir) for t in shlex.split(command)) if command else ""
+    revision = code_revision()
+    cells = collect(exp, revision)
     summary = aggregate(cells, exp)
     paths = {"cells": out / "cells.csv", "summary": out / "summary.csv", "markdown": out / "leaderboard.md",
              "html": out / "index.html"}
     atomic_write_text(paths["cells"], cells.to_csv(index=False))
     atomic_write_text(paths["summary"], summary.to_csv(index=False))
     plots = write_plots(summary, exp, out / "plots")
-    footer = _footer(exp, cells, command, wall_time_s)
     from .detection import write_detection  # imported here: it uses this module's table writer
 
-    detection = write_detection(exp, out)
+    detection = write_detection(exp, out, revision)
+    footer = _footer(exp, cells, command, wall_time_s, revision, detection.cells)
     atomic_write_text(paths["markdown"], markdown(summary, exp, plots, footer, detection.markdown))
     atomic_write_text(paths["html"], html_page(summary, exp, plots, footer, detection.html))
     paths.update({f"plot:{p.stem}": p for group in plots.values() for p in group})
     paths.update({f"plot:{p.stem}": p for p in detection.plots})
     if not detection.cells.empty:
         paths.update({"detection_cells": out / "detection_cells.csv", "detection_summary": out / "detection_summary.csv"})
+    copy_cell_files(exp, cells, detection.cells, out / CELL_FILES)
+    paths["report"] = out / REPORT_JSON
+    write_json(paths["report"], report_facts(exp, command, revision, cells, detection.cells))
     return paths
+
+
+def report_facts(exp: Experiment, command: str, revision: dict, cells: pd.DataFrame, detection: pd.DataFrame) -> dict:
+    """``report.json``: what made the report - the experiment file and command, the code revision the
+    report states, the cells (done, stale) and the machines their runs used."""
+    rows = pd.concat([cells, detection], ignore_index=True) if not detection.empty else cells
+    done = rows[rows["status"] == "done"]
+    return {"name": exp.name, "experiment": portable_path(str(exp.path.resolve()), exp.workdir),
+            "command": command,
+            "revision": revision["revision"], "dirty": revision["dirty"],
+            "cells": {"total": len(rows), "done": len(done), "stale": int(done["stale"].astype(bool).sum())},
+            "machines": sorted({m for m in done["machine"] if isinstance(m, str) and m})}
+
+
+def copy_cell_files(exp: Experiment, cells: pd.DataFrame, detection: pd.DataFrame, folder: Path) -> None:
+    """Copy every finished cell's stamp file, summary CSV and per-epoch CSV (detections: ``cost.json``,
+    ``detection_scores.json``, ``detection_info.csv``) to ``folder``, under their paths in the work dir;
+    the copies of an earlier report are replaced."""
+    names = set()
+    for r in cells[cells["status"] == "done"].itertuples():
+        names.update(n for n in (r.stamp_file, r.summary_csv) if n)
+        if r.summary_csv.endswith("_summary.csv"):
+            names.add(r.summary_csv[: -len("_summary.csv")] + ".csv")
+    if not detection.empty:
+        for r in detection[detection["status"] == "done"].itertuples():
+            names.update(f"{r.folder}/{n}" for n in ("cost.json", "detection_scores.json", "detection_info.csv"))
+    shutil.rmtree(folder, ignore_errors=True)
+    for name in sorted(names):
+        source = exp.workdir / name
+        if source.is_file():
+            (folder / name).parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(folder / name, source.read_bytes())
 
 
 # --------------------------------------------------------------------------- tables
@@ -61,6 +112,7 @@ def fmt(mean: float, std: float, scale: float = 100.0, digits: int = 2) -> str:
 
 
 TEST_MARK = "†"
+STALE_MARK = "‡"  # made by other code than the report's revision
 
 
 def _truthy(value) -> bool:
@@ -130,6 +182,8 @@ def tables(summary: pd.DataFrame, exp: Experiment) -> list[tuple[str, dict[str, 
                                                    for m in ("acc", "asr", "ra"))
                 if _truthy(getattr(r, "test_data_for_decisions", None)):
                     main[attack][defense] += f" {TEST_MARK}"
+                if getattr(r, "stale", 0):
+                    main[attack][defense] += f" {STALE_MARK}"
                 wall[attack][defense] = fmt(r.wall_time_s_mean, r.wall_time_s_std, scale=1.0, digits=1)
                 if defense != NO_DEFENSE:
                     der[attack][defense] = fmt(r.der_mean, r.der_std)
@@ -193,9 +247,17 @@ def html_page(summary: pd.DataFrame, exp: Experiment, plots: dict, footer: list[
             f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
 
 
-def _footer(exp: Experiment, cells: pd.DataFrame, command: str, wall_time_s: float | None) -> list[str]:
+def _footer(exp: Experiment, cells: pd.DataFrame, command: str, wall_time_s: float | None, revision: dict,
+            detection: pd.DataFrame) -> list[str]:
     done = int((cells["status"] == "done").sum())
     lines = [f"Cells with results: {done} of {len(cells)} (records and defense runs)."]
+    lines.append(f"Code: revision {revision['revision']}" +
+                 (" with uncommitted changes" if revision["dirty"] else "") + ".")
+    stale = [r.record for r in cells.itertuples() if r.stale]
+    stale += [f"{r.record}/{r.detector}" for r in detection.itertuples() if r.stale] if not detection.empty else []
+    if stale:
+        lines.append(f"{STALE_MARK} Stale (made by other code than this revision, or by unknown code; re-run them "
+                     "with --rerun-stale): " + ", ".join(stale) + ".")
     missing = cells[cells["status"] != "done"]
     if len(missing):
         lines.append("Without results: " + ", ".join(f"{r.record} ({r.status})" for r in missing.itertuples()) + ".")
@@ -213,7 +275,7 @@ def _footer(exp: Experiment, cells: pd.DataFrame, command: str, wall_time_s: flo
                  "ran with another. Compute: wall seconds per run (mean ± std over seeds).")
     run = f" in {wall_time_s:.0f} s" if wall_time_s is not None else ""
     lines.append(f"Generated {time.strftime('%Y-%m-%d %H:%M')}{run}" + (f" by `{command}`" if command else "") +
-                 f"; work dir {exp.workdir}. Std is over seeds (ddof=1); DER is BackdoorBench's simplified form.")
+                 ". Std is over seeds (ddof=1); DER is BackdoorBench's simplified form.")
     return lines
 
 

@@ -18,9 +18,10 @@ from pathlib import Path
 
 from ..errors import BurnError
 from ..locks import folder_lock
-from ..results import write_json
+from ..results import code_revision, write_json
 from .executors import CellTask, make_executor, recover_orphans
 from .experiment import Experiment, cell_env
+from .outputs import read_stamp, same_code
 
 
 class RunState:
@@ -68,13 +69,32 @@ def log_path(exp: Experiment, cell) -> Path:
     return exp.output / "logs" / (cell.cell_id.replace("/", "__") + ".log")
 
 
-def plan(exp: Experiment) -> list[tuple[object, str]]:
-    """``(cell, "done" | "todo")`` for every cell, records first."""
-    return [(cell, "done" if cell.is_done(exp.workdir) else "todo") for cell in exp.cells]
+def plan(exp: Experiment, rerun_stale: bool = False) -> list[tuple[object, str]]:
+    """``(cell, status)`` for every cell, records first: ``todo`` (no results), ``done``, ``stale``
+    (results made by other code than this checkout's revision: kept and marked in the report), or,
+    with ``rerun_stale``, ``rerun`` for a stale cell and for every finished cell that reads the output
+    of one that is re-run (its record, or a run it reads such as BURN's for burn_s)."""
+    revision = code_revision()
+    out, again = [], set()
+    for cell in exp.cells:
+        if not cell.is_done(exp.workdir):
+            status = "todo"
+        elif not same_code(read_stamp(cell.output_dir(exp.workdir) / cell.stamp_name), revision):
+            status = "stale"
+        else:
+            status = "done"
+        inputs = () if cell.kind == "attack" else (cell.source.cell_id, *getattr(cell, "after", ()))
+        if rerun_stale and status != "todo" and (status == "stale" or again.intersection(inputs)):
+            status = "rerun"
+        if status in ("rerun", "todo"):
+            again.add(cell.cell_id)
+        out.append((cell, status))
+    return out
 
 
-def run_experiment(exp: Experiment, executor: str, jobs: int, echo=print) -> RunReport:
-    """Run every missing cell with ``jobs`` in flight at once; returns what happened."""
+def run_experiment(exp: Experiment, executor: str, jobs: int, echo=print, rerun_stale: bool = False) -> RunReport:
+    """Run every missing cell with ``jobs`` in flight at once (and, with ``rerun_stale``, every stale
+    one, replacing its outputs: ``--overwrite true``); returns what happened."""
     started = time.perf_counter()
     report = RunReport()
     state = RunState(exp.output / "state.json")
@@ -86,9 +106,10 @@ def run_experiment(exp: Experiment, executor: str, jobs: int, echo=print) -> Run
     for entry in state.data["cells"].values():  # an earlier compare died while these ran
         if entry.get("status") == "running":
             entry["status"] = "interrupted"
-    pending = []
-    for cell, status in plan(exp):
-        if status == "done":
+    pending, rerun, stale = [], set(), 0
+    for cell, status in plan(exp, rerun_stale):
+        stale += status == "stale"
+        if status in ("done", "stale"):
             report.skipped.append(cell.cell_id)
             entry = state.cell(cell.cell_id)
             entry.setdefault("status", "done")
@@ -96,9 +117,13 @@ def run_experiment(exp: Experiment, executor: str, jobs: int, echo=print) -> Run
                 entry.update(status="done", exit_code=None, tail=None)
         else:
             pending.append(cell)
+            if status == "rerun":
+                rerun.add(cell.cell_id)
     state.save()
     echo(f"{exp.name}: {len(exp.cells)} cells, {len(report.skipped)} already done, {len(pending)} to run "
-         f"({executor}, {jobs} at a time)")
+         f"({executor}, {jobs} at a time)" + (f"; {len(rerun)} of them again, replacing outputs made by other code"
+                                              if rerun else "") +
+         (f"; {stale} stale (made by other code than this revision; --rerun-stale runs them again)" if stale else ""))
     if not pending:
         report.wall_time_s = time.perf_counter() - started
         return report
@@ -117,6 +142,7 @@ def run_experiment(exp: Experiment, executor: str, jobs: int, echo=print) -> Run
                 if cell.kind != "attack":  # defenses and detectors
                     after = getattr(cell, "after", ())
                     lost = next((c for c in after if c in report.failed or c in report.blocked), None)
+                    waiting = {c.cell_id for c in pending} | {c.cell_id for c in running.values()}
                     if cell.record in failed_records or lost:
                         pending.remove(cell)
                         why = f"attack cell attack/{cell.record} failed" if not lost else f"{lost} did not finish"
@@ -124,16 +150,17 @@ def run_experiment(exp: Experiment, executor: str, jobs: int, echo=print) -> Run
                         echo(f"[{_count(report)}/{total}] blocked {cell.cell_id}: {why}")
                         report.blocked.append(cell.cell_id)
                         continue
-                    if not cell.source.is_done(exp.workdir) and cell.record not in finished_records:
-                        continue  # its record is still being made
-                    waiting = {c.cell_id for c in pending} | {c.cell_id for c in running.values()}
+                    if cell.source.cell_id in waiting or (not cell.source.is_done(exp.workdir)
+                                                          and cell.record not in finished_records):
+                        continue  # its record is still being made (or made again)
                     if any(c in waiting for c in after):
                         continue  # a cell whose output it reads (BURN's run for burn_s) is not done yet
                 pending.remove(cell)
                 entry = state.cell(cell.cell_id)
                 entry["attempts"] += 1
-                _mark(state, cell, status="running", log=str(log_path(exp, cell)), command=exp.command(cell))
-                task = CellTask(cell.cell_id, tuple(exp.command(cell)), str(exp.workdir), str(log_path(exp, cell)), env)
+                command = exp.command(cell) + (["--overwrite", "true"] if cell.cell_id in rerun else [])
+                _mark(state, cell, status="running", log=str(log_path(exp, cell)), command=command)
+                task = CellTask(cell.cell_id, tuple(command), str(exp.workdir), str(log_path(exp, cell)), env)
                 running[engine.submit(task)] = cell
                 report.ran.append(cell.cell_id)
             if not running:

@@ -347,11 +347,11 @@ def selection_quality(train: ImageSet, poison_pos: torch.Tensor, clean_pos: torc
     true_sel = poison_pos[hits]
     original = train.original_labels.cpu()
     relabelled = true_sel[train.labels.cpu()[true_sel] != original[true_sel]]
-    relabel = (adv_label[relabelled] == original[relabelled]).float()
-    return {"poison_precision": float(hits.float().mean()) if len(poison_pos) else None,
-            "poison_recall": float(hits.sum()) / n_true,
-            "relabel_acc": float(relabel.mean()) if len(relabelled) else None,
-            "clean_set_poison_rate": float(flags[clean_pos].float().mean()) if len(clean_pos) else None}
+    relabel = adv_label[relabelled] == original[relabelled]
+    return {"poison_precision": int(hits.sum()) / len(poison_pos) if len(poison_pos) else None,
+            "poison_recall": int(hits.sum()) / n_true,
+            "relabel_acc": int(relabel.sum()) / len(relabelled) if len(relabelled) else None,
+            "clean_set_poison_rate": int(flags[clean_pos].sum()) / len(clean_pos) if len(clean_pos) else None}
 
 
 def ranking_auroc(train: ImageSet, score: torch.Tensor) -> float | None:
@@ -373,8 +373,8 @@ def training_signals(preds0: torch.Tensor, preds: torch.Tensor, labels: torch.Te
     reference = preds0 == labels
     if target is not None:
         reference &= preds0 != target
-    out = {"retention": float((preds[reference] == labels[reference]).float().mean()) if bool(reference.any()) else None}
-    out["target_share"] = float((preds == target).float().mean()) if target is not None else None
+    out = {"retention": int((preds[reference] == labels[reference]).sum()) / int(reference.sum()) if bool(reference.any()) else None}
+    out["target_share"] = int((preds == target).sum()) / len(preds) if target is not None else None
     return out
 
 
@@ -657,7 +657,7 @@ def detection_summary(train: ImageSet, result: BoundaryResult, score: torch.Tens
     label, left out); Table-1-style mean distances."""
     flags = train.poison.cpu()
     l2 = result.l2
-    out = {"mean_l2_all": float(l2.mean()), "converged_share": float(result.converged.float().mean()),
+    out = {"mean_l2_all": float(l2.mean()), "converged_share": int(result.converged.sum()) / len(result.converged),
            "n_unflipped": int((~result.converged.bool()).sum())}
     if 0 < int(flags.sum()) < len(flags):
         clean_mean, poison_mean = float(l2[~flags].mean()), float(l2[flags].mean())

@@ -236,7 +236,7 @@ def fine_prune(model: Classifier, data: DefenseData, cfg: FinePruningConfig, run
     run.logger.info("FP: %s has %d input features; %d steps scored; %d pruned (accepted on %s)",
                     layer_name, n, len(steps), accepted,
                     f"{len(heldout)} held-out clean samples" if heldout is not None else "the clean test set")
-    write_prune_log(run, steps, n)
+    write_prune_log(run, steps, n, with_heldout=heldout is not None)
     # BackdoorBench prunes in place, so its model keeps the last scored step's mask, rejected or not
     kept = max(0, steps[-1].num_pruned - 1) if cfg.bb_prune_quirks else accepted
     pruned_idx = order[:kept]
@@ -258,11 +258,13 @@ def fine_prune(model: Classifier, data: DefenseData, cfg: FinePruningConfig, run
     return model
 
 
-def write_prune_log(run: DefenseRun, steps: list[PruneStep], n_features: int) -> None:
+def write_prune_log(run: DefenseRun, steps: list[PruneStep], n_features: int, with_heldout: bool) -> None:
+    """``prune_log.csv``: BackdoorBench's columns, and ``heldout_acc`` when a held-out set decided."""
     rows = MetricLog(run.out_dir, "prune_log")
     for i, s in enumerate(steps):
         rows.append({"epoch": i, "num_pruned": s.num_pruned, "all_filter_num": n_features,
-                     "test_acc": s.acc, "test_asr": s.asr, "test_ra": s.ra, "heldout_acc": s.heldout_acc})
+                     "test_acc": s.acc, "test_asr": s.asr, "test_ra": s.ra,
+                     **({"heldout_acc": s.heldout_acc} if with_heldout else {})})
     # BackdoorBench's names: prune_log.csv / prune_log_summary.csv (no "_df")
     atomic_write_text(run.out_dir / "prune_log.csv", rows.frame().to_csv())
     atomic_write_text(run.out_dir / "prune_log_summary.csv", rows.summary().to_csv())

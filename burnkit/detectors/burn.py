@@ -192,7 +192,7 @@ class BurnDistance(Detector):
             with run.timed("boundary_scan"):
                 result = boundary_scan(model, data.inspected, scan_cfg, run.device)
             l2 = result.l2.double().numpy()
-            notes = {"source": "boundary scan of θ0", "converged_share": float(result.converged.float().mean()),
+            notes = {"source": "boundary scan of θ0", "converged_share": int(result.converged.sum()) / len(result.converged),
                      "scan_settings": {**{k: getattr(scan_cfg, k) for k in SCAN_KEYS}, **scan_cfg.scan_settings()}}
         flags = top_share(l2, cfg.flag_share)
         return DetectionResult(l2, flags, threshold=float(l2[flags].min()), target="None", notes={

@@ -15,7 +15,7 @@ from ..fileio import publish, temp_path
 from ..datasets import DatasetInfo, dataset_info, load_split, resolve_data_root
 from ..engine import resolve_device, seed_everything
 from ..errors import BurnError
-from ..results import run_environment, write_json
+from ..results import RunStart, run_environment, write_json
 from . import DEFAULT_CACHE, load_clean_model
 
 
@@ -54,7 +54,7 @@ class Session:
         self.cfg = cfg
         self.info: DatasetInfo = dataset_info(cfg.dataset)
         self.device = resolve_device(cfg.device)
-        self.started = time.perf_counter()
+        self.started, self.start = time.perf_counter(), RunStart()
         seed_everything(cfg.random_seed)
         self.generator = torch.Generator().manual_seed(cfg.random_seed)
 
@@ -77,7 +77,7 @@ class Session:
         """Write ``<first output>.json`` (config, timing, environment) and return it."""
         summary = {"resource": what, "outputs": [str(p) for p in outputs], "config": as_dict(self.cfg),
                    "wall_time_s": round(time.perf_counter() - self.started, 2), **facts,
-                   **run_environment(self.device)}
+                   **run_environment(self.device, self.start, self.cfg)}
         write_json(outputs[0].with_suffix(".json"), summary)
         return summary
 
