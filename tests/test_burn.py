@@ -12,6 +12,7 @@ from baseline_checks import scramble_poison_flags
 from burnkit import records
 from burnkit.data import ImageSet
 from burnkit.defenses import burn as burn_mod
+from burnkit.defenses import burn_checks
 from burnkit.boundary import BoundaryResult
 from burnkit.defenses.burn import (Burn, BurnConfig, composite_score, detection_summary, finetune_set,
                                    linear_schedule, prediction_divergence, schedule, select, selection_quality,
@@ -29,7 +30,7 @@ CHECKS_OFF = ["--premise_check", "false"]
 CHECKS_ON = ["--premise_check", "true"]
 # the checks run after every step but cannot fire: any enrichment passes, any share, any drop, any rise
 CHECKS_THAT_CANNOT_FIRE = [*CHECKS_ON, "--premise_min_enrichment", "1", "--premise_max_adv_share", "1",
-                           "--max_retention_drop", "1", "--max_target_rise", "1"]
+                           "--collapse_retention_drop", "1", "--max_target_rise", "1", "--max_retention_drop", "1"]
 
 
 def _run(*extra):
@@ -336,62 +337,83 @@ def test_paper_exact_scans_with_the_papers_attack(digits_copy, monkeypatch):
     assert seen["candidates"] == 3 and seen["step_rule"] == "total" and seen["lower"] is not None
 
 
+def _premise(l2, labels, crossed, num_classes=4, share=0.25, min_enrichment=1.5, max_adv_share=0.5):
+    return burn_checks.premise_test(torch.as_tensor(l2, dtype=torch.float), torch.as_tensor(crossed),
+                                    torch.as_tensor(labels), num_classes, share, min_enrichment, max_adv_share)
+
+
 def test_suspected_target_is_the_label_enriched_among_the_farthest_samples():
     # 20 samples; base shares: class 0 carries 8 (0.4), classes 1-3 four each (0.2)
     labels = torch.tensor([0] * 8 + [1] * 4 + [2] * 4 + [3] * 4)
     l2 = torch.arange(20, dtype=torch.float)  # the farthest five: positions 15-19 (class 3 x4, class 2 x1)
-    found = burn_mod.suspected_target(l2, labels, num_classes=4, share=0.25, min_enrichment=1.5)
+    spread = torch.tensor([0] * 16 + [0, 1, 2, 0])  # class 3's farthest cross to 0, 1, 2, 0: top share 2 of 4
+    found = _premise(l2, labels, spread)
     # class 3: 4 of 5 = 0.8 of the top over 0.2 overall = 4x
     assert found["class"] == 3 and found["enrichment"] == pytest.approx(4.0) and found["n_top"] == 5
     assert found["share_in_top"] == pytest.approx(0.8) and found["share_overall"] == pytest.approx(0.2)
+    assert found["adv_label"] == 0 and found["adv_share"] == pytest.approx(0.5) and found["reason"] is None
     # the farthest samples carry the labels in proportion to the whole set: no suspect, the premise fails
     l2 = torch.tensor([float(i in (0, 1, 8, 12, 16)) for i in range(20)])  # top five: 0, 0, 1, 2, 3
-    found = burn_mod.suspected_target(l2, labels, num_classes=4, share=0.25, min_enrichment=1.5)
+    found = _premise(l2, labels, spread)
     assert found["class"] is None and found["enrichment"] == pytest.approx(1.0)
-    assert "no label above 1.5x" in burn_mod.premise_failure(found, 1.5)
-    assert burn_mod.premise_failure({"class": 3}, 1.5) is None
+    assert "no label above 1.5x" in found["reason"]
 
 
 def test_premise_test_refuses_an_easy_class_that_crosses_to_one_neighbour():
-    # class 3 piles up among the farthest five (4 of them, 4x); where do those four cross the boundary?
     labels = torch.tensor([0] * 8 + [1] * 4 + [2] * 4 + [3] * 4)
     l2 = torch.arange(20, dtype=torch.float)
-    spread = torch.zeros(20, dtype=torch.long)
-    spread[16:20] = torch.tensor([0, 1, 2, 0])  # poison-like: back to several classes, top share 2 of 4
-    found = burn_mod.suspected_target(l2, labels, 4, 0.25, 1.5, spread, max_adv_share=0.5)
-    assert found["class"] == 3 and found["adv_label"] == 0 and found["adv_share"] == pytest.approx(0.5)
-    assert burn_mod.premise_failure(found, 1.5, 0.5) is None
-    one_way = spread.clone()
+    one_way = torch.zeros(20, dtype=torch.long)
     one_way[16:20] = torch.tensor([1, 1, 1, 2])  # an easy class: 3 of 4 cross to class 1
-    found = burn_mod.suspected_target(l2, labels, 4, 0.25, 1.5, one_way, max_adv_share=0.5)
+    found = _premise(l2, labels, one_way)
     assert found["class"] is None and found["candidate"] == 3 and found["enrichment"] == pytest.approx(4.0)
     assert found["adv_label"] == 1 and found["adv_share"] == pytest.approx(0.75)
-    reason = burn_mod.premise_failure(found, 1.5, 0.5)
-    assert "75% of them cross the boundary towards class 1 (limit 50%)" in reason
+    assert "75% cross to class 1" in found["reason"] and "limit 50%" in found["reason"]
     # the sample at position 15 (class 2, also among the farthest five) does not count: only class 3's do
     one_way[15] = 1
-    assert burn_mod.suspected_target(l2, labels, 4, 0.25, 1.5, one_way, 0.5)["adv_share"] == pytest.approx(0.75)
+    assert _premise(l2, labels, one_way)["adv_share"] == pytest.approx(0.75)
     # samples the attack did not flip (-1) do not count: 2 of the 3 flipped ones cross to class 1
     one_way[16] = -1
-    unflipped = burn_mod.suspected_target(l2, labels, 4, 0.25, 1.5, one_way, 0.5)
+    unflipped = _premise(l2, labels, one_way)
     assert unflipped["adv_share"] == pytest.approx(2 / 3) and unflipped["class"] is None
     # with the check off (max share 1) the class stays suspected, for avoid_target
-    assert burn_mod.suspected_target(l2, labels, 4, 0.25, 1.5, one_way, max_adv_share=1.0)["class"] == 3
+    assert _premise(l2, labels, one_way, max_adv_share=1.0)["class"] == 3
+
+
+def test_premise_test_finds_a_target_enriched_behind_an_easy_class():
+    """Class 3 (easy) is the most enriched among the farthest eight but crosses one way; class 0 (the
+    target) is enriched too and crosses to many classes: it is the suspect, found second."""
+    labels = torch.tensor([0] * 12 + [1] * 12 + [2] * 12 + [3] * 4)
+    l2 = torch.zeros(40)
+    far = [36, 37, 38, 39, 8, 9, 10, 11]  # class 3 x4 (0.5 / 0.1: 5x), class 0 x4 (0.5 / 0.3: 1.67x)
+    l2[far] = torch.arange(1, 9, dtype=torch.float)
+    crossed = torch.zeros(40, dtype=torch.long)
+    crossed[[36, 37, 38, 39]] = 2  # the easy class: all to class 2
+    crossed[[8, 9, 10, 11]] = torch.tensor([1, 2, 3, 1])  # the target's far samples: back to several classes
+    found = _premise(l2, labels, crossed, share=0.2)
+    assert [r["class"] for r in found["tested"]] == [3, 0]
+    assert found["class"] == 0 and found["candidate"] == 0 and found["adv_share"] == pytest.approx(0.5)
+    only_top = _premise(l2, labels, crossed, share=0.2, min_enrichment=2.0)  # class 0 is no longer a candidate
+    assert only_top["class"] is None and "class 3 (5.00x): 100% cross to class 2" in only_top["reason"]
 
 
 def test_training_signals_by_hand():
     labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
     preds0 = torch.tensor([0, 0, 1, 1, 2, 0, 3, 1])  # 5 correct; 2 of them predicted as the target 0
-    preds = torch.tensor([0, 0, 0, 1, 2, 0, 0, 0])
-    s = burn_mod.training_signals(preds0, preds, labels, target=0)
+    preds = torch.tensor([0, 3, 0, 1, 2, 0, 0, 0])
+    s = burn_checks.training_signals(preds0, preds, labels, target=0)
     # reference: samples 2, 3, 4, 6 (correct, not target); still right: 3, 4
-    assert s["retention"] == pytest.approx(2 / 4) and s["target_share"] == pytest.approx(6 / 8)
-    s0 = burn_mod.training_signals(preds0, preds0, labels, target=0)
-    assert s0["retention"] == 1.0 and s0["target_share"] == pytest.approx(3 / 8)
-    cfg = BurnConfig(max_retention_drop=0.6, max_target_rise=0.4)
-    assert burn_mod.training_failure(cfg, s, s0) is None
-    assert "lost 50.0%" in burn_mod.training_failure(BurnConfig(max_retention_drop=0.4), s, s0)
-    assert "37.5% to 75.0%" in burn_mod.training_failure(BurnConfig(max_retention_drop=0.6, max_target_rise=0.3), s, s0)
+    assert s["retention"] == 2 / 4 and s["target_share"] == 5 / 8
+    # target-labelled and predicted as the target by θ0: samples 0 and 1; sample 1 left the target
+    assert s["target_left"] == 1 / 2
+    untouched = torch.tensor([True, True, False, True, True, True, True, True])  # sample 2 was trained on
+    s_untouched = burn_checks.training_signals(preds0, preds, labels, 0, untouched)
+    assert s_untouched["retention"] == 2 / 3  # samples 3, 4, 6: 3 and 4 right
+    s0 = burn_checks.training_signals(preds0, preds0, labels, target=0)
+    assert s0["retention"] == 1.0 and s0["target_share"] == 3 / 8 and s0["target_left"] == 0.0
+    fail = burn_checks.training_failure
+    assert fail(s, s0, 0.6, 0.4) is None
+    assert "lost 50.0%" in fail(s, s0, 0.4, 0.4)
+    assert "37.5% to 62.5%" in fail(s, s0, 0.6, 0.2)
 
 
 def test_test_labels_do_not_influence_the_repaired_model(digits_copy, monkeypatch):

@@ -80,9 +80,11 @@ from ..models import Classifier
 from ..records import atomic_torch_save
 from ..results import atomic_write_text, write_json
 from ..safe_load import safe_torch_load
+from .burn_checks import premise_test, touched_mask, training_failure, training_signals
 
 PD_OUTPUTS = ("logits", "probs")
 UNFLIPPED_RULES = ("skip", "nearest", "prediction")
+KEEP_RULES = ("best", "last")
 STATE_VERSION = 3  # 3: fingerprints hold digests of the record's weights and data, not its path
 
 # What BURN tells the user when one of its checks stops it (console, burn_detection.json, cost.json).
@@ -146,10 +148,18 @@ class BurnConfig(DefenseConfig):
                                                 "whole training set must reach this")
     premise_max_adv_share: float = option(0.5, "premise test: at most this share of that class's farthest samples "
                                                "may have one adversarial label (poison crosses to many classes)")
-    max_retention_drop: float = option(0.4, "premise check: a fine-tuning may lose at most this share of θ0's "
-                                             "correct non-target training predictions")
+    collapse_retention_drop: float = option(0.25, "premise check: a fine-tuning that loses more than this share of "
+                                                   "θ0's correct predictions on the training samples no fine-tuning "
+                                                   "trained on stops the run (a collapse)")
     max_target_rise: float = option(0.02, "premise check: a fine-tuning may raise the share of training samples "
                                           "predicted as the suspected target by at most this much")
+    keep: str = option("best", "the model BURN returns: best (of the fine-tuned models that keep θ0's correct "
+                               "training predictions within --max_retention_drop, the one that moved most target-"
+                               "labelled training samples off the target; θ0 when none does) or last (the paper)",
+                       choices=KEEP_RULES)
+    max_retention_drop: float = option(0.08, "keep best: the returned model may lose at most this share of θ0's "
+                                             "correct predictions on untouched training samples (a stand-in for "
+                                             "clean accuracy that needs no clean data)")
     paper_exact: bool = option(False, "the paper exactly: its boundary attack (every class, its per-step update, no "
                                       "clipping) and Algorithm 1 with no safeguard (unflipped prediction, no "
                                       "skip_own_label, avoid_target or premise_check); overrides those keys. Settings "
@@ -164,7 +174,7 @@ class BurnConfig(DefenseConfig):
         if self.iterations < 0:
             raise BurnError(f"--iterations must be >= 0, got {self.iterations}")
         for key in ("kp_start", "kp_end", "kc_start", "kc_end", "omega_start", "omega_end", "premise_share",
-                    "premise_max_adv_share", "max_retention_drop", "max_target_rise"):
+                    "premise_max_adv_share", "max_retention_drop", "max_target_rise", "collapse_retention_drop"):
             if not 0.0 <= getattr(self, key) <= 1.0:
                 raise BurnError(f"--{key} must be in [0, 1], got {getattr(self, key)}")
         if max(self.kp_start, self.kp_end) + max(self.kc_start, self.kc_end) > 1.0:
@@ -173,6 +183,8 @@ class BurnConfig(DefenseConfig):
             raise BurnError(f"--pd_output must be one of {', '.join(PD_OUTPUTS)}, got {self.pd_output!r}")
         if self.attack_space not in SPACES:
             raise BurnError(f"--attack_space must be one of {', '.join(SPACES)}, got {self.attack_space!r}")
+        if self.keep not in KEEP_RULES:
+            raise BurnError(f"--keep must be one of {', '.join(KEEP_RULES)}, got {self.keep!r}")
         if self.unflipped not in UNFLIPPED_RULES:
             raise BurnError(f"--unflipped must be one of {', '.join(UNFLIPPED_RULES)}, got {self.unflipped!r}")
         if self.premise_share <= 0.0:
@@ -197,9 +209,10 @@ class BurnConfig(DefenseConfig):
         """The safeguard settings in force (``paper_exact`` turns them all off)."""
         if self.paper_exact:
             return {"unflipped": "prediction", "skip_own_label": False, "avoid_target": False,
-                    "suspect_label_only": False, "premise_check": False}
+                    "suspect_label_only": False, "premise_check": False, "keep": "last"}
         return {"unflipped": self.unflipped, "skip_own_label": self.skip_own_label, "avoid_target": self.avoid_target,
-                "suspect_label_only": self.suspect_label_only, "premise_check": self.premise_check}
+                "suspect_label_only": self.suspect_label_only, "premise_check": self.premise_check,
+                "keep": self.keep if self.premise_check else "last"}
 
 
 # --------------------------------------------------------------------------- algorithm pieces
@@ -265,41 +278,6 @@ def select(score: torch.Tensor, kp: float, kc: float) -> tuple[torch.Tensor, tor
     return order[:n_poison].clone(), order[n - n_clean:].flip(0).clone() if n_clean else order[:0].clone()
 
 
-def suspected_target(l2: torch.Tensor, labels: torch.Tensor, num_classes: int, share: float,
-                     min_enrichment: float, adv_labels: torch.Tensor | None = None,
-                     max_adv_share: float = 1.0) -> dict:
-    """BURN's premise, tested on θ0's scan and the carried labels only: if the poison of an
-    all-to-one attack lies far from the boundary, the labels of the farthest ``share`` of samples
-    pile into the target class. For each class: its share among those samples over its share of the
-    whole training set (so the target's inflated base rate and any class imbalance count). The class
-    with the largest enrichment is the suspected target (``class`` None below ``min_enrichment``).
-
-    A naturally easy class also piles up there (BPP's ship class: 6.5x). What tells them apart is
-    where the boundary attack takes them: poison crosses back towards the many classes its images
-    came from, an easy class's images cross to one neighbour. So with ``adv_labels`` the suspected
-    class's farthest samples must not send more than ``max_adv_share`` of themselves to one class.
-    Samples the attack did not flip carry ``-1`` there and are not counted: their "adversarial label"
-    is their own prediction, not a place they crossed to."""
-    n_top = share_count(share, len(l2))
-    top = torch.argsort(l2, descending=True, stable=True)[:n_top]
-    base = torch.bincount(labels, minlength=num_classes).double() / len(labels)
-    there = torch.bincount(labels[top], minlength=num_classes).double() / max(n_top, 1)
-    enrichment = there / base.clamp_min(1e-12)
-    best = int(torch.argmax(enrichment))
-    found = float(enrichment[best]) >= min_enrichment
-    found_result = {"class": best if found else None, "candidate": best, "enrichment": float(enrichment[best]),
-                    "share_in_top": float(there[best]), "share_overall": float(base[best]), "n_top": n_top}
-    if adv_labels is not None:
-        crossing = adv_labels[top][labels[top] == best]
-        crossing = crossing[crossing >= 0]
-        counts = torch.bincount(crossing, minlength=num_classes)
-        adv_share = float(counts.max()) / max(len(crossing), 1)
-        found_result.update(adv_label=int(torch.argmax(counts)), adv_share=adv_share)
-        if adv_share > max_adv_share:
-            found_result["class"] = None
-    return found_result
-
-
 def relabel_plan(result: BoundaryResult, labels: torch.Tensor, safeguards: dict,
                  target: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(relabel, reason)`` per sample: the label it gets if it enters D_poison, and RELABEL (0) or
@@ -359,52 +337,6 @@ def ranking_auroc(train: ImageSet, score: torch.Tensor) -> float | None:
     before that iteration's fine-tuning. Reporting only."""
     flags = train.poison.cpu()
     return auroc(score, flags) if 0 < int(flags.sum()) < len(flags) else None
-
-
-# --------------------------------------------------------------------------- premise checks
-
-
-def training_signals(preds0: torch.Tensor, preds: torch.Tensor, labels: torch.Tensor, target: int | None) -> dict:
-    """What a fine-tuning did to the training set, against θ0 (no test data, no flags).
-
-    ``retention``: share of θ0's correct predictions outside the suspected target that the model
-    still gets right (poison carries the target label, so these are clean samples θ0 fits);
-    ``target_share``: share of all training samples predicted as the suspected target."""
-    reference = preds0 == labels
-    if target is not None:
-        reference &= preds0 != target
-    out = {"retention": int((preds[reference] == labels[reference]).sum()) / int(reference.sum()) if bool(reference.any()) else None}
-    out["target_share"] = int((preds == target).sum()) / len(preds) if target is not None else None
-    return out
-
-
-def premise_failure(target: dict, min_enrichment: float, max_adv_share: float = 1.0) -> str | None:
-    """Why the premise fails before anything is fine-tuned: no label piles up among the farthest
-    samples, or the one that does crosses the boundary towards a single class (an easy class, not poison)."""
-    if target["class"] is not None:
-        return None
-    if target["enrichment"] < min_enrichment:
-        return (f"the farthest {target['n_top']} samples by boundary distance carry no label above "
-                f"{min_enrichment:g}x its overall share (largest: class {target['candidate']}, "
-                f"{target['enrichment']:.2f}x): the poison is not far from the boundary, so relabelling the farthest "
-                "samples would fine-tune clean images onto wrong labels")
-    return (f"class {target['candidate']} piles up among the farthest {target['n_top']} samples "
-            f"({target['enrichment']:.2f}x), but {100 * target['adv_share']:.0f}% of them cross the boundary towards "
-            f"class {target['adv_label']} (limit {100 * max_adv_share:.0f}%): an easy class, not poison that crosses back "
-            "to the classes it came from, so the farthest samples are not the poison")
-
-
-def training_failure(cfg: BurnConfig, signals: dict, signals0: dict) -> str | None:
-    """Why the premise fails after a fine-tuning: θ0's own correct training predictions are lost, or
-    more training samples are predicted as the suspected target than before."""
-    if signals["retention"] is not None and signals0["retention"] - signals["retention"] > cfg.max_retention_drop:
-        return (f"fine-tuning lost {100 * (signals0['retention'] - signals['retention']):.1f}% of θ0's correct "
-                f"non-target training predictions (limit {100 * cfg.max_retention_drop:.1f}%)")
-    if signals["target_share"] is not None and signals["target_share"] - signals0["target_share"] > cfg.max_target_rise:
-        return (f"the share of training samples predicted as the suspected target rose from "
-                f"{100 * signals0['target_share']:.1f}% to {100 * signals['target_share']:.1f}% "
-                f"(limit +{100 * cfg.max_target_rise:.1f} points)")
-    return None
 
 
 # --------------------------------------------------------------------------- state on disk
@@ -490,13 +422,15 @@ def burn(model: Classifier, data: DefenseData, cfg: BurnConfig, run: DefenseRun)
     labels = train.labels.cpu()
     preds0 = logits0.argmax(1)
     crossed_to = torch.where(result.converged.bool().cpu(), result.adv_label.cpu(), -1)
-    target = suspected_target(l2, labels, logits0.shape[1], cfg.premise_share, cfg.premise_min_enrichment,
-                              crossed_to, cfg.premise_max_adv_share if guards["premise_check"] else 1.0)
+    target = premise_test(l2, labels=labels, crossed=crossed_to, num_classes=logits0.shape[1], share=cfg.premise_share,
+                          min_enrichment=cfg.premise_min_enrichment,
+                          max_adv_share=cfg.premise_max_adv_share if guards["premise_check"] else 1.0)
     relabel, reason = relabel_plan(result, labels, guards, target["class"])
     signals0 = training_signals(preds0, preds0, labels, target["class"])
     run.logger.info("premise test (labels of the farthest samples): %s; %d samples not flipped by the attack",
                     json.dumps(target), int((~result.converged.bool()).sum()))
 
+    theta0 = _cpu_copy(model.net.state_dict()) if guards["keep"] == "best" else None  # what keep: best may return
     state = _load(state_path, fingerprint, "BURN")
     if state is None:
         state = {"version": STATE_VERSION, "fingerprint": fingerprint, "completed": -1, "model": None,
@@ -532,15 +466,14 @@ def burn(model: Classifier, data: DefenseData, cfg: BurnConfig, run: DefenseRun)
                 ranked, clean_pos = select(score, kp, kc)
             poison_pos = ranked[reason[ranked] == RELABEL]
         phase = "phase1" if t == 0 else "phase2"
-        stop_reason = (premise_failure(target, cfg.premise_min_enrichment, cfg.premise_max_adv_share)
-                       if guards["premise_check"] and t == 0 else None)
+        stop_reason = target["reason"] if guards["premise_check"] and t == 0 else None
         # the model to fall back to: the checkpoint's CPU copy of the previous iteration's weights
         # (one copy of a large model, not two, and none on the accelerator); θ0 before Phase 1
         before = None
         if guards["premise_check"]:
             before = state["model"] if state["model"] is not None else _cpu_copy(model.net.state_dict())
         finetune_s, logits_next = 0.0, None
-        signals = {"retention": None, "target_share": None}
+        signals = {"retention": None, "target_share": None, "target_left": None}
         if stop_reason is None:
             tune = finetune_set(train, poison_pos, relabel, clean_pos)
             if len(tune) < 2:  # BatchNorm cannot train on a single sample; nothing to learn from none
@@ -557,9 +490,10 @@ def burn(model: Classifier, data: DefenseData, cfg: BurnConfig, run: DefenseRun)
             if guards["premise_check"] or t < last or cfg.trace:
                 with _part(timings, "train_forward"):  # θ_{t+1} on the training set: next PD and the checks
                     logits_next = predict(model, train, device, amp=cfg.amp)
-                signals = training_signals(preds0, logits_next.argmax(1), labels, target["class"])
+                untouched = ~touched_mask(len(train), [*state["poison_sets"], poison_pos], [*state["clean_sets"], clean_pos])
+                signals = training_signals(preds0, logits_next.argmax(1), labels, target["class"], untouched)
             if guards["premise_check"]:
-                stop_reason = training_failure(cfg, signals, signals0)
+                stop_reason = training_failure(signals, signals0, cfg.collapse_retention_drop, cfg.max_target_rise)
         if stop_reason is not None:
             model.net.load_state_dict(before)  # keep the last model that passed
             logits_next = None
@@ -575,12 +509,17 @@ def burn(model: Classifier, data: DefenseData, cfg: BurnConfig, run: DefenseRun)
         row = {"epoch": t, "iteration": t, "phase": 1 if t == 0 else 2, "k_p": kp, "k_c": kc,
                "omega": omega if t else None, "n_ranked_poison": len(ranked), "n_poison": len(poison_pos),
                "n_clean": len(clean_pos), **counts, "train_retention": signals["retention"],
-               "train_target_share": signals["target_share"], "stopped": stop_reason,
+               "train_target_share": signals["target_share"], "train_target_left": signals["target_left"],
+               "stopped": stop_reason,
                **(metrics.row() if metrics is not None else {}),
                **selection_quality(train, poison_pos, clean_pos, relabel),
                "selection_auroc": ranking_auroc(train, score), "finetune_s": finetune_s}
         run.metrics.append(row)
         before = state["model"] = None  # drop the previous copy before taking the next one
+        if guards["keep"] == "best" and stop_reason is None and _eligible(signals, signals0, cfg) and (
+                state.get("best") is None or signals["target_left"] >= state["best"]["target_left"]):
+            state["best"] = {"iteration": t, "target_left": signals["target_left"], "retention": signals["retention"]}
+            state["best_model"] = _cpu_copy(model.net.state_dict())
         state.update(completed=t, model=_cpu_copy(model.net.state_dict()),
                      rows=list(run.metrics.rows), pd=pd, score=score,
                      logits=logits_next if logits_next is not None else state["logits"])
@@ -600,8 +539,12 @@ def burn(model: Classifier, data: DefenseData, cfg: BurnConfig, run: DefenseRun)
 
     if state["stopped"] is not None:
         stop = state["stopped"]
-        run.logger.warning("BURN stopped at iteration %d and returns %s. %s", stop["iteration"],
-                           stop.get("kept", "the last model that passed its checks"), STOP_ADVICE)
+        run.logger.warning("BURN stopped at iteration %d: %s", stop["iteration"], stop["reason"])
+    if guards["keep"] == "best" and state["completed"] >= 0:
+        returned = _return_best(model, theta0, state, cfg, run)
+        if returned is not None:
+            run.metrics.append(returned)
+            run.metrics.save()
     report = write_report(run.out_dir, train, result, state, cfg, target, relabel, reason)
     if cfg.trace:
         atomic_torch_save({"logits0": logits0.half(), "logits": state.get("trace", []), "labels": labels,
@@ -610,6 +553,48 @@ def burn(model: Classifier, data: DefenseData, cfg: BurnConfig, run: DefenseRun)
     run.extra_results["burn"] = {"timings_s": state["timings"], "safeguards": guards, **report}
     run.logger.info("detection: %s", json.dumps({k: v for k, v in report.items() if k != "iterations"}))
     return model
+
+
+def _eligible(signals: dict, signals0: dict, cfg: BurnConfig) -> bool:
+    """A fine-tuned model BURN may return: it kept θ0's correct predictions on the untouched training
+    samples within ``max_retention_drop`` and the backdoor signal is measured."""
+    return (signals["target_left"] is not None and signals["retention"] is not None
+            and signals0["retention"] - signals["retention"] <= cfg.max_retention_drop)
+
+
+def _return_best(model: Classifier, theta0: dict, state: dict, cfg: BurnConfig, run: DefenseRun) -> dict | None:
+    """Load the model ``keep: best`` returns and, when it is not the model of the last row of
+    burn_df.csv, return a last row that scores it (readers of BackdoorBench's summary take the last
+    row as the result). θ0 when no fine-tuned model was eligible."""
+    best = state.get("best")
+    stopped = state["stopped"]
+    current = (stopped["iteration"] - 1) if stopped is not None else state["completed"]
+    if best is not None and best["iteration"] == current:
+        chosen = f"the model of iteration {current}"
+        run.logger.info("BURN returns %s: of the fine-tuned models that kept %.0f%% of θ0's correct predictions on the "
+                        "untouched training samples, it moved the most target-labelled samples off the target (%.1f%%)",
+                        chosen, 100 * (1 - cfg.max_retention_drop), 100 * best["target_left"])
+        state["returned"] = {"iteration": current, "why": "best"}
+        return None
+    if best is None:
+        if current < 0:  # stopped before Phase 1: θ0 is loaded and row 0 scores it
+            state["returned"] = {"iteration": -1, "why": "stopped before Phase 1"}
+            return None
+        run.logger.warning("BURN returns θ0 (the model it was given): every fine-tuned model lost more than %.0f%% of "
+                           "θ0's correct predictions on the training samples no fine-tuning trained on. %s",
+                           100 * cfg.max_retention_drop, STOP_ADVICE)
+        model.net.load_state_dict(theta0)
+        state["returned"] = {"iteration": -1, "why": "no fine-tuned model kept θ0's training predictions"}
+    else:
+        model.net.load_state_dict(state["best_model"])
+        run.logger.info("BURN returns the model of iteration %d, not the last: of the fine-tuned models that kept "
+                        "%.0f%% of θ0's correct predictions on the untouched training samples, it moved the most "
+                        "target-labelled samples off the target (%.1f%%)", best["iteration"],
+                        100 * (1 - cfg.max_retention_drop), 100 * best["target_left"])
+        state["returned"] = {"iteration": best["iteration"], "why": "best"}
+    metrics = run.evaluate(model)
+    return {"epoch": len(run.metrics.rows), "iteration": None, "returned_from": state["returned"]["iteration"],
+            **metrics.row()}
 
 
 # --------------------------------------------------------------------------- reporting
@@ -682,10 +667,12 @@ def write_report(out_dir: Path, train: ImageSet, result: BoundaryResult, state: 
     atomic_write_text(out_dir / "burn_samples.csv", table.to_csv(index=False))
     summary = detection_summary(train, result, state["score"])
     keys = ("iteration", "n_ranked_poison", "n_poison", "n_clean", *SKIP_COLUMNS.values(), "selection_auroc", "poison_precision", "poison_recall", "relabel_acc",
-            "clean_set_poison_rate", "train_retention", "train_target_share", "stopped", "test_acc", "test_asr",
+            "clean_set_poison_rate", "train_retention", "train_target_share", "train_target_left", "stopped",
+            "test_acc", "test_asr",
             "test_ra")
     summary["iterations"] = [{k: r.get(k) for k in keys} for r in state["rows"]]
     summary.update({"attack_space": cfg.attack_space, "suspected_target": target, "stopped": state["stopped"],
+                    "returned": state.get("returned"),
                     "safeguards": cfg.safeguards(), "scan": cfg.scan_settings()})
     write_json(out_dir / "burn_detection.json", summary)
     plot_report(out_dir, train, result, state)

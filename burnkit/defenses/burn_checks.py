@@ -97,3 +97,104 @@ def probe_unlearning(model, train: ImageSet, far_pos: torch.Tensor, near_pos: to
         leave[name] = float((preds != suspect).double().mean()) if len(pos) else None
     return {"leave_far": leave["far"], "leave_near": leave["near"], "n_tuned": len(tuned_on),
             "n_far_held_out": len(held_out), "n_near": len(near_pos)}
+
+
+# --------------------------------------------------------------------------- the premise test
+
+
+def premise_test(l2: torch.Tensor, crossed: torch.Tensor, labels: torch.Tensor, num_classes: int, share: float,
+                 min_enrichment: float, max_adv_share: float = 1.0) -> dict:
+    """Which class, if any, is the suspected target: BURN's premise tested before Phase 1.
+
+    Every class whose label is at least ``min_enrichment`` times as frequent among the farthest
+    ``share`` of samples as in the whole set is a candidate, most enriched first; the first whose
+    farthest samples do not cross to one class more than ``max_adv_share`` of the time is the
+    suspected target (poison crosses back to the many classes it came from; an easy class to one
+    neighbour). Testing every enriched class, not only the top one, lets a target that piles up
+    behind an easy class still be found. ``class`` is None when none qualifies; ``reason`` says why.
+
+    The returned dict keeps the top candidate's numbers under the keys reports have always used
+    (``candidate``, ``enrichment``, ``share_in_top``, ``share_overall``, ``n_top``, ``adv_label``,
+    ``adv_share``) and every tested class under ``tested``."""
+    rows = class_signatures(l2, crossed, labels, num_classes, share)
+    n_top = int(farthest_mask(l2, share).sum())
+    enriched = [r for r in rows if r["enrichment"] >= min_enrichment]
+    chosen = next((r for r in enriched if r["max_share"] is not None and r["max_share"] <= max_adv_share), None)
+    shown = chosen or rows[0]
+    out = {"class": chosen["class"] if chosen else None, "candidate": shown["class"],
+           "enrichment": shown["enrichment"], "share_in_top": shown["n_far"] / n_top,
+           "share_overall": shown["label_share"], "n_top": n_top,
+           "adv_label": shown["max_share_class"], "adv_share": shown["max_share"],
+           "tested": [{k: r[k] for k in ("class", "enrichment", "max_share", "max_share_class", "entropy")}
+                      for r in enriched]}
+    out["reason"] = None if chosen else _premise_reason(rows[0], enriched, n_top, min_enrichment, max_adv_share)
+    return out
+
+
+def _premise_reason(top: dict, enriched: list[dict], n_top: int, min_enrichment: float, max_adv_share: float) -> str:
+    if not enriched:
+        return (f"the farthest {n_top} samples by boundary distance carry no label above {min_enrichment:g}x its "
+                f"overall share (largest: class {top['class']}, {top['enrichment']:.2f}x): the poison is not far from "
+                "the boundary, so relabelling the farthest samples would fine-tune clean images onto wrong labels")
+    listed = "; ".join(f"class {r['class']} ({r['enrichment']:.2f}x): {100 * (r['max_share'] or 0):.0f}% cross to "
+                       f"class {r['max_share_class']}" for r in enriched)
+    return (f"every class piling up among the farthest {n_top} samples crosses the boundary mostly towards one class "
+            f"(limit {100 * max_adv_share:.0f}%; {listed}): easy classes, not poison that crosses back to the classes "
+            "it came from, so the farthest samples are not the poison")
+
+
+# --------------------------------------------------------------------------- checks after each fine-tuning
+
+
+def touched_mask(n: int, poison_sets: list, clean_sets: list) -> torch.Tensor:
+    """Samples that any fine-tuning so far trained on (D_poison or D_clean of some iteration)."""
+    mask = torch.zeros(n, dtype=torch.bool)
+    for positions in (*poison_sets, *clean_sets):
+        mask[positions] = True
+    return mask
+
+
+def training_signals(preds0: torch.Tensor, preds: torch.Tensor, labels: torch.Tensor, target: int | None,
+                     untouched: torch.Tensor | None = None) -> dict:
+    """What the fine-tunings did to the training set, against θ0 (no test data, no flags).
+
+    ``retention``: the share of θ0's correct predictions, on samples no fine-tuning trained on and θ0
+    does not predict as the suspected target, that the model still gets right (poison carries the
+    target label, so these are clean samples θ0 fits; samples it trained on would flatter it);
+    ``target_share``: the share of all training samples predicted as the suspected target;
+    ``target_left``: the share of the untouched samples that carry the target's label and that θ0
+    predicts as the target which the model no longer does - the poison among them leaving the
+    target is the backdoor being unlearnt, so a fall of this share is the backdoor coming back."""
+    untouched = torch.ones(len(labels), dtype=torch.bool) if untouched is None else untouched
+    reference = (preds0 == labels) & untouched
+    out = {"retention": None, "target_share": None, "target_left": None}
+    if target is not None:
+        reference &= preds0 != target
+        out["target_share"] = _share(preds == target)
+        backdoored = untouched & (labels == target) & (preds0 == target)
+        out["target_left"] = _share(preds[backdoored] != target) if bool(backdoored.any()) else None
+    out["retention"] = _share(preds[reference] == labels[reference]) if bool(reference.any()) else None
+    return out
+
+
+def _share(mask: torch.Tensor) -> float:
+    """An exact ratio (k / n as Python floats), so reports show the number as computed."""
+    return int(mask.sum()) / max(len(mask), 1)
+
+
+def training_failure(signals: dict, signals0: dict, collapse_retention_drop: float, max_target_rise: float) -> str | None:
+    """Why a fine-tuning failed, from :func:`training_signals` (``signals0``: θ0's own), or None.
+
+    A collapse loses θ0's correct predictions on samples no fine-tuning touched; a fine-tuning that
+    teaches the backdoor's label predicts more samples as the target than θ0 did. (A drift to clean
+    samples, which lets the backdoor come back, needs no stop: BURN returns the model that moved the
+    most target-labelled samples off the target - see ``keep`` in burnkit/defenses/burn.py.)"""
+    if signals["retention"] is not None and signals0["retention"] - signals["retention"] > collapse_retention_drop:
+        return (f"the fine-tunings lost {100 * (signals0['retention'] - signals['retention']):.1f}% of θ0's correct "
+                f"predictions on the training samples they did not train on (limit "
+                f"{100 * collapse_retention_drop:.1f}%): a collapse, not unlearning")
+    if signals["target_share"] is not None and signals["target_share"] - signals0["target_share"] > max_target_rise:
+        return (f"the share of training samples predicted as the suspected target rose from "
+                f"{100 * signals0['target_share']:.1f}% to {100 * signals['target_share']:.1f}% "
+                f"(limit +{100 * max_target_rise:.1f} points): the fine-tuning teaches the backdoor's label")
+    return None

@@ -103,11 +103,17 @@ def iteration_rows(trace: dict, target_class: int | None) -> list[dict]:
     seen_poison: set[int] = set()
     seen_clean: set[int] = set()
     previous_poison = None
+    # the samples no fine-tuning ever trained on: one pool on which every iteration's model is compared
+    final_pool = torch.ones(len(labels), dtype=torch.bool)
+    for positions in (*trace["poison_sets"], *trace["clean_sets"]):
+        final_pool[positions] = False
+    backdoored_pool = final_pool & (labels == suspect) & (preds0 == suspect) if suspect is not None else None
     for t, (row, logits) in enumerate(zip(trace["rows"], trace["logits"])):
         poison_pos, clean_pos = trace["poison_sets"][t], trace["clean_sets"][t]
         seen_poison |= set(poison_pos.tolist())
         seen_clean |= set(clean_pos.tolist())
         out = {"iteration": t, "n_poison": len(poison_pos), "n_clean": len(clean_pos),
+               "target_share0": float((preds0 == suspect).double().mean()) if suspect is not None else None,
                "test_acc": row.get("test_acc"), "test_asr": row.get("test_asr"), "test_ra": row.get("test_ra"),
                "poison_precision": row.get("poison_precision"), "relabel_acc": row.get("relabel_acc")}
         if len(poison_pos):
@@ -127,6 +133,10 @@ def iteration_rows(trace: dict, target_class: int | None) -> list[dict]:
                 target_labelled = (labels == suspect) & untouched & (preds0 == suspect)
                 out["target_labelled_left"] = float((preds[target_labelled] != suspect).double().mean())
             out["retention_untouched"] = float((preds[ref] == labels[ref]).double().mean())
+            if backdoored_pool is not None and bool(backdoored_pool.any()):
+                out["target_left_final_pool"] = float((preds[backdoored_pool] != suspect).double().mean())
+            final_ref = (preds0 == labels) & final_pool & ((preds0 != suspect) if suspect is not None else True)
+            out["retention_final_pool"] = float((preds[final_ref] == labels[final_ref]).double().mean())
             out["agreement_theta0"] = float((preds == preds0).double().mean())
         rows.append(out)
     return rows
