@@ -305,9 +305,9 @@ def test_relabel_plan_never_relabels_with_the_own_label_or_towards_the_target():
 def test_paper_exact_switches_every_safeguard_off():
     cfg = BurnConfig(paper_exact=True, unflipped="nearest", avoid_target=True)
     assert cfg.safeguards() == {"unflipped": "prediction", "skip_own_label": False, "avoid_target": False,
-                                "suspect_label_only": False, "premise_check": False}
+                                "suspect_label_only": False, "premise_check": False, "keep": "last"}
     assert BurnConfig().safeguards() == {"unflipped": "skip", "skip_own_label": True, "avoid_target": True,
-                                         "suspect_label_only": False, "premise_check": True}
+                                         "suspect_label_only": False, "premise_check": True, "keep": "best"}
     with pytest.raises(BurnError, match="unflipped"):
         BurnConfig(unflipped="closest").validate()
     # the paper's boundary attack: every class (argmin over k != k̂), its per-step update, no clipping
@@ -474,7 +474,7 @@ def test_a_failing_premise_stops_burn_and_keeps_the_model_it_was_given(digits_co
     assert "defense/sau.py" in detection["stopped"]["advice"]  # what the user can do instead
     assert result["cost"]["burn"]["stopped"]["reason"] == df["stopped"][0]
     logs = "".join(log.read_text() for log in (out / "log").glob("*.log"))
-    assert "stopped at iteration 0" in logs and "returns θ0" in logs and "Alternatives:" in logs
+    assert "stopped at iteration 0" in logs and "keeps θ0" in logs and "Alternatives:" in logs
     (out / "defense_result.pt").unlink()  # as if killed at the end: the resumed run stops again
     again = _run(*CHECKS_ON, "--premise_min_enrichment", "100")
     assert all(torch.equal(theta0.net.state_dict()[k], v) for k, v in _net_state(again).items())

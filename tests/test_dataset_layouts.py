@@ -167,7 +167,7 @@ def test_official_layout_is_read_recorded_and_defended(official_layout, monkeypa
     out = Burn.main(["--result_file", f"badnet_{name}", "--iterations", "1", "--epochs", "1", "--batch_size", "16",
                      "--max_iter", "5", "--candidates", "4", "--kp_start", "0.1", "--kp_end", "0.2",
                      "--kc_start", "0.2", "--kc_end", "0.4", "--progress", "false",
-                     "--premise_max_adv_share", "1"])  # a 1-epoch toy model: the pipeline, not the premise, is tested
+                     "--premise_check", "false", "--keep", "last"])  # a 1-epoch toy model: the pipeline, not the checks, is tested
     out_dir = record_dir / "defense" / "burn"
     assert Path(out["out_dir"]).resolve() == out_dir.resolve() and (out_dir / "defense_result.pt").is_file()
     rows = pd.read_csv(out_dir / "burn_df.csv", index_col=0)
