@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from burnkit.compare import main
-from burnkit.compare.publish import BEGIN, END, PUBLISHED, README, RESULTS_MD, render
+from burnkit.compare.publish import BEGIN, END, GENERATED, PUBLISHED, README, RESULTS_MD, render
 from test_compare import copy_record, experiment
 from test_provenance import expected_revision, restamp
 
@@ -75,6 +75,20 @@ def test_the_readme_summary_is_written_between_its_markers_only(tmp_path, capsys
     readme.write_text(before + after)  # no markers: said, and the README is left alone
     assert main(["publish", "--root", str(tmp_path)]) == 0
     assert "has no <!-- results:begin -->" in capsys.readouterr().err and readme.read_text() == before + after
+
+
+def test_the_hand_written_preface_of_results_md_is_kept(tmp_path, capsys):
+    """Text above the generated part of docs/results.md (its GENERATED line) is the author's: publish keeps
+    it as written; without the file, the generated part gets just the title."""
+    copy_published(tmp_path)
+    doc = tmp_path / RESULTS_MD
+    generated = GENERATED + doc.read_text().split(GENERATED, 1)[1]
+    preface = "# Results\n\nWritten by hand: *being re-made* - the comparison table.\n\n"
+    doc.write_text(preface + generated)
+    assert main(["publish", "--root", str(tmp_path), "--check"]) == 0
+    assert main(["publish", "--root", str(tmp_path)]) == 0 and doc.read_text() == preface + generated
+    doc.unlink()
+    assert main(["publish", "--root", str(tmp_path)]) == 0 and doc.read_text() == "# Results\n\n" + generated
 
 
 @pytest.mark.parametrize("change, message", [

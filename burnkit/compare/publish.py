@@ -6,7 +6,9 @@ the revision and command, ``cells/`` with the runs' stamps), and ``experiments/r
 says which tables are published, from which CSV, with which columns. This module computes the tables
 from the per-cell rows - the values of every seed, mean ± sample std (ddof=1) and min–max - and writes
 
-* ``docs/results.md``: every table, with its artifact folder, revision, command, machines and seeds;
+* ``docs/results.md``: every table, with its artifact folder, revision, command, machines and seeds,
+  below the line ``GENERATED``; the hand-written text above that line (the title and a preface) is kept
+  as it is;
 * the README's short summary between ``<!-- results:begin -->`` and ``<!-- results:end -->`` (only the
   text between the markers is replaced; without them the README is left alone and publish says so).
 
@@ -327,11 +329,22 @@ def header(table: Table, report: dict, rows: list[Group], cells: pd.DataFrame) -
     return lines
 
 
+def preface(root: Path) -> str:
+    """The hand-written top of ``docs/results.md``: everything above its ``GENERATED`` line, kept as it
+    is (trailing blank lines aside); just the title when the file or the line is missing."""
+    path = root / RESULTS_MD
+    text = path.read_text() if path.is_file() else ""
+    lines = text.splitlines()
+    if lines.count(GENERATED) != 1:
+        return "# Results"
+    return "\n".join(lines[:lines.index(GENERATED)]).rstrip() or "# Results"
+
+
 def render(root: Path) -> tuple[dict[Path, str], list[str]]:
     """The text of every published file (``docs/results.md``, and README.md when it has the markers),
     computed from the artifacts; and notes for the user. Nothing is written here."""
     tables = load_tables(root)
-    doc = ["# Results", "", GENERATED, "",
+    doc = [preface(root), "", GENERATED, "",
            "Every table here is computed by `burn-compare publish` from the per-cell CSV of a committed compare "
            "report (`experiments/results/<name>/`); what made each cell - code revision, config, seed, record "
            "digest, machine, wall and CPU seconds - is in that CSV and in the cell's stamp file under `cells/`. "
