@@ -48,7 +48,7 @@ def _net_state(result):
 
 
 def test_linear_schedules_follow_the_paper():
-    cfg = BurnConfig(iterations=20)
+    cfg = BurnConfig(iterations=20, kc_factor=1.0)  # the paper's k_c; kc_factor is tested below
     assert schedule(cfg, 0) == pytest.approx((0.005, 0.025, 0.3))
     assert schedule(cfg, 20) == pytest.approx((0.01, 0.05, 0.6))
     assert schedule(cfg, 10) == pytest.approx((0.0075, 0.0375, 0.45))
@@ -300,6 +300,23 @@ def test_relabel_plan_never_relabels_with_the_own_label_or_towards_the_target():
     relabel, reason = burn_mod.relabel_plan(res, carried, only, target=0)
     assert reason.tolist() == [burn_mod.OTHER_LABEL, R, O, T, burn_mod.OTHER_LABEL]
     assert burn_mod.relabel_plan(res, carried, only, target=None)[1].tolist() == [R, R, O, R, R]  # no suspect: no rule
+
+
+def test_clean_shares_are_doubled_by_default_and_the_papers_under_paper_exact():
+    """kc_factor 2 keeps 5 -> 10 % as clean (the paper's §6.3 ablation); paper_exact runs the paper's 2.5 -> 5 %."""
+    T = 20
+    default = BurnConfig(iterations=T)
+    paper = BurnConfig(iterations=T, paper_exact=True, kc_factor=3.0)  # paper_exact wins over the key
+    assert [round(schedule(default, t)[1], 6) for t in (0, 10, 20)] == [0.05, 0.075, 0.1]
+    assert [round(schedule(paper, t)[1], 6) for t in (0, 10, 20)] == [0.025, 0.0375, 0.05]
+    assert schedule(BurnConfig(iterations=T, kc_factor=1.0), T)[1] == pytest.approx(0.05)
+    assert schedule(default, T)[0] == pytest.approx(0.01) and schedule(paper, T)[0] == pytest.approx(0.01)
+    with pytest.raises(BurnError, match="overlap"):  # 0.9 x 2 clean + 0.01 poison > the whole set
+        BurnConfig(kc_end=0.5).validate()
+    BurnConfig(kc_end=0.5, kc_factor=1.0).validate()
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(BurnError, match="kc_factor"):
+            BurnConfig(kc_factor=bad).validate()
 
 
 def test_paper_exact_switches_every_safeguard_off():
