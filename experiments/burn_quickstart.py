@@ -3,7 +3,8 @@
 Makes ``record/<name>`` with our BadNets attack and the small CNN when it does not exist yet
 (CIFAR-10 from torchvision with ``--download true`` when online, or from an image-folder archive such as
 ``cifar10-jpeg.tar.gz`` given by ``--dataset_path`` when offline; docs/testing.md says how to make one), runs BURN on it with
-the paper's settings and prints ACC/ASR/RA before and after, detection AUROCs and wall times. The test sets
+its defaults (the paper's algorithm with the safeguards of docs/burn.md; ``-- --paper_exact true`` runs the
+paper exactly) and prints ACC/ASR/RA before and after, which fine-tuned model BURN returned, detection AUROCs and wall times. The test sets
 are scored every ``--test_every`` epochs/iterations and after the last (every one would double BURN's time
 on a CPU); the rows in between are left empty in the CSVs.
 
@@ -39,14 +40,18 @@ def main(argv=None) -> None:
     p.add_argument("--dataset_path", default="./data", help="folder holding cifar10/, or an image-folder archive")
     p.add_argument("--download", nargs="?", const=True, default=False, type=true_or_false,
                    help="let torchvision download CIFAR-10 (true or false; bare: true)")
-    p.add_argument("--name", default="quickstart_badnet_smallcnn", help="record folder under record/")
+    p.add_argument("--name", default=None, help="record folder under record/, reused when it exists (default: "
+                                                "quickstart_badnet_smallcnn_<train_subset>_e<attack_epochs>, so other "
+                                                "settings make another record)")
     p.add_argument("--train_subset", type=int, default=6000, help="class-balanced training subset of the attack")
-    p.add_argument("--attack_epochs", type=int, default=10)
+    p.add_argument("--attack_epochs", type=int, default=30,
+                   help="attack training epochs (30: the small CNN fits its subset, as a trained model would)")
     p.add_argument("--test_every", type=int, default=10,
                    help="score the test sets every N attack epochs / BURN iterations and after the last")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("burn_flags", nargs="*", help="extra defense/burn.py flags after --, e.g. -- --iterations 10")
     args = p.parse_args(argv)
+    args.name = args.name or f"quickstart_badnet_smallcnn_{args.train_subset}_e{args.attack_epochs}"
     if args.threads:
         torch.set_num_threads(args.threads)
     data_flags = ["--dataset_path", args.dataset_path] + (["--download", "true"] if args.download else [])
@@ -67,6 +72,7 @@ def main(argv=None) -> None:
         "after_burn": {k: final.get(f"test_{k}") for k in ("acc", "asr", "ra")},
         "detection": {k: det.get(k) for k in ("auroc_l2", "auroc_final_score_after_finetuning", "mean_l2_clean",
                                               "mean_l2_poison", "l2_ratio_poison_clean", "stopped")},
+        "returned": det.get("returned"),  # the fine-tuned model BURN returned (keep: best), -1 = θ0
         "wall_s": {"attack_record": round(attack_s, 1), "burn": round(cost["wall_time_s"], 1),
                    **{k: round(v, 1) for k, v in det["timings_s"].items()},
                    "total": round(time.perf_counter() - started, 1)},
