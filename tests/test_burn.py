@@ -502,6 +502,53 @@ def test_a_failing_premise_stops_burn_and_keeps_the_model_it_was_given(digits_co
     assert df[["omega", "train_retention", "train_target_share", "clean_set_poison_rate"]].isna().all(axis=None)
 
 
+def test_keep_best_returns_theta0_when_no_fine_tuned_model_keeps_its_training_predictions(digits_copy):
+    """--max_retention_drop 0: no fine-tuned model may lose a single correct training prediction of θ0, so
+    BURN returns θ0 itself and says so; a last burn_df.csv row scores it for readers of the last row."""
+    from burnkit.models import build_classifier, load_bb_state_dict
+    from burnkit.records import read_attack_record
+
+    result = _run(*CHECKS_THAT_CANNOT_FIRE, "--max_retention_drop", "0", "--test_every", "1", "--lr", "0.01")  # lr: every fine-tuning moves
+    out = digits_copy / "record" / "badnet_digits" / "defense" / "burn"
+    record = read_attack_record(digits_copy / "record" / "badnet_digits")
+    theta0 = build_classifier(record.model_name, record.info, record.num_classes)
+    load_bb_state_dict(theta0, record.state_dict)
+    assert all(torch.equal(theta0.net.state_dict()[k], v) for k, v in _net_state(result).items())
+    df = pd.read_csv(out / "burn_df.csv")
+    assert (df["train_retention"].dropna() < 1).all()  # every fine-tuning lost some: none eligible
+    assert df["iteration"].tolist()[:3] == [0, 1, 2] and pd.isna(df["iteration"].iloc[-1])
+    assert df["returned_from"].iloc[-1] == -1 and df["test_asr"].iloc[-1] == pytest.approx(result["before"].asr)
+    assert df["test_acc"].iloc[-1] == pytest.approx(result["before"].acc)
+    assert json.loads((out / "burn_detection.json").read_text())["returned"]["iteration"] == -1
+    logs = "".join(log.read_text() for log in (out / "log").glob("*.log"))
+    assert "BURN returns θ0" in logs and "Alternatives:" in logs
+
+
+def test_keep_best_returns_the_eligible_model_that_moved_most_target_samples_off_the_target(digits_copy):
+    """Every fine-tuned model eligible: the returned one is the row with the largest train_target_left
+    (the later one on a tie), and its weights are those of that iteration's checkpoint."""
+    result = _run(*CHECKS_THAT_CANNOT_FIRE, "--iterations", "3", "--test_every", "1")
+    out = digits_copy / "record" / "badnet_digits" / "defense" / "burn"
+    df = pd.read_csv(out / "burn_df.csv")
+    tuned = df[df["iteration"].notna()]
+    left = tuned["train_target_left"].tolist()
+    best = max(i for i, v in enumerate(left) if v == max(left))
+    returned = json.loads((out / "burn_detection.json").read_text())["returned"]
+    assert returned["iteration"] == best
+    if best == len(left) - 1:  # the last model: no extra row
+        assert len(df) == len(tuned)
+    else:
+        assert len(df) == len(tuned) + 1 and df["returned_from"].iloc[-1] == best
+        assert df["test_acc"].iloc[-1] == pytest.approx(tuned["test_acc"].iloc[best])
+        assert df["test_asr"].iloc[-1] == pytest.approx(tuned["test_asr"].iloc[best])
+    assert result["final"]["test_acc"] == pytest.approx(tuned["test_acc"].iloc[best])
+    # keep: last returns the last model whatever the rows say
+    last = _run(*CHECKS_THAT_CANNOT_FIRE, "--iterations", "3", "--test_every", "1", "--keep", "last",
+                "--output_name", "last")
+    df_last = pd.read_csv(out.parent / "last" / "burn_df.csv")
+    assert df_last["iteration"].notna().all() and last["final"]["test_acc"] == pytest.approx(df_last["test_acc"].iloc[-1])
+
+
 def test_test_every_scores_the_test_sets_every_nth_iteration_and_the_last(digits_copy):
     _run("--iterations", "5", "--test_every", "2")
     df = pd.read_csv(digits_copy / "record/badnet_digits/defense/burn/burn_df.csv")
