@@ -468,6 +468,8 @@ def test_unflipped_samples_are_never_relabelled_with_their_own_prediction(digits
     assert not (stuck & chosen_safe).any()  # left out of every D_poison
     stuck_paper = ~paper["attack_converged"].astype(bool)  # the paper's own attack: every class, no clipping
     assert (stuck_paper & chosen_paper).sum() > 0  # Algorithm 1 literally relabels some of them ...
+    detection = lambda name: json.loads((out / name / "burn_detection.json").read_text())  # noqa: E731
+    assert detection("paper")["kc_factor"] == 1.0 and detection("safe")["kc_factor"] == 2.0  # the factor in force
     literal = paper[stuck_paper & chosen_paper]
     assert (literal["relabel"] == literal["clean_pred"]).all()  # ... with their own prediction
     df = pd.read_csv(out / "safe" / "burn_df.csv")

@@ -694,7 +694,8 @@ def write_report(out_dir: Path, train: ImageSet, result: BoundaryResult, state: 
     summary["iterations"] = [{k: r.get(k) for k in keys} for r in state["rows"]]
     summary.update({"attack_space": cfg.attack_space, "suspected_target": target, "stopped": state["stopped"],
                     "returned": state.get("returned"),
-                    "safeguards": cfg.safeguards(), "scan": cfg.scan_settings()})
+                    "safeguards": cfg.safeguards(), "scan": cfg.scan_settings(),
+                    "kc_factor": cfg.clean_factor()})  # in force: paper_exact runs 1 whatever the key says
     write_json(out_dir / "burn_detection.json", summary)
     plot_report(out_dir, train, result, state)
     return summary
