@@ -12,8 +12,12 @@ schedule and no check that stops it, ``--trace true``), this script gathers, fro
   carries), θ0's distance AUROC, ACC/ASR before and after.
 
 Output: ``<out>/premise.csv`` (one row per record and enriched class), ``<out>/iterations.csv`` (one
-row per record and fine-tuning), ``<out>/records.csv``; the tables that choose the rules are made
-from them (docs/burn-corpus.md).
+row per record and fine-tuning), ``<out>/records.csv`` (one row per record, with the stamp of the run
+it read: revision, uncommitted changes, machine, CPU seconds), ``<out>/runs/<record>/`` (the run's own
+small outputs: burn_df.csv, burn_detection.json, cost.json) and ``<out>/summary.md`` (the rules BURN
+applies today, replayed on every record from these files: the premise test's confusion table and the
+model each keep rule returns). The folder is meant to be committed: the records and traces are not,
+and machines here do not keep them, so the analysis builds on these files across sessions.
 
     python experiments/burn_corpus/analyse.py --workdir /work/runs/corpus \
         --experiments experiments/burn_corpus/calibration.yaml experiments/burn_corpus/calibration_preact.yaml \
@@ -23,7 +27,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +40,10 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from burnkit.compare.experiment import load_experiment  # noqa: E402
-from burnkit.defenses.burn_checks import class_signatures, farthest_mask, probe_unlearning  # noqa: E402
+from burnkit.compare.outputs import read_stamp  # noqa: E402
+from burnkit.defenses.burn import BurnConfig  # noqa: E402
+from burnkit.results import code_revision  # noqa: E402
+from burnkit.defenses.burn_checks import class_signatures, farthest_mask, premise_test, probe_unlearning  # noqa: E402
 from burnkit.safe_load import safe_torch_load  # noqa: E402
 
 OBSERVER = "burn-observe"
@@ -142,6 +151,95 @@ def iteration_rows(trace: dict, target_class: int | None) -> list[dict]:
     return rows
 
 
+# --------------------------------------------------------------------------- today's rules, replayed
+
+
+def premise_outcome(record: dict, cfg: BurnConfig) -> dict:
+    """BURN's premise test (burn_checks.premise_test, the code BURN runs) on one record, from the
+    ``premise_named`` column main() fills; ``verdict`` scores it against the true target (ground
+    truth, scoring only)."""
+    named = record.get("premise_named")
+    named = None if named is None or pd.isna(named) else int(named)
+    verdict = ("stops" if named is None else "names the target" if named == record["true_target"]
+               else "names a wrong class")
+    return {"named": named, "verdict": verdict}
+
+
+def keep_outcome(rows: pd.DataFrame, cfg: BurnConfig) -> dict:
+    """The checks after each fine-tuning and ``keep: best`` replayed on one record's iteration rows
+    with the functions BURN runs (burn_checks.training_failure, burn._eligible); the signals are read
+    with the true target as the suspected class (the premise test is scored on its own). Returns the
+    iteration the run would stop at and the iteration whose model it would return (None: θ0)."""
+    from burnkit.defenses.burn import _eligible
+    from burnkit.defenses.burn_checks import training_failure
+
+    stop, best, best_left = None, None, None
+    for _, r in rows.sort_values("iteration").iterrows():
+        signals0 = {"retention": 1.0, "target_share": float(r["target_share0"])}  # θ0 keeps all it fits
+        signals = {"retention": float(r["retention_untouched"]), "target_share": float(r["target_share"]),
+                   "target_left": None if pd.isna(r["target_labelled_left"]) else float(r["target_labelled_left"])}
+        if training_failure(signals, signals0, cfg.collapse_retention_drop, cfg.max_target_rise) is not None:
+            stop = int(r["iteration"])
+            break
+        if _eligible(signals, signals0, cfg) and (best_left is None or signals["target_left"] >= best_left):
+            best, best_left = int(r["iteration"]), signals["target_left"]
+    return {"stop": stop, "returned": best}
+
+
+def _pct(v) -> str:
+    return "–" if v is None or pd.isna(v) else f"{100 * float(v):.2f}"
+
+
+def _target_text(row) -> str:
+    share = "–" if pd.isna(row["max_share"]) else f"{row['max_share']:.2f}"
+    return f"{int(row['rank']) + 1}, {row['enrichment']:.2f}x, {share}"
+
+
+def summary_markdown(premise: pd.DataFrame, iterations: pd.DataFrame, records: pd.DataFrame, args,
+                     cfg: BurnConfig) -> str:
+    """Today's rules replayed on every record: the premise test's confusion table and the model each
+    keep rule returns, with θ0's and those models' test ACC/ASR (scored for the analysis only)."""
+    premise = premise.set_index(["record", "class"])
+    lines = [f"# BURN's rules replayed on `{args.output_name}` runs", "",
+             f"Made by `python experiments/burn_corpus/analyse.py {' '.join(sys.argv[1:])}` at revision "
+             f"{code_revision().get('revision')} on {time.strftime('%Y-%m-%d')}. Test ACC/ASR in %: θ0, the "
+             "last model of the observer run (the paper's rule), and the model `keep: best` returns under "
+             f"`max_retention_drop {cfg.max_retention_drop:g}` (collapse stop at a "
+             f"{cfg.collapse_retention_drop:g} retention drop, a {cfg.max_target_rise:g} target-share rise). "
+             f"Premise test: the farthest {cfg.premise_share:g} share, enrichment >= "
+             f"{cfg.premise_min_enrichment:g}, max adversarial share <= {cfg.premise_max_adv_share:g}.", "",
+             "| record | θ0 AUROC | θ0 ACC / ASR | premise test | target: rank, enrichment, max share | "
+             "last ACC / ASR | keep best: iteration, ACC / ASR | run revision |",
+             "|---|---|---|---|---|---|---|---|"]
+    verdicts = []
+    for _, rec in records.iterrows():
+        target = premise.loc[(rec["record"], rec["true_target"])] if (rec["record"], rec["true_target"]) in \
+            premise.index else None
+        it = iterations[iterations["record"] == rec["record"]]
+        outcome = premise_outcome(rec.to_dict(), cfg)
+        verdicts.append(outcome["verdict"])
+        keep = keep_outcome(it, cfg) if len(it) and "retention_untouched" in it else {"stop": None, "returned": None}
+        if keep["returned"] is not None:
+            r = it[it["iteration"] == keep["returned"]].iloc[0]
+            kept = f"{keep['returned']}: {_pct(r['test_acc'])} / {_pct(r['test_asr'])}"
+        else:
+            kept = f"θ0: {_pct(rec['acc_before'])} / {_pct(rec['asr_before'])}"
+        if keep["stop"] is not None:
+            kept += f" (stops at {keep['stop']})"
+        named = outcome.get("named")
+        lines.append(
+            f"| {rec['record']} | {rec['auroc_l2']:.3f} | {_pct(rec['acc_before'])} / {_pct(rec['asr_before'])} | "
+            f"{outcome['verdict']}{'' if named is None else f' ({named})'} | "
+            f"{'–' if target is None else _target_text(target)} | {_pct(rec['acc_final'])} / {_pct(rec['asr_final'])} | "
+            f"{kept} | {str(rec['revision'])[:7]}{' (dirty)' if rec['dirty'] else ''} |")
+    counts = pd.Series(verdicts).value_counts()
+    lines += ["", "Premise test on these records (ground truth: every record here is backdoored, all-to-one):", "",
+              "| names the target | names a wrong class | stops |", "|---|---|---|",
+              f"| {counts.get('names the target', 0)} | {counts.get('names a wrong class', 0)} | "
+              f"{counts.get('stops', 0)} |", ""]
+    return "\n".join(lines)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", required=True)
@@ -171,6 +269,9 @@ def main(argv=None) -> None:
             num_classes = max(num_classes, 10)
             l2, labels, crossed = scan_tensors(samples)
             sig = class_signatures(l2, crossed, labels, num_classes, args.share)
+            cfg = BurnConfig()
+            named = premise_test(l2, crossed, labels, num_classes, cfg.premise_share, cfg.premise_min_enrichment,
+                                 cfg.premise_max_adv_share)["class"]
             probes = {}
             if args.probe:
                 top = [r["class"] for r in sig[: args.probe_classes]]
@@ -183,8 +284,16 @@ def main(argv=None) -> None:
             if trace_path.is_file():
                 for row in iteration_rows(safe_torch_load(trace_path, "trace"), target):
                     iterations.append({"record": cell.record, "attack": cell.attack, "model": cell.model, **row})
+            stamp = read_stamp(run / "cost.json")
+            copies = out / "runs" / cell.record / args.output_name
+            copies.mkdir(parents=True, exist_ok=True)
+            for name in ("burn_df.csv", "burn_detection.json", "cost.json"):
+                if (run / name).is_file():
+                    shutil.copyfile(run / name, copies / name)
             records.append({"record": cell.record, "attack": cell.attack, "model": cell.model, "seed": cell.seed,
-                            "true_target": target, "auroc_l2": detection.get("auroc_l2"),
+                            "revision": stamp["revision"], "dirty": stamp["dirty"], "machine": stamp["machine"],
+                            "cpu_time_s": stamp["cpu_time_s"],
+                            "true_target": target, "premise_named": named, "auroc_l2": detection.get("auroc_l2"),
                             "acc_before": None, "asr_before": None,
                             "acc_final": df["test_acc"].dropna().iloc[-1] if df["test_acc"].notna().any() else None,
                             "asr_final": df["test_asr"].dropna().iloc[-1] if df["test_asr"].notna().any() else None})
@@ -192,9 +301,11 @@ def main(argv=None) -> None:
             if summary.is_file():
                 last = pd.read_csv(summary, index_col=0).loc["last"]
                 records[-1].update(acc_before=float(last["test_acc"]), asr_before=float(last["test_asr"]))
-    pd.DataFrame(premise).to_csv(out / "premise.csv", index=False)
-    pd.DataFrame(iterations).to_csv(out / "iterations.csv", index=False)
-    pd.DataFrame(records).to_csv(out / "records.csv", index=False)
+    premise, iterations, records = pd.DataFrame(premise), pd.DataFrame(iterations), pd.DataFrame(records)
+    premise.to_csv(out / "premise.csv", index=False)
+    iterations.to_csv(out / "iterations.csv", index=False)
+    records.to_csv(out / "records.csv", index=False)
+    (out / "summary.md").write_text(summary_markdown(premise, iterations, records, args, BurnConfig()))
     print(f"{len(records)} records -> {out}")
 
 

@@ -1,0 +1,88 @@
+"""experiments/burn_corpus/analyse.py replays BURN's checks and ``keep: best`` from a run's trace. The
+calibration tables are only worth reading if that replay returns what BURN itself returns: these tests
+hold it to a hand-made table (with the cases a looser rule gets wrong) and to a real BURN run."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from burnkit.defenses.burn import Burn, BurnConfig
+from burnkit.safe_load import safe_torch_load
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _analyse():
+    spec = importlib.util.spec_from_file_location("burn_corpus_analyse", ROOT / "experiments/burn_corpus/analyse.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _rows(*rows):
+    """iteration, retention on untouched samples, target share, θ0's target share, target-labelled left."""
+    return pd.DataFrame([{"iteration": i, "retention_untouched": r, "target_share": s, "target_share0": s0,
+                          "target_labelled_left": left} for i, r, s, s0, left in rows])
+
+
+def test_keep_replay_follows_burns_rules_by_hand():
+    analyse = _analyse()
+    cfg = BurnConfig()  # max_retention_drop 0.08, collapse 0.25, target rise 0.02
+    rows = _rows((0, 0.99, 0.10, 0.10, 0.30),
+                 (1, 0.90, 0.10, 0.10, 0.90),   # the most left, but 10 % retention lost: not eligible
+                 (2, 0.95, 0.11, 0.10, 0.50),
+                 (3, 0.93, 0.10, 0.10, 0.50),   # a tie with 2: the later one
+                 (4, 0.96, 0.10, 0.10, 0.40))
+    assert analyse.keep_outcome(rows, cfg) == {"stop": None, "returned": 3}
+    # a target-share rise of 3 points stops the run at 2; the best model before it is returned
+    risen = rows.copy()
+    risen.loc[2, "target_share"] = 0.13
+    assert analyse.keep_outcome(risen, cfg) == {"stop": 2, "returned": 0}
+    # a collapse (retention 0.70) at 0: the run stops before any model is eligible -> θ0 (None)
+    collapsed = rows.copy()
+    collapsed.loc[0, "retention_untouched"] = 0.70
+    assert analyse.keep_outcome(collapsed, cfg) == {"stop": 0, "returned": None}
+
+
+def test_premise_verdict_scores_the_named_class_against_the_true_target():
+    analyse = _analyse()
+    cfg = BurnConfig()
+    assert analyse.premise_outcome({"premise_named": 0, "true_target": 0}, cfg)["verdict"] == "names the target"
+    assert analyse.premise_outcome({"premise_named": 3, "true_target": 0}, cfg)["verdict"] == "names a wrong class"
+    assert analyse.premise_outcome({"premise_named": float("nan"), "true_target": 0}, cfg)["verdict"] == "stops"
+
+
+def test_keep_replay_returns_what_a_burn_run_returned(digits_copy):
+    """A real run with the checks on (thresholds that let some fine-tunings through and not others) and
+    its trace: replaying the trace with the run's own suspected class gives the run's returned model."""
+    analyse = _analyse()
+    out = digits_copy / "record" / "badnet_digits" / "defense" / "burn"
+    args = ["--result_file", "badnet_digits", "--iterations", "4", "--epochs", "1", "--batch_size", "64",
+            "--max_iter", "20", "--candidates", "4", "--progress", "false", "--kp_start", "0.02", "--kp_end",
+            "0.04", "--kc_start", "0.1", "--kc_end", "0.2", "--lr", "0.005", "--trace", "true",
+            "--premise_check", "true", "--premise_min_enrichment", "1", "--premise_max_adv_share", "1",
+            "--collapse_retention_drop", "1", "--max_target_rise", "1"]
+    Burn.main([*args, "--max_retention_drop", "1"])
+    trace = safe_torch_load(out / "burn_trace.pt", "trace")
+    suspect = trace["target"]["class"]
+    rows = pd.DataFrame(analyse.iteration_rows(trace, suspect))
+    drops = sorted(1 - rows["retention_untouched"])
+    assert drops[0] < drops[-1], "the fine-tunings must differ in what they lose for the test to mean anything"
+    # a limit between the smallest and the largest drop: some models eligible, some not
+    limit = (drops[0] + drops[-1]) / 2
+    Burn.main([*args, "--max_retention_drop", str(limit), "--output_name", "limited"])
+    returned = json.loads((out.parent / "limited" / "burn_detection.json").read_text())["returned"]["iteration"]
+    trace = safe_torch_load(out.parent / "limited" / "burn_trace.pt", "trace")
+    rows = pd.DataFrame(analyse.iteration_rows(trace, trace["target"]["class"]))
+    replayed = analyse.keep_outcome(rows, BurnConfig(max_retention_drop=limit, collapse_retention_drop=1,
+                                                     max_target_rise=1))
+    assert (-1 if replayed["returned"] is None else replayed["returned"]) == returned
+    assert replayed["stop"] is None
+
+
+if __name__ == "__main__":
+    pytest.main([__file__])
