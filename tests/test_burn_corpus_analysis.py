@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 
 from burnkit.defenses.burn import Burn, BurnConfig
 from burnkit.safe_load import safe_torch_load
@@ -86,3 +87,33 @@ def test_keep_replay_returns_what_a_burn_run_returned(digits_copy):
 
 if __name__ == "__main__":
     pytest.main([__file__])
+
+
+def test_the_unlearning_probe_leaves_the_model_alone_and_at_lr_0_with_frozen_batchnorm_is_theta0(digits_copy):
+    """probe_unlearning fine-tunes a copy: the model passed in keeps its weights. With lr 0 and
+    BatchNorm's running statistics frozen the copy is θ0 itself, so what "leaves" the class is exactly
+    what θ0 already predicts elsewhere (counted by hand here)."""
+    from burnkit.defenses.burn import frozen_bn_step
+    from burnkit.defenses.burn_checks import probe_unlearning
+    from burnkit.engine import predict, resolve_device
+    from burnkit.models import build_classifier, load_bb_state_dict
+    from burnkit.records import read_attack_record
+
+    record = read_attack_record(digits_copy / "record" / "badnet_digits")
+    train = record.load_data(digits_copy / "data").bd_train
+    model = build_classifier(record.model_name, record.info, record.num_classes)
+    load_bb_state_dict(model, record.state_dict)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    device = resolve_device("cpu")
+    preds0 = predict(model, train, device).argmax(1)
+    suspect = 0
+    far_pos = torch.arange(0, 40)
+    near_pos = torch.arange(40, 80)
+    relabel = torch.full((len(train),), 1)
+    cfg = BurnConfig(lr=0.0, epochs=2).train_config()
+    out = probe_unlearning(model, train, far_pos, near_pos, relabel, suspect, cfg, device, seed=3, step=frozen_bn_step)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert out["n_tuned"] == 20 and out["n_far_held_out"] == 20 and out["n_near"] == 40
+    assert out["leave_near"] == pytest.approx(float((preds0[near_pos] != suspect).double().mean()))
+    order = far_pos[torch.randperm(40, generator=torch.Generator().manual_seed(3))]
+    assert out["leave_far"] == pytest.approx(float((preds0[order[20:]] != suspect).double().mean()))

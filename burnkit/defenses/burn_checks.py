@@ -77,20 +77,22 @@ def class_signatures(l2: torch.Tensor, crossed: torch.Tensor, labels: torch.Tens
 
 def probe_unlearning(model, train: ImageSet, far_pos: torch.Tensor, near_pos: torch.Tensor,
                      relabel: torch.Tensor, suspect: int, train_cfg: TrainConfig, device: torch.device,
-                     augment=None, seed: int = 0) -> dict:
+                     augment=None, seed: int = 0, step=None) -> dict:
     """Fine-tune a copy of ``model`` on half of ``far_pos`` (relabelled with ``relabel``) and report
     the share of the other half (``leave_far``) and of ``near_pos`` (``leave_near``) that no longer
     predict ``suspect``; ``model`` itself is not changed.
 
     The halves are a seeded split of ``far_pos``, so the probe is reproducible. ``train_cfg`` should be
-    Phase 1's fine-tuning, so the probe tries what Phase 1 would do."""
+    Phase 1's fine-tuning, so the probe tries what Phase 1 would do; ``step`` is the engine's step
+    function (burn.frozen_bn_step keeps BatchNorm's running statistics, which a few steps on a handful
+    of samples otherwise move enough to change most predictions by themselves)."""
     order = far_pos[torch.randperm(len(far_pos), generator=torch.Generator().manual_seed(seed))]
     tuned_on, held_out = order[: len(order) // 2], order[len(order) // 2:]
     probe = copy.deepcopy(model)
     tune = train.subset(tuned_on).with_labels(relabel[tuned_on])
     if len(tune) >= 2:
         fit(probe, tune, dataclasses.replace(train_cfg, drop_last=len(tune) % train_cfg.batch_size == 1), device=device,
-            augment=augment, seed=seed, progress=False)
+            augment=augment, seed=seed, progress=False, step=step)
     leave = {}
     for name, pos in (("far", held_out), ("near", near_pos)):
         preds = predict(probe, train.subset(pos), device).argmax(1) if len(pos) else torch.empty(0, dtype=torch.long)

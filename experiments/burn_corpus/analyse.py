@@ -67,10 +67,10 @@ def scan_tensors(samples: pd.DataFrame):
 
 
 def probe_record(workdir: Path, record: str, samples: pd.DataFrame, classes: list[int], share: float,
-                 seed: int = 0) -> list[dict]:
+                 seed: int = 0, bn_eval: bool = False, lr: float | None = None) -> list[dict]:
     """The unlearning probe for each class in ``classes`` on this record's θ0 (Phase 1's fine-tuning)."""
     from burnkit.data import Augment
-    from burnkit.defenses.burn import BurnConfig
+    from burnkit.defenses.burn import BurnConfig, frozen_bn_step
     from burnkit.engine import resolve_device
     from burnkit.models import build_classifier, load_bb_state_dict
     from burnkit.records import read_attack_record
@@ -86,7 +86,7 @@ def probe_record(workdir: Path, record: str, samples: pd.DataFrame, classes: lis
     l2, labels, crossed = scan_tensors(samples)
     preds0 = torch.tensor(samples["clean_pred"].to_numpy())
     far = farthest_mask(l2, share)
-    cfg = BurnConfig()
+    cfg = BurnConfig(**({} if lr is None else {"lr": lr}))
     device = resolve_device("cpu")
     out = []
     for c in classes:
@@ -97,7 +97,8 @@ def probe_record(workdir: Path, record: str, samples: pd.DataFrame, classes: lis
         median = l2[own].median() if bool(own.any()) else 0.0
         near_pos = torch.nonzero(own & (preds0 == c) & (l2 < median)).flatten()
         res = probe_unlearning(model, train, far_pos, near_pos, crossed.clamp_min(0), c, cfg.train_config(), device,
-                               augment=Augment(rec.info.crop_padding, rec.info.train_flip), seed=seed)
+                               augment=Augment(rec.info.crop_padding, rec.info.train_flip), seed=seed,
+                               step=frozen_bn_step if bn_eval else None)
         out.append({"class": c, **res})
     return out
 
@@ -249,6 +250,8 @@ def main(argv=None) -> None:
     parser.add_argument("--share", type=float, default=0.05, help="the farthest share the premise test reads")
     parser.add_argument("--probe", action="store_true", help="run the unlearning probe (loads each record)")
     parser.add_argument("--probe_classes", type=int, default=3, help="probe the top-N enriched classes")
+    parser.add_argument("--probe_bn_eval", action="store_true", help="the probe keeps BatchNorm's running statistics")
+    parser.add_argument("--probe_lr", type=float, default=None, help="the probe's learning rate (default: BURN's)")
     args = parser.parse_args(argv)
     workdir = Path(args.workdir)
     out = Path(args.out)
@@ -275,7 +278,8 @@ def main(argv=None) -> None:
             probes = {}
             if args.probe:
                 top = [r["class"] for r in sig[: args.probe_classes]]
-                probes = {p["class"]: p for p in probe_record(workdir, cell.record, samples, top, args.share)}
+                probes = {p["class"]: p for p in probe_record(workdir, cell.record, samples, top, args.share,
+                                                              bn_eval=args.probe_bn_eval, lr=args.probe_lr)}
             for rank, row in enumerate(sig):
                 premise.append({"record": cell.record, "attack": cell.attack, "model": cell.model, "seed": cell.seed,
                                 "true_target": target, "rank": rank, "is_target": row["class"] == target, **row,
