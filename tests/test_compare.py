@@ -554,3 +554,43 @@ def test_the_running_interpreter_is_not_outside_code(tmp_path):
     reasons = load_experiment(write(tmp_path, {**BASE, "python": "/bin/sh", "env": {"LD_PRELOAD": "x.so"},
                                                "scripts_root": str(REPO / "burnkit" / "..")})).outside_code()
     assert [r.split(" ")[0] for r in reasons] == ["python", "env.LD_PRELOAD"]  # the checkout itself is not outside
+
+
+def test_cells_run_depth_first_so_each_records_results_arrive_early(tmp_path, monkeypatch):
+    """With one slot, the defenses of a finished record run before the next record's attack: a long
+    corpus yields complete records (attack and its defenses) from the start, not all attacks first."""
+    from concurrent.futures import Future
+
+    from burnkit.compare import experiment as experiment_module
+    from burnkit.compare import runner
+    from burnkit.compare.executors import CellOutcome
+
+    finished, order = set(), []
+
+    class Instant:
+        """Runs nothing: notes the cell, marks it finished and reports exit 0."""
+
+        def describe(self):
+            return "instant"
+
+        def submit(self, task):
+            order.append(task.cell_id)
+            finished.add(task.cell_id)
+            future = Future()
+            future.set_result(CellOutcome(task.cell_id, 0, 0.0, "", "here"))
+            return future
+
+        def close(self, interrupted=False):
+            pass
+
+    monkeypatch.setattr(runner, "make_executor", lambda kind, jobs, exp: Instant())
+    monkeypatch.setattr(experiment_module, "record_done", lambda folder: f"attack/{folder.name}" in finished)
+    monkeypatch.setattr(experiment_module, "defense_done",
+                        lambda folder, script: f"defense/{folder.parent.parent.name}/{folder.name}" in finished)
+    exp = experiment(tmp_path, "order", {"ft": {}, "burn": {}}, seeds=[0])
+    report = runner.run_experiment(load_experiment(exp, workdir=str(tmp_path)), "local", 1, echo=lambda *_: None)
+    assert len(report.done) == 6 and not report.failed
+    kinds = [cell_id.split("/")[0] for cell_id in order]
+    assert kinds == ["attack", "defense", "defense", "attack", "defense", "defense"], order
+    first = order[0].split("/")[1]
+    assert all(first in cell_id for cell_id in order[:3])

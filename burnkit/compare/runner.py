@@ -136,7 +136,9 @@ def run_experiment(exp: Experiment, executor: str, jobs: int, echo=print, rerun_
     failed_records: set[str] = set()
     try:
         while pending or running:
-            for cell in list(pending):
+            # depth first: a free slot goes to a defense or detector whose record is ready before it
+            # starts another attack, so each record's results arrive early (same work, same cells)
+            for cell in sorted(pending, key=lambda c: c.kind == "attack"):
                 if len(running) >= jobs:
                     break
                 if cell.kind != "attack":  # defenses and detectors
