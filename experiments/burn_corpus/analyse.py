@@ -196,6 +196,12 @@ def _target_text(row) -> str:
     return f"{int(row['rank']) + 1}, {row['enrichment']:.2f}x, {share}"
 
 
+def _signals_text(row) -> str:
+    def num(v):
+        return "–" if pd.isna(v) else f"{v:.2f}"
+    return f"{row['enrichment']:.2f}x, {num(row['max_share'])}, {num(row['entropy'])}"
+
+
 def summary_markdown(premise: pd.DataFrame, iterations: pd.DataFrame, records: pd.DataFrame, args,
                      cfg: BurnConfig) -> str:
     """Today's rules replayed on every record: the premise test's confusion table and the model each
@@ -233,6 +239,21 @@ def summary_markdown(premise: pd.DataFrame, iterations: pd.DataFrame, records: p
             f"{outcome['verdict']}{'' if named is None else f' ({named})'} | "
             f"{'–' if target is None else _target_text(target)} | {_pct(rec['acc_final'])} / {_pct(rec['asr_final'])} | "
             f"{kept} | {str(rec['revision'])[:7]}{' (dirty)' if rec['dirty'] else ''} |")
+    lines += ["", "Premise signals (the farthest share of samples by θ0's boundary distance): the true target "
+              "against the most enriched other class. enrichment: the class's share there over its share of "
+              "the training set; max share: the largest share of its farthest samples crossing to one class; "
+              "entropy: the normalised entropy of where they cross.", "",
+              "| record | target: enrichment, max share, entropy | most enriched other class: class, enrichment, "
+              "max share, entropy |", "|---|---|---|"]
+    for _, rec in records.iterrows():
+        rows = premise.xs(rec["record"], level="record") if rec["record"] in premise.index.get_level_values(0) else None
+        if rows is None:
+            continue
+        target = rows.loc[rec["true_target"]] if rec["true_target"] in rows.index else None
+        others = rows.drop(index=rec["true_target"], errors="ignore").sort_values("enrichment", ascending=False)
+        other = others.iloc[0] if len(others) else None
+        lines.append(f"| {rec['record']} | {'–' if target is None else _signals_text(target)} | "
+                     f"{'–' if other is None else f'{int(other.name)}: ' + _signals_text(other)} |")
     counts = pd.Series(verdicts).value_counts()
     lines += ["", "Premise test on these records (ground truth: every record here is backdoored, all-to-one):", "",
               "| names the target | names a wrong class | stops |", "|---|---|---|",
