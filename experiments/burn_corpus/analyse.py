@@ -210,19 +210,26 @@ def summary_markdown(premise: pd.DataFrame, iterations: pd.DataFrame, records: p
     lines = [f"# BURN's rules replayed on `{args.output_name}` runs", "",
              f"Made by `python experiments/burn_corpus/analyse.py {' '.join(sys.argv[1:])}` at revision "
              f"{code_revision().get('revision')} on {time.strftime('%Y-%m-%d')}. Test ACC/ASR in %: θ0, the "
-             "last model of the observer run (the paper's rule), and the model `keep: best` returns under "
+             "last model of the observer run (the paper's rule), and the model BURN's defaults return: θ0 "
+             "when the premise test fails, else the model `keep: best` picks, with the checks reading the class "
+             "the test names, under "
              f"`max_retention_drop {cfg.max_retention_drop:g}` (collapse stop at a "
              f"{cfg.collapse_retention_drop:g} retention drop, a {cfg.max_target_rise:g} target-share rise). "
              f"Premise test: the farthest {cfg.premise_share:g} share, enrichment >= "
              f"{cfg.premise_min_enrichment:g}, max adversarial share <= {cfg.premise_max_adv_share:g}.", "",
              "| record | θ0 AUROC | θ0 ACC / ASR | premise test | target: rank, enrichment, max share | "
-             "last ACC / ASR | keep best: iteration, ACC / ASR | run revision |",
+             "last ACC / ASR | BURN's defaults return: iteration, ACC / ASR | run revision |",
              "|---|---|---|---|---|---|---|---|"]
     verdicts = []
     for _, rec in records.iterrows():
         target = premise.loc[(rec["record"], rec["true_target"])] if (rec["record"], rec["true_target"]) in \
             premise.index else None
         it = iterations[iterations["record"] == rec["record"]]
+        named_rows = it[it["read_as"] == "named class"]
+        it = named_rows if len(named_rows) else it[it["read_as"] == "true target"]
+        # the observer's fine-tunings are BURN's only when its suspect (the most enriched class) is the
+        # class the premise test names; otherwise the replay reads other fine-tunings than BURN's
+        exact = pd.isna(rec["premise_named"]) or rec["observer_suspect"] == rec["premise_named"]
         outcome = premise_outcome(rec.to_dict(), cfg)
         verdicts.append(outcome["verdict"])
         keep = keep_outcome(it, cfg) if len(it) and "retention_untouched" in it else {"stop": None, "returned": None}
@@ -233,6 +240,10 @@ def summary_markdown(premise: pd.DataFrame, iterations: pd.DataFrame, records: p
             kept = f"θ0: {_pct(rec['acc_before'])} / {_pct(rec['asr_before'])}"
         if keep["stop"] is not None:
             kept += f" (stops at {keep['stop']})"
+        if pd.isna(rec["premise_named"]):
+            kept = f"θ0 (premise fails): {_pct(rec['acc_before'])} / {_pct(rec['asr_before'])}"
+        elif not exact:
+            kept += " (approximate: the observer fine-tuned for another suspect)"
         named = outcome.get("named")
         lines.append(
             f"| {rec['record']} | {rec['auroc_l2']:.3f} | {_pct(rec['acc_before'])} / {_pct(rec['asr_before'])} | "
@@ -306,9 +317,17 @@ def main(argv=None) -> None:
                                 "true_target": target, "rank": rank, "is_target": row["class"] == target, **row,
                                 **{f"probe_{k}": v for k, v in probes.get(row["class"], {}).items() if k != "class"}})
             trace_path = run / "burn_trace.pt"
+            observed_suspect = None
             if trace_path.is_file():
-                for row in iteration_rows(safe_torch_load(trace_path, "trace"), target):
-                    iterations.append({"record": cell.record, "attack": cell.attack, "model": cell.model, **row})
+                trace = safe_torch_load(trace_path, "trace")
+                observed_suspect = trace["target"].get("class")
+                for row in iteration_rows(trace, target):
+                    iterations.append({"record": cell.record, "attack": cell.attack, "model": cell.model,
+                                       "read_as": "true target", **row})
+                if named is not None and named != target:  # what BURN's checks read: the class it names
+                    for row in iteration_rows(trace, named):
+                        iterations.append({"record": cell.record, "attack": cell.attack, "model": cell.model,
+                                           "read_as": "named class", **row})
             stamp = read_stamp(run / "cost.json")
             copies = out / "runs" / cell.record / args.output_name
             copies.mkdir(parents=True, exist_ok=True)
@@ -318,7 +337,8 @@ def main(argv=None) -> None:
             records.append({"record": cell.record, "attack": cell.attack, "model": cell.model, "seed": cell.seed,
                             "revision": stamp["revision"], "dirty": stamp["dirty"], "machine": stamp["machine"],
                             "cpu_time_s": stamp["cpu_time_s"],
-                            "true_target": target, "premise_named": named, "auroc_l2": detection.get("auroc_l2"),
+                            "true_target": target, "premise_named": named, "observer_suspect": observed_suspect,
+                            "auroc_l2": detection.get("auroc_l2"),
                             "acc_before": None, "asr_before": None,
                             "acc_final": df["test_acc"].dropna().iloc[-1] if df["test_acc"].notna().any() else None,
                             "asr_final": df["test_asr"].dropna().iloc[-1] if df["test_asr"].notna().any() else None})
