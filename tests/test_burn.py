@@ -30,7 +30,8 @@ CHECKS_OFF = ["--premise_check", "false"]
 CHECKS_ON = ["--premise_check", "true"]
 # the checks run after every step but cannot fire: any enrichment passes, any share, any drop, any rise
 CHECKS_THAT_CANNOT_FIRE = [*CHECKS_ON, "--premise_min_enrichment", "1", "--premise_max_adv_share", "1",
-                           "--collapse_retention_drop", "1", "--max_target_rise", "1", "--max_retention_drop", "1"]
+                           "--collapse_retention_drop", "1", "--max_target_rise", "1", "--max_retention_drop", "1",
+                           "--min_unlearning_ratio", "0"]
 
 
 def _run(*extra):
@@ -530,14 +531,15 @@ def test_keep_best_returns_theta0_when_no_fine_tuned_model_keeps_its_training_pr
 
 
 def test_keep_best_returns_the_eligible_model_that_moved_most_target_samples_off_the_target(digits_copy):
-    """Every fine-tuned model eligible: the returned one is the row with the largest train_target_left
-    (the later one on a tie), and its weights are those of that iteration's checkpoint."""
+    """Every Phase 2 model eligible: the returned one is the row with the largest train_target_left
+    (the later one on a tie; Phase 1's model, iteration 0, is never returned), and its weights are
+    those of that iteration's checkpoint."""
     result = _run(*CHECKS_THAT_CANNOT_FIRE, "--iterations", "3", "--test_every", "1")
     out = digits_copy / "record" / "badnet_digits" / "defense" / "burn"
     df = pd.read_csv(out / "burn_df.csv")
     tuned = df[df["iteration"].notna()]
     left = tuned["train_target_left"].tolist()
-    best = max(i for i, v in enumerate(left) if v == max(left))
+    best = max(i for i, v in enumerate(left) if i >= 1 and v == max(left[1:]))
     returned = json.loads((out / "burn_detection.json").read_text())["returned"]
     assert returned["iteration"] == best
     if best == len(left) - 1:  # the last model: no extra row
@@ -643,3 +645,44 @@ def test_a_train_subset_record_is_scanned_and_tuned_on_the_trained_samples_only(
     assert df["n_ranked_poison"].tolist() == [share_count(k, 600) for k in (0.02, 0.03, 0.04)]
     logs = "".join(p.read_text() for p in (out / "log").glob("*.log"))
     assert "boundary scan of 600 samples" in logs
+
+
+def test_phase_one_is_neither_judged_nor_returned_and_unlearning_must_be_specific():
+    """check_failure skips iteration 0 (Phase 1's warm start on D_poison alone); _eligible never takes
+    it, and takes a Phase 2 model only if it moved the target-labelled samples off the target at least
+    min_unlearning_ratio times as fast as it lost θ0's other correct predictions (loss floored at 1 %)."""
+    cfg = BurnConfig()
+    signals0 = {"retention": 1.0, "target_share": 0.10, "target_left": 0.0}
+    collapsed = {"retention": 0.5, "target_share": 0.30, "target_left": 0.9}
+    assert burn_mod.check_failure(0, collapsed, signals0, cfg) is None
+    assert "lost 50.0%" in burn_mod.check_failure(1, collapsed, signals0, cfg)
+    unlearning = {"retention": 0.95, "target_share": 0.10, "target_left": 0.30}  # 0.30 >= 4 x 0.05
+    assert not burn_mod._eligible(0, unlearning, signals0, cfg)
+    assert burn_mod._eligible(1, unlearning, signals0, cfg)
+    damage = {"retention": 0.95, "target_share": 0.10, "target_left": 0.19}  # 0.19 < 4 x 0.05
+    assert not burn_mod._eligible(1, damage, signals0, cfg)
+    assert burn_mod._eligible(1, damage, signals0, BurnConfig(min_unlearning_ratio=3.0))
+    untouched = {"retention": 1.0, "target_share": 0.10, "target_left": 0.03}  # 0.03 < 4 x 0.01 (the floor)
+    assert not burn_mod._eligible(1, untouched, signals0, cfg)
+    with pytest.raises(BurnError, match="min_unlearning_ratio"):
+        BurnConfig(min_unlearning_ratio=float("inf")).validate()
+
+
+def test_a_failure_at_the_first_judged_fine_tuning_falls_back_to_theta0(digits_copy):
+    """--collapse_retention_drop 0: the first Phase 2 fine-tuning (iteration 1) loses some correct
+    training prediction and stops the run; BURN keeps θ0, not Phase 1's model, and says so."""
+    from burnkit.models import build_classifier, load_bb_state_dict
+    from burnkit.records import read_attack_record
+
+    result = _run(*CHECKS_THAT_CANNOT_FIRE, "--collapse_retention_drop", "0", "--lr", "0.01", "--iterations", "3")
+    out = digits_copy / "record" / "badnet_digits" / "defense" / "burn"
+    df = pd.read_csv(out / "burn_df.csv")
+    assert df["iteration"].tolist() == [0, 1] and pd.isna(df["stopped"][0]) and "lost" in df["stopped"][1]
+    detection = json.loads((out / "burn_detection.json").read_text())
+    assert detection["stopped"]["iteration"] == 1 and detection["stopped"]["kept"].startswith("θ0")
+    assert detection["returned"]["iteration"] == -1
+    record = read_attack_record(digits_copy / "record" / "badnet_digits")
+    theta0 = build_classifier(record.model_name, record.info, record.num_classes)
+    load_bb_state_dict(theta0, record.state_dict)
+    assert all(torch.equal(theta0.net.state_dict()[k], v) for k, v in _net_state(result).items())
+    assert df["test_acc"].iloc[-1] == pytest.approx(result["before"].acc)

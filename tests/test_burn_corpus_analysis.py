@@ -32,21 +32,24 @@ def _rows(*rows):
 
 def test_keep_replay_follows_burns_rules_by_hand():
     analyse = _analyse()
-    cfg = BurnConfig()  # max_retention_drop 0.08, collapse 0.25, target rise 0.02
-    rows = _rows((0, 0.99, 0.10, 0.10, 0.30),
+    cfg = BurnConfig()  # max_retention_drop 0.08, min_unlearning_ratio 4, collapse 0.25, target rise 0.02
+    rows = _rows((0, 0.70, 0.20, 0.10, 0.95),   # Phase 1: neither judged nor returned
                  (1, 0.90, 0.10, 0.10, 0.90),   # the most left, but 10 % retention lost: not eligible
-                 (2, 0.95, 0.11, 0.10, 0.50),
-                 (3, 0.93, 0.10, 0.10, 0.50),   # a tie with 2: the later one
-                 (4, 0.96, 0.10, 0.10, 0.40))
+                 (2, 0.95, 0.11, 0.10, 0.50),   # 0.50 >= 4 x 0.05
+                 (3, 0.93, 0.10, 0.10, 0.50),   # a tie with 2: the later one (0.50 >= 4 x 0.07)
+                 (4, 0.99, 0.10, 0.10, 0.40),
+                 (5, 0.97, 0.10, 0.10, 0.10))   # 0.10 < 4 x 0.03: damage, not unlearning
     assert analyse.keep_outcome(rows, cfg) == {"stop": None, "returned": 3}
-    # a target-share rise of 3 points stops the run at 2; the best model before it is returned
+    # a target-share rise of 3 points stops the run at 3; the best model before it is returned
     risen = rows.copy()
-    risen.loc[2, "target_share"] = 0.13
-    assert analyse.keep_outcome(risen, cfg) == {"stop": 2, "returned": 0}
-    # a collapse (retention 0.70) at 0: the run stops before any model is eligible -> θ0 (None)
+    risen.loc[3, "target_share"] = 0.13
+    assert analyse.keep_outcome(risen, cfg) == {"stop": 3, "returned": 2}
+    # a collapse (retention 0.70) at 1: the run stops before any model is eligible -> θ0 (None)
     collapsed = rows.copy()
-    collapsed.loc[0, "retention_untouched"] = 0.70
-    assert analyse.keep_outcome(collapsed, cfg) == {"stop": 0, "returned": None}
+    collapsed.loc[1, "retention_untouched"] = 0.70
+    assert analyse.keep_outcome(collapsed, cfg) == {"stop": 1, "returned": None}
+    # the ratio floors the loss at 1 %: 0.03 left with no loss is below 4 x 0.01
+    assert analyse.keep_outcome(_rows((0, 1.0, 0.1, 0.1, 0.0), (1, 1.0, 0.1, 0.1, 0.03)), cfg)["returned"] is None
 
 
 def test_premise_verdict_scores_the_named_class_against_the_true_target():

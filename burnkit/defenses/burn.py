@@ -44,17 +44,21 @@ Safeguards beyond the paper (on by default; ``paper_exact: true`` turns all of t
   of the whole training set (all-to-one poison carries the target label) and takes the first, most
   enriched first, of whose farthest samples at most ``premise_max_adv_share`` (half) cross the
   boundary towards one class (poison crosses back to the classes it came from; a naturally easy class
-  crosses to one neighbour). After every fine-tuning it reads the training samples no fine-tuning has
-  trained on: a model that lost more than ``collapse_retention_drop`` of θ0's correct predictions
-  there, or predicts ``max_target_rise`` more samples as the suspected target than θ0, stops the run
-  (a collapse), keeping the last model that passed (θ0 when the test before Phase 1 fails). The stop
+  crosses to one neighbour). After every Phase 2 fine-tuning it reads the training samples no
+  fine-tuning has trained on: a model that lost more than ``collapse_retention_drop`` of θ0's correct
+  predictions there, or predicts ``max_target_rise`` more samples as the suspected target than θ0,
+  stops the run (a collapse), keeping the last model that passed (θ0 when the test before Phase 1 or
+  the first Phase 2 check fails: Phase 1's model, fine-tuned on D_poison^0 alone, is the paper's warm
+  start and is neither judged nor returned; see ``check_failure``). The stop
   is said in the log, ``burn_df.csv``, ``burn_detection.json`` and ``cost.json``, with what the user
   can do instead. The test assumes an all-to-one attack, the paper's setting: for all-to-all attacks
   pass ``--premise_check false``.
-* ``keep: best`` - of the fine-tuned models that kept θ0's correct predictions on those untouched
-  samples within ``max_retention_drop``, BURN returns the one that moved the most target-labelled
-  training samples off the target (θ0 when none qualifies); a final ``burn_df.csv`` row scores it when
-  it is not the last one. ``last`` returns the last model, as the paper.
+* ``keep: best`` - of the Phase 2 models that kept θ0's correct predictions on those untouched
+  samples within ``max_retention_drop`` and moved the target-labelled training samples off the target
+  at least ``min_unlearning_ratio`` times as fast as they lost the others (unlearning is specific to
+  the target; damage is not), BURN returns the one that moved the most (θ0 when none qualifies); a
+  final ``burn_df.csv`` row scores it when it is not the last one. ``last`` returns the last model, as
+  the paper.
 * ``kc_factor: 2`` - the clean shares ``k_c`` doubled (5 -> 10 %), the setting of the paper's own
   ablation (§6.3) that removed more ASR and kept more ACC; 1 is the paper's schedule.
 
@@ -174,6 +178,10 @@ class BurnConfig(DefenseConfig):
     max_retention_drop: float = option(0.08, "keep best: the returned model may lose at most this share of θ0's "
                                              "correct predictions on untouched training samples (a stand-in for "
                                              "clean accuracy that needs no clean data)")
+    min_unlearning_ratio: float = option(4.0, "keep best: the returned model must have moved a share of the "
+                                              "target-labelled training samples off the target at least this many "
+                                              "times the share of θ0's other correct predictions it lost (floor "
+                                              "1 %): unlearning a backdoor is specific to its target, damage is not")
     paper_exact: bool = option(False, "the paper exactly: its boundary attack (every class, its per-step update, no "
                                       "clipping) and Algorithm 1 with no safeguard (unflipped prediction, no "
                                       "skip_own_label, avoid_target or premise_check); overrides those keys. Settings "
@@ -191,6 +199,8 @@ class BurnConfig(DefenseConfig):
                     "premise_max_adv_share", "max_retention_drop", "max_target_rise", "collapse_retention_drop"):
             if not 0.0 <= getattr(self, key) <= 1.0:
                 raise BurnError(f"--{key} must be in [0, 1], got {getattr(self, key)}")
+        if self.min_unlearning_ratio < 0 or not math.isfinite(self.min_unlearning_ratio):
+            raise BurnError(f"--min_unlearning_ratio must be a finite number >= 0, got {self.min_unlearning_ratio}")
         if self.kc_factor < 0 or not math.isfinite(self.kc_factor):
             raise BurnError(f"--kc_factor must be a finite number >= 0, got {self.kc_factor}")
         if max(self.kp_start, self.kp_end) + self.clean_factor() * max(self.kc_start, self.kc_end) > 1.0:
@@ -451,7 +461,8 @@ def burn(model: Classifier, data: DefenseData, cfg: BurnConfig, run: DefenseRun)
     run.logger.info("premise test (labels of the farthest samples): %s; %d samples not flipped by the attack",
                     json.dumps(target), int((~result.converged.bool()).sum()))
 
-    theta0 = _cpu_copy(model.net.state_dict()) if guards["keep"] == "best" else None  # what keep: best may return
+    # θ0: what keep: best may return, and the fallback when the first model the checks judge fails
+    theta0 = _cpu_copy(model.net.state_dict()) if guards["premise_check"] else None
     state = _load(state_path, fingerprint, "BURN")
     if state is None:
         state = {"version": STATE_VERSION, "fingerprint": fingerprint, "completed": -1, "model": None,
@@ -491,8 +502,9 @@ def burn(model: Classifier, data: DefenseData, cfg: BurnConfig, run: DefenseRun)
         # the model to fall back to: the checkpoint's CPU copy of the previous iteration's weights
         # (one copy of a large model, not two, and none on the accelerator); θ0 before Phase 1
         before = None
-        if guards["premise_check"]:
-            before = state["model"] if state["model"] is not None else _cpu_copy(model.net.state_dict())
+        if guards["premise_check"]:  # Phase 1's model is no fallback (see check_failure): θ0 is
+            before = theta0 if t <= 1 else state["model"] if state["model"] is not None else _cpu_copy(
+                model.net.state_dict())
         finetune_s, logits_next = 0.0, None
         signals = {"retention": None, "target_share": None, "target_left": None}
         if stop_reason is None:
@@ -514,11 +526,11 @@ def burn(model: Classifier, data: DefenseData, cfg: BurnConfig, run: DefenseRun)
                 untouched = ~touched_mask(len(train), [*state["poison_sets"], poison_pos], [*state["clean_sets"], clean_pos])
                 signals = training_signals(preds0, logits_next.argmax(1), labels, target["class"], untouched)
             if guards["premise_check"]:
-                stop_reason = training_failure(signals, signals0, cfg.collapse_retention_drop, cfg.max_target_rise)
+                stop_reason = check_failure(t, signals, signals0, cfg)
         if stop_reason is not None:
             model.net.load_state_dict(before)  # keep the last model that passed
             logits_next = None
-            kept = "θ0 (the model it was given)" if t == 0 else f"the model of iteration {t - 1}"
+            kept = "θ0 (the model it was given)" if t <= 1 else f"the model of iteration {t - 1}"
             state["stopped"] = {"iteration": t, "reason": stop_reason, "kept": kept, "advice": STOP_ADVICE}
             run.logger.warning("BURN stopped at iteration %d and keeps %s: %s", t, kept, stop_reason)
         tested = t % cfg.test_every == 0 or t == last or stop_reason is not None
@@ -537,7 +549,7 @@ def burn(model: Classifier, data: DefenseData, cfg: BurnConfig, run: DefenseRun)
                "selection_auroc": ranking_auroc(train, score), "finetune_s": finetune_s}
         run.metrics.append(row)
         before = state["model"] = None  # drop the previous copy before taking the next one
-        if guards["keep"] == "best" and stop_reason is None and _eligible(signals, signals0, cfg) and (
+        if guards["keep"] == "best" and stop_reason is None and _eligible(t, signals, signals0, cfg) and (
                 state.get("best") is None or signals["target_left"] >= state["best"]["target_left"]):
             state["best"] = {"iteration": t, "target_left": signals["target_left"], "retention": signals["retention"]}
             state["best_model"] = _cpu_copy(model.net.state_dict())
@@ -576,11 +588,31 @@ def burn(model: Classifier, data: DefenseData, cfg: BurnConfig, run: DefenseRun)
     return model
 
 
-def _eligible(signals: dict, signals0: dict, cfg: BurnConfig) -> bool:
-    """A fine-tuned model BURN may return: it kept θ0's correct predictions on the untouched training
-    samples within ``max_retention_drop`` and the backdoor signal is measured."""
-    return (signals["target_left"] is not None and signals["retention"] is not None
-            and signals0["retention"] - signals["retention"] <= cfg.max_retention_drop)
+def check_failure(t: int, signals: dict, signals0: dict, cfg: BurnConfig) -> str | None:
+    """Why the fine-tuning of iteration ``t`` failed the checks (burn_checks.training_failure), or None.
+
+    Phase 1's model (t = 0) is not judged: it is the paper's warm start, fine-tuned on D_poison^0
+    alone (a few dozen relabelled samples, BatchNorm in train mode), and on the calibration corpus it
+    lost up to 30 % of θ0's training predictions that the first Phase 2 fine-tuning gave back (SIG, seed
+    2: a stop there returned θ0 where the run removed the backdoor). It is never returned either: a
+    failure at iteration 1 falls back to θ0, and ``keep: best`` skips it (:func:`_eligible`)."""
+    if t == 0:
+        return None
+    return training_failure(signals, signals0, cfg.collapse_retention_drop, cfg.max_target_rise)
+
+
+def _eligible(t: int, signals: dict, signals0: dict, cfg: BurnConfig) -> bool:
+    """A fine-tuned model ``keep: best`` may return: a Phase 2 model (t >= 1; see :func:`check_failure`)
+    that kept θ0's correct predictions on the untouched training samples within ``max_retention_drop``
+    and whose unlearning is specific to the suspected target - it moved at least
+    ``min_unlearning_ratio`` times as large a share of the target-labelled samples off the target as
+    the share of θ0's other correct predictions it lost (that loss floored at 1 %). Fine-tunings on the
+    wrong class or on clean images move the target no faster than everything else (ratios up to about
+    2.7 on the calibration corpus; the models that removed a backdoor: 7 and more)."""
+    if t < 1 or signals["target_left"] is None or signals["retention"] is None:
+        return False
+    drop = signals0["retention"] - signals["retention"]
+    return drop <= cfg.max_retention_drop and signals["target_left"] >= cfg.min_unlearning_ratio * max(drop, 0.01)
 
 
 def _return_best(model: Classifier, theta0: dict, state: dict, cfg: BurnConfig, run: DefenseRun) -> dict | None:
@@ -589,7 +621,9 @@ def _return_best(model: Classifier, theta0: dict, state: dict, cfg: BurnConfig, 
     row as the result). θ0 when no fine-tuned model was eligible."""
     best = state.get("best")
     stopped = state["stopped"]
-    current = (stopped["iteration"] - 1) if stopped is not None else state["completed"]
+    # the model loaded now: after a stop, the last that passed (θ0, -1, for a stop at iteration 0 or 1)
+    current = (-1 if stopped["iteration"] <= 1 else stopped["iteration"] - 1) if stopped is not None \
+        else state["completed"]
     if best is not None and best["iteration"] == current:
         chosen = f"the model of iteration {current}"
         run.logger.info("BURN returns %s: of the fine-tuned models that kept %.0f%% of θ0's correct predictions on the "
@@ -598,14 +632,17 @@ def _return_best(model: Classifier, theta0: dict, state: dict, cfg: BurnConfig, 
         state["returned"] = {"iteration": current, "why": "best"}
         return None
     if best is None:
-        if current < 0:  # stopped before Phase 1: θ0 is loaded and row 0 scores it
-            state["returned"] = {"iteration": -1, "why": "stopped before Phase 1"}
+        if current < 0:  # stopped at iteration 0 or 1: θ0 is loaded and the stop's row scores it
+            state["returned"] = {"iteration": -1, "why": "stopped before Phase 2 produced a model"}
             return None
-        run.logger.warning("BURN returns θ0 (the model it was given): every fine-tuned model lost more than %.0f%% of "
-                           "θ0's correct predictions on the training samples no fine-tuning trained on. %s",
-                           100 * cfg.max_retention_drop, STOP_ADVICE)
+        run.logger.warning("BURN returns θ0 (the model it was given): no Phase 2 model kept %.0f%% of θ0's correct "
+                           "predictions on the training samples no fine-tuning trained on while moving the target-"
+                           "labelled samples off the target at least %g times as fast (the sign of unlearning a "
+                           "backdoor rather than damaging the model). %s", 100 * (1 - cfg.max_retention_drop),
+                           cfg.min_unlearning_ratio, STOP_ADVICE)
         model.net.load_state_dict(theta0)
-        state["returned"] = {"iteration": -1, "why": "no fine-tuned model kept θ0's training predictions"}
+        state["returned"] = {"iteration": -1, "why": "no fine-tuned model kept θ0's training predictions while "
+                                                     "unlearning the suspected target"}
     else:
         model.net.load_state_dict(state["best_model"])
         run.logger.info("BURN returns the model of iteration %d, not the last: of the fine-tuned models that kept "

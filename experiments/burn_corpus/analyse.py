@@ -168,22 +168,21 @@ def premise_outcome(record: dict, cfg: BurnConfig) -> dict:
 
 def keep_outcome(rows: pd.DataFrame, cfg: BurnConfig) -> dict:
     """The checks after each fine-tuning and ``keep: best`` replayed on one record's iteration rows
-    with the functions BURN runs (burn_checks.training_failure, burn._eligible); the signals are read
-    with the true target as the suspected class (the premise test is scored on its own). Returns the
-    iteration the run would stop at and the iteration whose model it would return (None: θ0)."""
-    from burnkit.defenses.burn import _eligible
-    from burnkit.defenses.burn_checks import training_failure
+    with the functions BURN runs (burn.check_failure, burn._eligible). Returns the iteration the run
+    would stop at and the iteration whose model it would return (None: θ0)."""
+    from burnkit.defenses.burn import _eligible, check_failure
 
     stop, best, best_left = None, None, None
     for _, r in rows.sort_values("iteration").iterrows():
+        t = int(r["iteration"])
         signals0 = {"retention": 1.0, "target_share": float(r["target_share0"])}  # θ0 keeps all it fits
         signals = {"retention": float(r["retention_untouched"]), "target_share": float(r["target_share"]),
                    "target_left": None if pd.isna(r["target_labelled_left"]) else float(r["target_labelled_left"])}
-        if training_failure(signals, signals0, cfg.collapse_retention_drop, cfg.max_target_rise) is not None:
-            stop = int(r["iteration"])
+        if check_failure(t, signals, signals0, cfg) is not None:
+            stop = t
             break
-        if _eligible(signals, signals0, cfg) and (best_left is None or signals["target_left"] >= best_left):
-            best, best_left = int(r["iteration"]), signals["target_left"]
+        if _eligible(t, signals, signals0, cfg) and (best_left is None or signals["target_left"] >= best_left):
+            best, best_left = t, signals["target_left"]
     return {"stop": stop, "returned": best}
 
 
@@ -213,7 +212,8 @@ def summary_markdown(premise: pd.DataFrame, iterations: pd.DataFrame, records: p
              "last model of the observer run (the paper's rule), and the model BURN's defaults return: θ0 "
              "when the premise test fails, else the model `keep: best` picks, with the checks reading the class "
              "the test names, under "
-             f"`max_retention_drop {cfg.max_retention_drop:g}` (collapse stop at a "
+             f"`max_retention_drop {cfg.max_retention_drop:g}`, `min_unlearning_ratio "
+             f"{cfg.min_unlearning_ratio:g}` (collapse stop at a "
              f"{cfg.collapse_retention_drop:g} retention drop, a {cfg.max_target_rise:g} target-share rise). "
              f"Premise test: the farthest {cfg.premise_share:g} share, enrichment >= "
              f"{cfg.premise_min_enrichment:g}, max adversarial share <= {cfg.premise_max_adv_share:g}.", "",
