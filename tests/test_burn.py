@@ -686,3 +686,30 @@ def test_a_failure_at_the_first_judged_fine_tuning_falls_back_to_theta0(digits_c
     load_bb_state_dict(theta0, record.state_dict)
     assert all(torch.equal(theta0.net.state_dict()[k], v) for k, v in _net_state(result).items())
     assert df["test_acc"].iloc[-1] == pytest.approx(result["before"].acc)
+
+
+def test_premise_test_tries_only_the_one_inflated_label_when_there_is_one():
+    """Class 0 carries twice the median label count (all-to-one poison relabelled to it) but is not far
+    from the boundary; class 3 (an easy class) is the most enriched and crosses to many classes. Without
+    the inflation rule class 3 is suspected; with it only class 0 is tried, and the premise fails,
+    saying why. With two inflated classes (a naturally imbalanced set) the rule does not apply."""
+    labels = torch.tensor([0] * 16 + [1] * 8 + [2] * 8 + [3] * 8)
+    l2 = torch.zeros(40)
+    far = [32, 33, 34, 35, 36, 0, 17, 25]  # farthest 8: class 3 x5, class 0 x1, class 1 x1, class 2 x1
+    l2[far] = torch.arange(8, 0, -1, dtype=torch.float)
+    crossed = torch.tensor([1, 2, 3, 1] * 10)  # every class crosses to several classes
+    crossed[[32, 33, 34, 35, 36]] = torch.tensor([0, 1, 2, 0, 1])  # class 3's farthest: at most 40 % to one
+    plain = burn_checks.premise_test(l2, crossed, labels, 4, 0.2, 1.5, 0.5)
+    assert plain["class"] == 3 and plain["inflated"] is None
+    ruled = burn_checks.premise_test(l2, crossed, labels, 4, 0.2, 1.5, 0.5, min_inflation=1.5)
+    assert ruled["class"] is None and ruled["inflated"] == 0 and ruled["candidate"] == 0
+    assert "class 0's label is carried by 2.00x" in ruled["reason"] and "not far from the boundary" in ruled["reason"]
+    # the inflated class far from the boundary: it is the suspect
+    l2_target = torch.zeros(40)
+    l2_target[[1, 2, 3, 4, 5, 32, 17, 25]] = torch.arange(8, 0, -1, dtype=torch.float)
+    assert burn_checks.premise_test(l2_target, crossed, labels, 4, 0.2, 1.5, 0.5, min_inflation=1.5)["class"] == 0
+    # two classes at twice the median: no single poison label stands out, the rule does not apply
+    imbalanced = torch.tensor([0] * 12 + [1] * 6 + [2] * 6 + [3] * 12 + [1] * 4)
+    assert burn_checks.premise_test(l2, crossed, imbalanced, 4, 0.2, 1.5, 0.5, min_inflation=1.5)["inflated"] is None
+    with pytest.raises(BurnError, match="premise_min_inflation"):
+        BurnConfig(premise_min_inflation=-1).validate()

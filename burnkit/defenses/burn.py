@@ -44,7 +44,9 @@ Safeguards beyond the paper (on by default; ``paper_exact: true`` turns all of t
   of the whole training set (all-to-one poison carries the target label) and takes the first, most
   enriched first, of whose farthest samples at most ``premise_max_adv_share`` (half) cross the
   boundary towards one class (poison crosses back to the classes it came from; a naturally easy class
-  crosses to one neighbour). After every Phase 2 fine-tuning it reads the training samples no
+  crosses to one neighbour). When exactly one label is carried by ``premise_min_inflation`` (1.5) times
+  as many samples as the median class - all-to-one dirty-label poison relabels its images to the
+  target - only that class is tried. After every Phase 2 fine-tuning it reads the training samples no
   fine-tuning has trained on: a model that lost more than ``collapse_retention_drop`` of θ0's correct
   predictions there, or predicts ``max_target_rise`` more samples as the suspected target than θ0,
   stops the run (a collapse), keeping the last model that passed (θ0 when the test before Phase 1 or
@@ -166,6 +168,10 @@ class BurnConfig(DefenseConfig):
                                                 "whole training set must reach this")
     premise_max_adv_share: float = option(0.5, "premise test: at most this share of that class's farthest samples "
                                                "may have one adversarial label (poison crosses to many classes)")
+    premise_min_inflation: float = option(1.5, "premise test: when exactly one class's label is carried by at least "
+                                               "this many times as many samples as the median class (all-to-one "
+                                               "dirty-label poison relabels its images to the target), only that "
+                                               "class may be the suspected target; 0 switches the rule off")
     collapse_retention_drop: float = option(0.25, "premise check: a fine-tuning that loses more than this share of "
                                                    "θ0's correct predictions on the training samples no fine-tuning "
                                                    "trained on stops the run (a collapse)")
@@ -215,6 +221,8 @@ class BurnConfig(DefenseConfig):
             raise BurnError(f"--unflipped must be one of {', '.join(UNFLIPPED_RULES)}, got {self.unflipped!r}")
         if self.premise_share <= 0.0:
             raise BurnError(f"--premise_share must be in (0, 1], got {self.premise_share}")
+        if self.premise_min_inflation < 0 or not math.isfinite(self.premise_min_inflation):
+            raise BurnError(f"--premise_min_inflation must be a finite number >= 0, got {self.premise_min_inflation}")
         if self.premise_min_enrichment < 1.0:
             raise BurnError(f"--premise_min_enrichment must be >= 1, got {self.premise_min_enrichment}")
         if self.max_iter < 1 or self.candidates == 1 or self.candidates < 0 or self.scan_batch_size < 1 \
@@ -455,7 +463,8 @@ def burn(model: Classifier, data: DefenseData, cfg: BurnConfig, run: DefenseRun)
     crossed_to = torch.where(result.converged.bool().cpu(), result.adv_label.cpu(), -1)
     target = premise_test(l2, labels=labels, crossed=crossed_to, num_classes=logits0.shape[1], share=cfg.premise_share,
                           min_enrichment=cfg.premise_min_enrichment,
-                          max_adv_share=cfg.premise_max_adv_share if guards["premise_check"] else 1.0)
+                          max_adv_share=cfg.premise_max_adv_share if guards["premise_check"] else 1.0,
+                          min_inflation=(cfg.premise_min_inflation or None) if guards["premise_check"] else None)
     relabel, reason = relabel_plan(result, labels, guards, target["class"])
     signals0 = training_signals(preds0, preds0, labels, target["class"])
     run.logger.info("premise test (labels of the farthest samples): %s; %d samples not flipped by the attack",

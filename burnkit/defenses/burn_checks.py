@@ -105,7 +105,7 @@ def probe_unlearning(model, train: ImageSet, far_pos: torch.Tensor, near_pos: to
 
 
 def premise_test(l2: torch.Tensor, crossed: torch.Tensor, labels: torch.Tensor, num_classes: int, share: float,
-                 min_enrichment: float, max_adv_share: float = 1.0) -> dict:
+                 min_enrichment: float, max_adv_share: float = 1.0, min_inflation: float | None = None) -> dict:
     """Which class, if any, is the suspected target: BURN's premise tested before Phase 1.
 
     Every class whose label is at least ``min_enrichment`` times as frequent among the farthest
@@ -115,21 +115,42 @@ def premise_test(l2: torch.Tensor, crossed: torch.Tensor, labels: torch.Tensor, 
     neighbour). Testing every enriched class, not only the top one, lets a target that piles up
     behind an easy class still be found. ``class`` is None when none qualifies; ``reason`` says why.
 
+    ``min_inflation``: when exactly one class's label is carried by at least this many times as many
+    samples as the median class (``label_inflation``), that class is the only candidate. All-to-one
+    dirty-label poison relabels its images to the target, so on a class-balanced training set the
+    target's label count stands out (about 2x at a 10 % poison rate); an easy class that lies far from
+    the boundary does not. On the calibration corpus this told the target apart where the farthest
+    samples did not (BPP, seed 2: an easy class 3.9x enriched, crossing to many classes). On a
+    naturally imbalanced set several classes stand out, or none, and the rule does not apply.
+
     The returned dict keeps the top candidate's numbers under the keys reports have always used
     (``candidate``, ``enrichment``, ``share_in_top``, ``share_overall``, ``n_top``, ``adv_label``,
     ``adv_share``) and every tested class under ``tested``."""
     rows = class_signatures(l2, crossed, labels, num_classes, share)
     n_top = int(farthest_mask(l2, share).sum())
-    enriched = [r for r in rows if r["enrichment"] >= min_enrichment]
+    inflated = [r for r in rows if min_inflation is not None and r["label_inflation"] >= min_inflation]
+    candidates = inflated if len(inflated) == 1 else rows  # one class stands out: the poison's label
+    enriched = [r for r in candidates if r["enrichment"] >= min_enrichment]
     chosen = next((r for r in enriched if r["max_share"] is not None and r["max_share"] <= max_adv_share), None)
-    shown = chosen or rows[0]
+    shown = chosen or candidates[0]
     out = {"class": chosen["class"] if chosen else None, "candidate": shown["class"],
            "enrichment": shown["enrichment"], "share_in_top": shown["n_far"] / n_top,
            "share_overall": shown["label_share"], "n_top": n_top,
            "adv_label": shown["max_share_class"], "adv_share": shown["max_share"],
            "tested": [{k: r[k] for k in ("class", "enrichment", "max_share", "max_share_class", "entropy")}
                       for r in enriched]}
-    out["reason"] = None if chosen else _premise_reason(rows[0], enriched, n_top, min_enrichment, max_adv_share)
+    out["inflated"] = inflated[0]["class"] if len(inflated) == 1 else None
+    if chosen:
+        out["reason"] = None
+    elif len(inflated) == 1 and not enriched:
+        top = inflated[0]
+        out["reason"] = (f"class {top['class']}'s label is carried by {top['label_inflation']:.2f}x as many training "
+                         f"samples as the median class - the mark of all-to-one poison relabelled to it - but it is "
+                         f"only {top['enrichment']:.2f}x as frequent among the farthest {n_top} samples by boundary "
+                         f"distance (needed: {min_enrichment:g}x): the poison is not far from the boundary, so "
+                         "relabelling the farthest samples would fine-tune clean images onto wrong labels")
+    else:
+        out["reason"] = _premise_reason(candidates[0], enriched, n_top, min_enrichment, max_adv_share)
     return out
 
 

@@ -216,7 +216,8 @@ def summary_markdown(premise: pd.DataFrame, iterations: pd.DataFrame, records: p
              f"{cfg.min_unlearning_ratio:g}` (collapse stop at a "
              f"{cfg.collapse_retention_drop:g} retention drop, a {cfg.max_target_rise:g} target-share rise). "
              f"Premise test: the farthest {cfg.premise_share:g} share, enrichment >= "
-             f"{cfg.premise_min_enrichment:g}, max adversarial share <= {cfg.premise_max_adv_share:g}.", "",
+             f"{cfg.premise_min_enrichment:g}, max adversarial share <= {cfg.premise_max_adv_share:g}, only the "
+             f"one label carried by >= {cfg.premise_min_inflation:g}x the median class's count when there is one.", "",
              "| record | θ0 AUROC | θ0 ACC / ASR | premise test | target: rank, enrichment, max share | "
              "last ACC / ASR | BURN's defaults return: iteration, ACC / ASR | run revision |",
              "|---|---|---|---|---|---|---|---|"]
@@ -306,7 +307,7 @@ def main(argv=None) -> None:
             sig = class_signatures(l2, crossed, labels, num_classes, args.share)
             cfg = BurnConfig()
             named = premise_test(l2, crossed, labels, num_classes, cfg.premise_share, cfg.premise_min_enrichment,
-                                 cfg.premise_max_adv_share)["class"]
+                                 cfg.premise_max_adv_share, cfg.premise_min_inflation or None)["class"]
             probes = {}
             if args.probe:
                 top = [r["class"] for r in sig[: args.probe_classes]]
