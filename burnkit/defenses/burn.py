@@ -615,9 +615,10 @@ def _eligible(t: int, signals: dict, signals0: dict, cfg: BurnConfig) -> bool:
     that kept θ0's correct predictions on the untouched training samples within ``max_retention_drop``
     and whose unlearning is specific to the suspected target - it moved at least
     ``min_unlearning_ratio`` times as large a share of the target-labelled samples off the target as
-    the share of θ0's other correct predictions it lost (that loss floored at 1 %). Fine-tunings on the
-    wrong class or on clean images move the target no faster than everything else (ratios up to about
-    2.7 on the calibration corpus; the models that removed a backdoor: 7 and more)."""
+    the share of θ0's other correct predictions it lost (that loss floored at 1 %). Fine-tunings that
+    damage the model move every class, the suspect no faster than the rest: on the calibration corpus
+    (docs/burn-corpus.md) runs on an easy class reached 1.1-3.5 on five of six records, the models
+    picked with the true target 6.9-21."""
     if t < 1 or signals["target_left"] is None or signals["retention"] is None:
         return False
     drop = signals0["retention"] - signals["retention"]
