@@ -207,7 +207,8 @@ def summary_markdown(premise: pd.DataFrame, iterations: pd.DataFrame, records: p
     keep rule returns, with θ0's and those models' test ACC/ASR (scored for the analysis only)."""
     premise = premise.set_index(["record", "class"])
     lines = [f"# BURN's rules replayed on `{args.output_name}` runs", "",
-             f"Made by `python experiments/burn_corpus/analyse.py {' '.join(sys.argv[1:])}` at revision "
+             f"Made by `python experiments/burn_corpus/analyse.py "
+             f"{' '.join(sys.argv[1:]).replace(str(args.workdir), '<workdir>')}` at revision "
              f"{code_revision().get('revision')} on {time.strftime('%Y-%m-%d')}. Test ACC/ASR in %: θ0, the "
              "last model of the observer run (the paper's rule), and the model BURN's defaults return: θ0 "
              "when the premise test fails, else the model `keep: best` picks, with the checks reading the class "
