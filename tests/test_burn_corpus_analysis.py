@@ -54,10 +54,9 @@ def test_keep_replay_follows_burns_rules_by_hand():
 
 def test_premise_verdict_scores_the_named_class_against_the_true_target():
     analyse = _analyse()
-    cfg = BurnConfig()
-    assert analyse.premise_outcome({"premise_named": 0, "true_target": 0}, cfg)["verdict"] == "names the target"
-    assert analyse.premise_outcome({"premise_named": 3, "true_target": 0}, cfg)["verdict"] == "names a wrong class"
-    assert analyse.premise_outcome({"premise_named": float("nan"), "true_target": 0}, cfg)["verdict"] == "stops"
+    assert analyse.premise_outcome({"premise_named": 0, "true_target": 0})["verdict"] == "names the target"
+    assert analyse.premise_outcome({"premise_named": 3, "true_target": 0})["verdict"] == "names a wrong class"
+    assert analyse.premise_outcome({"premise_named": float("nan"), "true_target": 0})["verdict"] == "stops"
 
 
 def test_keep_replay_returns_what_a_burn_run_returned(digits_copy):

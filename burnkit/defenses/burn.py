@@ -617,8 +617,8 @@ def _eligible(t: int, signals: dict, signals0: dict, cfg: BurnConfig) -> bool:
     ``min_unlearning_ratio`` times as large a share of the target-labelled samples off the target as
     the share of θ0's other correct predictions it lost (that loss floored at 1 %). Fine-tunings that
     damage the model move every class, the suspect no faster than the rest: on the calibration corpus
-    (docs/burn-corpus.md) runs on an easy class reached 1.1-3.5 on five of six records, the models
-    picked with the true target 6.9-21."""
+    (docs/burn-corpus.md) runs on an easy class reached 1.0-3.5 on five of six records, the models
+    picked with the true target 5.9-21."""
     if t < 1 or signals["target_left"] is None or signals["retention"] is None:
         return False
     drop = signals0["retention"] - signals["retention"]

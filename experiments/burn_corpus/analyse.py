@@ -155,7 +155,7 @@ def iteration_rows(trace: dict, target_class: int | None) -> list[dict]:
 # --------------------------------------------------------------------------- today's rules, replayed
 
 
-def premise_outcome(record: dict, cfg: BurnConfig) -> dict:
+def premise_outcome(record: dict) -> dict:
     """BURN's premise test (burn_checks.premise_test, the code BURN runs) on one record, from the
     ``premise_named`` column main() fills; ``verdict`` scores it against the true target (ground
     truth, scoring only)."""
@@ -232,7 +232,7 @@ def summary_markdown(premise: pd.DataFrame, iterations: pd.DataFrame, records: p
         # the observer's fine-tunings are BURN's only when its suspect (the most enriched class) is the
         # class the premise test names; otherwise the replay reads other fine-tunings than BURN's
         exact = pd.isna(rec["premise_named"]) or rec["observer_suspect"] == rec["premise_named"]
-        outcome = premise_outcome(rec.to_dict(), cfg)
+        outcome = premise_outcome(rec.to_dict())
         verdicts.append(outcome["verdict"])
         keep = keep_outcome(it, cfg) if len(it) and "retention_untouched" in it else {"stop": None, "returned": None}
         if keep["returned"] is not None:
@@ -267,6 +267,21 @@ def summary_markdown(premise: pd.DataFrame, iterations: pd.DataFrame, records: p
         other = others.iloc[0] if len(others) else None
         lines.append(f"| {rec['record']} | {'–' if target is None else _signals_text(target)} | "
                      f"{'–' if other is None else f'{int(other.name)}: ' + _signals_text(other)} |")
+    lines += ["", "Unlearning ratio (`min_unlearning_ratio`), read as the class the observer fine-tuned for: "
+              "train_target_left over the retention loss (floored at 0.01) of the Phase 2 model with the most "
+              "target-labelled samples moved off the suspect among those within `max_retention_drop`.", "",
+              "| record | observer suspect | true target | iteration | ratio |", "|---|---|---|---|---|"]
+    for _, rec in records.iterrows():
+        rows = iterations[(iterations["record"] == rec["record"]) & (iterations["iteration"] >= 1)]
+        suspect = rec["observer_suspect"]
+        reading = ("true target" if suspect == rec["true_target"] else
+                   "named class" if suspect == rec["premise_named"] else "observer suspect")
+        rows = rows[(rows["read_as"] == reading) & (1 - rows["retention_untouched"] <= cfg.max_retention_drop)]
+        if len(rows):
+            best = rows.loc[rows["target_labelled_left"].idxmax()]
+            ratio = best["target_labelled_left"] / max(1 - best["retention_untouched"], 0.01)
+            lines.append(f"| {rec['record']} | {suspect} | {rec['true_target']} | {int(best['iteration'])} | "
+                         f"{ratio:.2f} |")
     counts = pd.Series(verdicts).value_counts()
     lines += ["", "Premise test on these records (ground truth: every record here is backdoored, all-to-one):", "",
               "| names the target | names a wrong class | stops |", "|---|---|---|",
@@ -330,6 +345,11 @@ def main(argv=None) -> None:
                     for row in iteration_rows(trace, named):
                         iterations.append({"record": cell.record, "attack": cell.attack, "model": cell.model,
                                            "read_as": "named class", **row})
+                if observed_suspect is not None and observed_suspect not in (target, named):
+                    # the class the observer fine-tuned for: how an easy-class suspect's signals look
+                    for row in iteration_rows(trace, observed_suspect):
+                        iterations.append({"record": cell.record, "attack": cell.attack, "model": cell.model,
+                                           "read_as": "observer suspect", **row})
             stamp = read_stamp(run / "cost.json")
             copies = out / "runs" / cell.record / args.output_name
             copies.mkdir(parents=True, exist_ok=True)
