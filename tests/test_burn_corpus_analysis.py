@@ -10,6 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+import yaml
 
 from burnkit.defenses.burn import Burn, BurnConfig
 from burnkit.safe_load import safe_torch_load
@@ -119,3 +120,14 @@ def test_the_unlearning_probe_leaves_the_model_alone_and_at_lr_0_with_frozen_bat
     assert out["leave_near"] == pytest.approx(float((preds0[near_pos] != suspect).double().mean()))
     order = far_pos[torch.randperm(40, generator=torch.Generator().manual_seed(3))]
     assert out["leave_far"] == pytest.approx(float((preds0[order[20:]] != suspect).double().mean()))
+
+
+def test_burn_defaults_are_the_settings_the_heldout_corpus_was_frozen_with():
+    """The held-out corpus judges settings committed before any of its records was scanned
+    (docs/burn-corpus.md). A change to BURN's CIFAR-10 defaults is a new rule: it needs a new held-out
+    corpus, and only then a new frozen copy, so this test fails until both are done."""
+    live = yaml.safe_load((ROOT / "config/defense/burn/cifar10.yaml").read_text())
+    frozen = yaml.safe_load((ROOT / "experiments/burn_corpus/frozen/burn_cifar10.yaml").read_text())
+    changed = sorted(k for k in set(live) | set(frozen) if live.get(k, "<absent>") != frozen.get(k, "<absent>"))
+    assert not changed, (f"BURN's defaults differ from the held-out corpus's frozen copy in {changed}: "
+                         "a rule change needs a new held-out corpus (docs/burn-corpus.md)")
