@@ -88,9 +88,6 @@ def test_keep_replay_returns_what_a_burn_run_returned(digits_copy):
     assert replayed["stop"] is None
 
 
-if __name__ == "__main__":
-    pytest.main([__file__])
-
 
 def test_the_unlearning_probe_leaves_the_model_alone_and_at_lr_0_with_frozen_batchnorm_is_theta0(digits_copy):
     """probe_unlearning fine-tunes a copy: the model passed in keeps its weights. With lr 0 and
@@ -131,3 +128,73 @@ def test_burn_defaults_are_the_settings_the_heldout_corpus_was_frozen_with():
     changed = sorted(k for k in set(live) | set(frozen) if live.get(k, "<absent>") != frozen.get(k, "<absent>"))
     assert not changed, (f"BURN's defaults differ from the held-out corpus's frozen copy in {changed}: "
                          "a rule change needs a new held-out corpus (docs/burn-corpus.md)")
+
+
+def _judge():
+    spec = importlib.util.spec_from_file_location("burn_corpus_judge", ROOT / "experiments/burn_corpus/judge_heldout.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_heldout_goals_are_counted_as_defined_by_hand():
+    """Made worse = ASR up by more than 2 points or ACC down by more than 5; the ASR goal applies only
+    where θ0's distance AUROC is at least 0.8."""
+    judge = _judge()
+    before = {"acc": 0.60, "asr": 0.90, "ra": 0.08}
+    assert judge.judge_row(before, {"acc": 0.549, "asr": 0.03}, 0.9)["made_worse"]  # 5.1 ACC points lost
+    assert not judge.judge_row(before, {"acc": 0.551, "asr": 0.03}, 0.9)["made_worse"]  # 4.9
+    assert judge.judge_row(before, {"acc": 0.60, "asr": 0.921}, 0.9)["made_worse"]  # ASR +2.1
+    assert not judge.judge_row(before, {"acc": 0.60, "asr": 0.919}, 0.9)["made_worse"]
+    assert judge.judge_row(before, {"acc": 0.58, "asr": 0.05}, 0.85)["asr_goal_met"] is True
+    assert judge.judge_row(before, {"acc": 0.58, "asr": 0.051}, 0.85)["asr_goal_met"] is False
+    assert judge.judge_row(before, {"acc": 0.58, "asr": 0.9}, 0.79)["asr_goal_met"] is None
+    assert judge.verdict(None, 3) == "stops" and judge.verdict(3, 3) == "names the target"
+    assert judge.verdict(1, 3) == "names a wrong class"
+
+
+def test_the_heldout_judge_reads_what_a_real_burn_run_returned(digits_copy):
+    """A real BURN run on the digits record: the judge's 'before' is the attack's last summary row,
+    its 'after' the model BURN returned (burn_df.csv's last scored row), its verdict the run's
+    suspected class against the label the record's relabelled poison carries."""
+    judge = _judge()
+    args = ["--result_file", "badnet_digits", "--iterations", "2", "--epochs", "1", "--batch_size", "64",
+            "--max_iter", "20", "--candidates", "4", "--progress", "false", "--kp_start", "0.02",
+            "--kp_end", "0.04", "--kc_start", "0.1", "--kc_end", "0.2", "--lr", "0.005"]
+    Burn.main(args)  # the premise test stops this one before any fine-tuning
+    Burn.main([*args, "--premise_check", "false", "--max_retention_drop", "1", "--min_unlearning_ratio", "0",
+               "--output_name", "burn-paper-exact"])  # this one returns a fine-tuned model
+    stopped = judge.read_run(digits_copy, "badnet_digits", "burn")
+    assert stopped["returned_iteration"] == -1 and stopped["acc_after"] == stopped["acc_before"]
+    row = judge.read_run(digits_copy, "badnet_digits", "burn-paper-exact")
+    assert row["returned_iteration"] == 2 and row["returned_why"] == "last"
+    run = digits_copy / "record" / "badnet_digits" / "defense" / "burn-paper-exact"
+    detection = json.loads((run / "burn_detection.json").read_text())
+    last = pd.read_csv(digits_copy / "record" / "badnet_digits" / "attack_df_summary.csv", index_col=0).loc["last"]
+    assert row["acc_before"] == pytest.approx(float(last["test_acc"]))
+    assert row["asr_before"] == pytest.approx(float(last["test_asr"]))
+    df = pd.read_csv(run / "burn_df.csv")
+    scored = df[df["test_acc"].notna()]
+    if len(scored):
+        assert row["acc_after"] == pytest.approx(scored["test_acc"].iloc[-1])
+        assert row["asr_after"] == pytest.approx(scored["test_asr"].iloc[-1])
+    else:  # stopped before any fine-tuning: θ0 is what the user gets
+        assert row["acc_after"] == row["acc_before"] and row["asr_after"] == row["asr_before"]
+    samples = pd.read_csv(run / "burn_samples.csv")
+    poison = samples[(samples["is_poison"] == 1) & (samples["label"] != samples["original_label"])]
+    assert row["true_target"] == int(poison["label"].mode().iloc[0])
+    named = detection["suspected_target"]["class"]
+    assert row["verdict"] == ("stops" if named is None else
+                              "names the target" if named == row["true_target"] else "names a wrong class")
+    # made worse, from the files themselves (on this machine the open run lost about 76 ACC points)
+    final = scored.iloc[-1]
+    worse = float(last["test_acc"]) - final["test_acc"] > 0.05 or final["test_asr"] - float(last["test_asr"]) > 0.02
+    assert bool(row["made_worse"]) == bool(worse)
+    table = pd.DataFrame([{"attack": "badnet", "model": "smallcnn", "seed": 0, **r} for r in (stopped, row)])
+    text = judge.summary_markdown(table, ["--workdir", str(digits_copy)], str(digits_copy))
+    assert text.count("| badnet_digits |") == 1 and str(digits_copy) not in text
+    assert "| burn | 1 | 0 |" in text and "| burn-paper-exact | 1 |" in text
+
+
+if __name__ == "__main__":
+    pytest.main([__file__])
