@@ -141,7 +141,8 @@ def test_published_numbers_are_the_cells_per_seed_mean_std_and_range(digits_work
     for seed in (0, 1):  # one record per seed (copies of the digits record; the defense's seed differs)
         copy_record(digits_workdir, work, "badnet_digits")
         (work / "record" / "badnet_digits").rename(work / "record" / f"badnet_digits_s{seed}")
-    exp = experiment(work, "two_seeds", {"ft": {"overrides": {"epochs": 1}}},
+    # lr 0.1: at FT's own 0.01 one epoch left both seeds at the same ACC (98.33 %) on an Intel Xeon
+    exp = experiment(work, "two_seeds", {"ft": {"overrides": {"epochs": 1, "lr": 0.1}}},
                      attacks={"badnet": {"record_name": "badnet_digits_s{seed}"}})
     assert main([str(exp), "--workdir", str(work)]) == 0
     artifact = root / "experiments" / "results" / "two_seeds"

@@ -539,7 +539,10 @@ def burn(model: Classifier, data: DefenseData, cfg: BurnConfig, run: DefenseRun)
         if stop_reason is not None:
             model.net.load_state_dict(before)  # keep the last model that passed
             logits_next = None
-            kept = "θ0 (the model it was given)" if t <= 1 else f"the model of iteration {t - 1}"
+            # keep: best chooses among the models before the stop (θ0 included) once the loop ends, and
+            # _return_best replaces "kept" with its choice; say here only what is certain now
+            kept = ("θ0 (the model it was given)" if t <= 1 else f"the model of iteration {t - 1}"
+                    if guards["keep"] != "best" else "the model keep: best picks among those before it")
             state["stopped"] = {"iteration": t, "reason": stop_reason, "kept": kept, "advice": STOP_ADVICE}
             run.logger.warning("BURN stopped at iteration %d and keeps %s: %s", t, kept, stop_reason)
         tested = t % cfg.test_every == 0 or t == last or stop_reason is not None
@@ -625,6 +628,14 @@ def _eligible(t: int, signals: dict, signals0: dict, cfg: BurnConfig) -> bool:
     return drop <= cfg.max_retention_drop and signals["target_left"] >= cfg.min_unlearning_ratio * max(drop, 0.01)
 
 
+def _name_the_kept_model(state: dict) -> None:
+    """After a stop, the report names the model BURN returned (keep: best's choice), not the one
+    loaded at the stop."""
+    if state["stopped"] is not None and state.get("returned") is not None:
+        it = state["returned"]["iteration"]
+        state["stopped"]["kept"] = "θ0 (the model it was given)" if it < 0 else f"the model of iteration {it}"
+
+
 def _return_best(model: Classifier, theta0: dict, state: dict, cfg: BurnConfig, run: DefenseRun) -> dict | None:
     """Load the model ``keep: best`` returns and, when it is not the model of the last row of
     burn_df.csv, return a last row that scores it (readers of BackdoorBench's summary take the last
@@ -640,10 +651,12 @@ def _return_best(model: Classifier, theta0: dict, state: dict, cfg: BurnConfig, 
                         "untouched training samples, it moved the most target-labelled samples off the target (%.1f%%)",
                         chosen, 100 * (1 - cfg.max_retention_drop), 100 * best["target_left"])
         state["returned"] = {"iteration": current, "why": "best"}
+        _name_the_kept_model(state)
         return None
     if best is None:
         if current < 0:  # stopped at iteration 0 or 1: θ0 is loaded and the stop's row scores it
             state["returned"] = {"iteration": -1, "why": "stopped before Phase 2 produced a model"}
+            _name_the_kept_model(state)
             return None
         run.logger.warning("BURN returns θ0 (the model it was given): no Phase 2 model kept %.0f%% of θ0's correct "
                            "predictions on the training samples no fine-tuning trained on while moving the target-"
@@ -660,6 +673,7 @@ def _return_best(model: Classifier, theta0: dict, state: dict, cfg: BurnConfig, 
                         "target-labelled samples off the target (%.1f%%)", best["iteration"],
                         100 * (1 - cfg.max_retention_drop), 100 * best["target_left"])
         state["returned"] = {"iteration": best["iteration"], "why": "best"}
+    _name_the_kept_model(state)
     metrics = run.evaluate(model)
     return {"epoch": len(run.metrics.rows), "iteration": None, "returned_from": state["returned"]["iteration"],
             **metrics.row()}
