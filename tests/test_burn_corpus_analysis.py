@@ -151,6 +151,11 @@ def test_the_heldout_goals_are_counted_as_defined_by_hand():
     assert judge.judge_row(before, {"acc": 0.58, "asr": 0.9}, 0.79)["asr_goal_met"] is None
     assert judge.verdict(None, 3) == "stops" and judge.verdict(3, 3) == "names the target"
     assert judge.verdict(1, 3) == "names a wrong class"
+    df = pd.DataFrame({"iteration": [0, 1, 2, 3]})
+    assert judge.returned_iteration({"iteration": 1, "why": "best"}, {"iteration": 3}, df) == 1
+    assert judge.returned_iteration({}, {"iteration": 3}, df) == 2  # keep: last after a stop: the last that passed
+    assert judge.returned_iteration({}, {"iteration": 1}, df) == -1  # ... θ0 for a stop at iteration 0 or 1
+    assert judge.returned_iteration({}, {}, df) == 3
 
 
 def test_the_heldout_judge_reads_what_a_real_burn_run_returned(digits_copy):

@@ -79,6 +79,17 @@ def judge_row(before: dict, after: dict, auroc: float | None) -> dict:
     return {"asr_rise": asr_rise, "acc_drop": acc_drop, "made_worse": worse, "asr_goal_met": goal}
 
 
+def returned_iteration(returned: dict, stopped: dict, df: pd.DataFrame) -> int | None:
+    """The iteration whose model the run returned (-1: θ0). Without a ``returned`` entry the run kept
+    the last model (keep: last, the paper's rule): after a stop the last that passed (θ0 for a stop at
+    iteration 0 or 1, as BURN does), else the last iteration's."""
+    if returned:
+        return returned.get("iteration")
+    if stopped:
+        return -1 if stopped["iteration"] <= 1 else stopped["iteration"] - 1
+    return int(df["iteration"].max()) if "iteration" in df and df["iteration"].notna().any() else None
+
+
 def read_run(workdir: Path, record: str, variant: str) -> dict | None:
     run = workdir / "record" / record / "defense" / variant
     if not (run / "defense_result.pt").is_file() or not (run / "burn_detection.json").is_file():
@@ -98,8 +109,7 @@ def read_run(workdir: Path, record: str, variant: str) -> dict | None:
     return {"record": record, "variant": variant, "true_target": target, "named": suspect.get("class"),
             "verdict": verdict(suspect.get("class"), target), "premise_reason": suspect.get("reason"),
             "auroc_l2": auroc, "stopped_at": stopped.get("iteration"), "stop_reason": stopped.get("reason"),
-            # no "returned" entry: keep last (the paper's rule), the model of the last iteration
-            "returned_iteration": returned.get("iteration", int(df["iteration"].max()) if "iteration" in df else None),
+            "returned_iteration": returned_iteration(returned, stopped, df),
             "returned_why": returned.get("why", "last" if not returned else None),
             **{f"{k}_before": v for k, v in before.items()}, **{f"{k}_after": v for k, v in after.items()},
             **judge_row(before, after, auroc),
