@@ -149,8 +149,6 @@ def test_the_heldout_goals_are_counted_as_defined_by_hand():
     assert judge.judge_row(before, {"acc": 0.58, "asr": 0.05}, 0.85)["asr_goal_met"] is True
     assert judge.judge_row(before, {"acc": 0.58, "asr": 0.051}, 0.85)["asr_goal_met"] is False
     assert judge.judge_row(before, {"acc": 0.58, "asr": 0.9}, 0.79)["asr_goal_met"] is None
-    assert judge.verdict(None, 3) == "stops" and judge.verdict(3, 3) == "names the target"
-    assert judge.verdict(1, 3) == "names a wrong class"
     df = pd.DataFrame({"iteration": [0, 1, 2, 3]})
     assert judge.returned_iteration({"iteration": 1, "why": "best"}, {"iteration": 3}, df) == 1
     assert judge.returned_iteration({}, {"iteration": 3}, df) == 2  # keep: last after a stop: the last that passed
@@ -173,6 +171,8 @@ def test_the_heldout_judge_reads_what_a_real_burn_run_returned(digits_copy):
     assert stopped["returned_iteration"] == -1 and stopped["acc_after"] == stopped["acc_before"]
     row = judge.read_run(digits_copy, "badnet_digits", "burn-paper-exact")
     assert row["returned_iteration"] == 2 and row["returned_why"] == "last"
+    provenance = json.loads((digits_copy / "record" / "badnet_digits" / "provenance.json").read_text())
+    assert row["attack_wall_time_s"] == provenance["wall_time_s"] and row["attack_cpu_time_s"] == provenance["cpu_time_s"]
     run = digits_copy / "record" / "badnet_digits" / "defense" / "burn-paper-exact"
     detection = json.loads((run / "burn_detection.json").read_text())
     last = pd.read_csv(digits_copy / "record" / "badnet_digits" / "attack_df_summary.csv", index_col=0).loc["last"]

@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from analyse import true_target  # noqa: E402
+from analyse import _pct, premise_outcome, true_target  # noqa: E402
 from burnkit.compare.experiment import load_experiment  # noqa: E402
 from burnkit.compare.outputs import read_stamp  # noqa: E402
 from burnkit.results import code_revision  # noqa: E402
@@ -61,12 +61,6 @@ def returned_metrics(df: pd.DataFrame, before: dict) -> dict:
         return dict(before)
     last = scored.iloc[-1]
     return {k: float(last[f"test_{k}"]) if pd.notna(last.get(f"test_{k}")) else None for k in ("acc", "asr", "ra")}
-
-
-def verdict(named, target) -> str:
-    if named is None:
-        return "stops"
-    return "names the target" if int(named) == int(target) else "names a wrong class"
 
 
 def judge_row(before: dict, after: dict, auroc: float | None) -> dict:
@@ -106,19 +100,18 @@ def read_run(workdir: Path, record: str, variant: str) -> dict | None:
     auroc = detection.get("auroc_l2")
     stamp = read_stamp(run / "cost.json")
     cost = json.loads((run / "cost.json").read_text())
+    provenance = workdir / "record" / record / "provenance.json"  # the attack's own cost, when it wrote one
+    attack_cost = json.loads(provenance.read_text()) if provenance.is_file() else {}
     return {"record": record, "variant": variant, "true_target": target, "named": suspect.get("class"),
-            "verdict": verdict(suspect.get("class"), target), "premise_reason": suspect.get("reason"),
+            "verdict": premise_outcome({"premise_named": suspect.get("class"), "true_target": target})["verdict"], "premise_reason": suspect.get("reason"),
             "auroc_l2": auroc, "stopped_at": stopped.get("iteration"), "stop_reason": stopped.get("reason"),
             "returned_iteration": returned_iteration(returned, stopped, df),
             "returned_why": returned.get("why", "last" if not returned else None),
             **{f"{k}_before": v for k, v in before.items()}, **{f"{k}_after": v for k, v in after.items()},
             **judge_row(before, after, auroc),
             "revision": stamp["revision"], "dirty": stamp["dirty"], "machine": stamp["machine"],
-            "cpu_time_s": stamp["cpu_time_s"], "wall_time_s": cost.get("wall_time_s")}
-
-
-def _pct(v) -> str:
-    return "–" if v is None or pd.isna(v) else f"{100 * float(v):.2f}"
+            "cpu_time_s": stamp["cpu_time_s"], "wall_time_s": cost.get("wall_time_s"),
+            "attack_wall_time_s": attack_cost.get("wall_time_s"), "attack_cpu_time_s": attack_cost.get("cpu_time_s")}
 
 
 def _outcome(row) -> str:
@@ -180,6 +173,12 @@ def summary_markdown(table: pd.DataFrame, argv: list[str], workdir: str) -> str:
                      f"{int(goal['asr_goal_met'].astype(bool).sum())} of {len(goal)} | {theta0} | "
                      f"{counts.get('names the target', 0)} / {counts.get('names a wrong class', 0)} / "
                      f"{counts.get('stops', 0)} |")
+    attacks = table.drop_duplicates("record")
+    spent = {v: rows for v, rows in table.groupby("variant")}
+    lines += ["", "Compute (seconds, wall / CPU): the attacks that made the records "
+              f"{attacks['attack_wall_time_s'].sum():,.0f} / {attacks['attack_cpu_time_s'].sum():,.0f}; "
+              + "; ".join(f"{v} {rows['wall_time_s'].sum():,.0f} / {rows['cpu_time_s'].sum():,.0f}"
+                          for v, rows in spent.items()) + "."]
     lines += ["", "With `--paper_exact true` there is no premise test: the verdict column counts the class the "
               "paper's algorithm treats as the target (the most enriched among the farthest samples).", ""]
     return "\n".join(lines)
