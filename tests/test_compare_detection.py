@@ -102,6 +102,9 @@ def test_variant_labels_name_backdoorbench_and_the_paper():
     # sidecars written before the flags: STRIP's clip was its blend, the others ran the paper's form
     assert variant_label({"clip": True}, "strip") == "authors' saturating blend"
     assert variant_label({"threshold": 7.39}, "scan") == "paper (made before --variant)"
+    # BURN's scan setting `clip` is not a form of the method
+    assert variant_label({"clip": None, "max_iter": 50}, "burn") == ""
+    assert variant_label({"centered": True}, "spectral") == "paper (centred)"
     assert variant_label({"percentile": 0.01}, "spectral") == ""
 
 

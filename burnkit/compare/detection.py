@@ -41,12 +41,14 @@ VALUES = ("auroc", "tpr_at_1fpr", "tpr_at_5fpr", "precision_at_poison_rate", "au
 COLUMNS = {"auroc": "AUROC", "tpr_at_1fpr": "TPR@1%FPR", "tpr_at_5fpr": "TPR@5%FPR",
            "precision_at_poison_rate": "Precision@poison rate", "auroc_relabelled": "AUROC (relabelled)"}
 BURN_ROWS = ("burn", "burn_s")  # scripts whose rows are BURN's
-# config keys that choose between a detector's BackdoorBench form and another, and how a row names them
-VARIANT_LABELS = {"variant": {"backdoorbench": "BackdoorBench", "paper": "paper"},
-                  "blend": {"backdoorbench": "BackdoorBench (normalised-tensor blend)",
-                            "saturating": "authors' saturating blend"},
-                  "clip": {True: "authors' saturating blend", False: "unclipped pixel sum (neither form)"},
-                  "centered": {False: "BackdoorBench (uncentred)", True: "paper (centred)"}}
+# config keys that choose between a detector's BackdoorBench form and another, the detectors whose key it
+# is, and how a row names them. The owner matters: BURN's scan has a `clip` setting too, and that is not a
+# form of the method (an old STRIP sidecar's `clip` was its blend).
+VARIANT_LABELS = {"variant": (("scan", "spectre", "beatrix"), {"backdoorbench": "BackdoorBench", "paper": "paper"}),
+                  "blend": (("strip",), {"backdoorbench": "BackdoorBench (normalised-tensor blend)",
+                                         "saturating": "authors' saturating blend"}),
+                  "clip": (("strip",), {True: "authors' saturating blend", False: "unclipped pixel sum (neither form)"}),
+                  "centered": (("spectral",), {False: "BackdoorBench (uncentred)", True: "paper (centred)"})}
 # detectors whose sidecars written before --variant existed ran the paper's form
 PAPER_BEFORE_VARIANT = ("scan", "spectre", "beatrix")
 
@@ -55,8 +57,8 @@ def variant_label(config: dict, method: str | None = None) -> str:
     """The variant a detection ran, from its sidecar's config and method ("" for a method with one
     form). Sidecars older than the flag still get a label: STRIP's ``clip`` was its blend, and SCAn,
     SPECTRE and Beatrix then always ran the paper's form."""
-    for key, labels in VARIANT_LABELS.items():
-        if key in config:
+    for key, (owners, labels) in VARIANT_LABELS.items():
+        if key in config and (method is None or method in owners):
             return labels.get(config[key], f"{key} {config[key]}")
     if method in PAPER_BEFORE_VARIANT:
         return "paper (made before --variant)"
