@@ -203,3 +203,27 @@ def test_the_heldout_judge_reads_what_a_real_burn_run_returned(digits_copy):
 
 if __name__ == "__main__":
     pytest.main([__file__])
+
+
+def test_corpus_scripts_say_in_one_line_when_nothing_is_finished(tmp_path, capsys):
+    """Both scripts run unattended after a GPU call that may have been cut short (gpu_preact.sh): with no
+    finished run they exit with one line naming what is missing, not a traceback, and write no table."""
+    calibration = ROOT / "experiments/burn_corpus/calibration_preact.yaml"
+    with pytest.raises(SystemExit, match="no finished burn-observe-kc2 run under"):
+        _analyse().main(["--workdir", str(tmp_path), "--experiments", str(calibration),
+                         "--out", str(tmp_path / "cal"), "--output_name", "burn-observe-kc2"])
+    with pytest.raises(SystemExit, match="no finished held-out run"):
+        heldout = ROOT / "experiments/burn_corpus/heldout_preact.yaml"
+        _judge().main(["--workdir", str(tmp_path), "--experiments", str(heldout), "--out", str(tmp_path / "held")])
+    assert not list(tmp_path.rglob("*.csv")) and not list(tmp_path.rglob("summary.md"))
+
+
+def test_gpu_preact_script_refuses_a_missing_tarball_in_one_line(tmp_path):
+    import subprocess
+
+    script = ROOT / "experiments/burn_corpus/gpu_preact.sh"
+    done = subprocess.run(["bash", str(script), str(tmp_path / "missing.tar.gz"), str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1 and "no CIFAR-10 tarball" in done.stderr
+    usage = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=60)
+    assert usage.returncode == 2 and "usage:" in usage.stderr

@@ -368,6 +368,8 @@ def main(argv=None) -> None:
             if summary.is_file():
                 last = pd.read_csv(summary, index_col=0).loc["last"]
                 records[-1].update(acc_before=float(last["test_acc"]), asr_before=float(last["test_asr"]))
+    if not records:
+        raise SystemExit(f"no finished {args.output_name} run under {workdir}: run the experiments' commands first")
     premise, iterations, records = pd.DataFrame(premise), pd.DataFrame(iterations), pd.DataFrame(records)
     premise.to_csv(out / "premise.csv", index=False)
     iterations.to_csv(out / "iterations.csv", index=False)
