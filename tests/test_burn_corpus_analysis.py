@@ -225,5 +225,6 @@ def test_gpu_preact_script_refuses_a_missing_tarball_in_one_line(tmp_path):
     done = subprocess.run(["bash", str(script), str(tmp_path / "missing.tar.gz"), str(tmp_path / "out")],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and done.stderr.count("\n") == 1 and "no CIFAR-10 tarball" in done.stderr
+    assert not (tmp_path / "out").exists()  # nothing written
     usage = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=60)
     assert usage.returncode == 2 and "usage:" in usage.stderr

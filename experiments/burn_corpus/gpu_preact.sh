@@ -24,6 +24,7 @@ if [ $# -lt 2 ]; then
 fi
 started=$(date +%s)
 repo=$(cd "$(dirname "$0")/../.." && pwd)
+[ -f "$1" ] || { echo "gpu_preact.sh: no CIFAR-10 tarball at $1; pass the image-folder archive (../shared/data/cifar10-jpeg.tar.gz)" >&2; exit 2; }
 tarball=$(realpath "$1")
 out=$(mkdir -p "$2" && realpath "$2")
 deadline=${3:-540}
@@ -36,7 +37,6 @@ export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 left() { echo $(( deadline - ($(date +%s) - started) )); }
 say() { echo "$(date +%T) [$(( $(date +%s) - started ))s] $*" | tee -a "$status"; }
 
-[ -f "$tarball" ] || { echo "gpu_preact.sh: no CIFAR-10 tarball at $1; pass the image-folder archive (../shared/data/cifar10-jpeg.tar.gz)" >&2; exit 2; }
 mkdir -p "$work/data/cifar10" && cd "$work" || exit 2
 say "repo $(git -C "$repo" rev-parse --short HEAD 2>/dev/null || echo unknown), workdir $work, deadline ${deadline}s"
 say "$($python -c 'import torch; print("torch", torch.__version__, "cuda", torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")')"
