@@ -17,6 +17,12 @@ sorted; fixed number formats; no dates), so ``--check`` can regenerate it and co
 ``tests/test_publish.py`` does, and fails when a published number was edited by hand.
 
 A cell made by other code than its report's revision (``stale`` in the CSV) is marked ``‡``.
+
+A table may come from several *parts*: reports of the same experiment file at the same revision, each
+holding the cells one machine finished (a run longer than a machine lasts, continued elsewhere). The parts
+are merged record by record: a record's cells all come from one part - the last listed part that has any
+result for it - so a record made twice (on two machines) never mixes its two makings, and the header
+says which records a later part replaced.
 """
 from __future__ import annotations
 
@@ -68,7 +74,7 @@ class Table:
     name: str
     title: str
     scope: str
-    artifact: Path  # relative to the root
+    artifacts: tuple[Path, ...]  # report folders relative to the root: one, or the parts of one run in order
     source: str
     keys: tuple[str, ...]
     facts: tuple[str, ...]  # columns shown as they are (one value per row, e.g. a detector's variant)
@@ -136,10 +142,15 @@ def load_tables(root: Path) -> list[Table]:
                 ([f"missing {', '.join(missing)}"] if missing else [])) + f"; allowed: {', '.join(sorted(TABLE_KEYS))}")
         if spec["source"] not in SOURCES:
             raise BurnError(f"{where}.source must be {' or '.join(SOURCES)}, got {brief(spec['source'])}")
-        artifact = Path(str(spec["artifact"]))
-        if artifact.is_absolute() or ".." in artifact.parts or not (root / artifact / spec["source"]).is_file():
-            raise BurnError(f"{where}.artifact: {brief(str(artifact))} holds no {spec['source']}; name a report folder "
-                            "of this checkout, relative to it (experiments/results/<name>)")
+        named = spec["artifact"] if isinstance(spec["artifact"], list) else [spec["artifact"]]
+        if not named or not all(isinstance(a, str) and a for a in named) or len(set(named)) != len(named):
+            raise BurnError(f"{where}.artifact must be a report folder, or a list of distinct report folders (the parts "
+                            "of one run, in the order they were made)")
+        artifacts = tuple(Path(a) for a in named)
+        for artifact in artifacts:
+            if artifact.is_absolute() or ".." in artifact.parts or not (root / artifact / spec["source"]).is_file():
+                raise BurnError(f"{where}.artifact: {brief(str(artifact))} holds no {spec['source']}; name a report "
+                                "folder of this checkout, relative to it (experiments/results/<name>)")
         keys = spec["keys"]
         if not isinstance(keys, list) or not keys or not all(isinstance(k, str) for k in keys):
             raise BurnError(f"{where}.keys must be a list of column names (e.g. [attack, detector])")
@@ -166,35 +177,99 @@ def load_tables(root: Path) -> list[Table]:
                                 "one value, a key for its rows and one for its columns)")
             if summary["value"] not in values or {summary["rows"], summary["columns"]} != set(keys):
                 raise BurnError(f"{where}.summary: value must be one of values and rows/columns the two keys")
-        out.append(Table(str(name), str(spec["title"]), str(spec.get("scope") or ""), artifact, spec["source"],
+        out.append(Table(str(name), str(spec["title"]), str(spec.get("scope") or ""), artifacts, spec["source"],
                          tuple(keys), tuple(facts), tuple(parsed), summary))
     return out
 
 
-def read_cells(root: Path, table: Table) -> pd.DataFrame:
-    path = root / table.artifact / table.source
+def read_cells(root: Path, table: Table) -> tuple[pd.DataFrame, list[str]]:
+    """The table's cells: one report's CSV, or its parts merged record by record (:func:`merge_parts`);
+    and a line per record a later part replaced."""
+    parts = [_read_csv(root, table, artifact) for artifact in table.artifacts]
+    return merge_parts(parts, table.artifacts) if len(parts) > 1 else (parts[0], [])
+
+
+def _read_csv(root: Path, table: Table, artifact: Path) -> pd.DataFrame:
+    path = root / artifact / table.source
     try:
         cells = pd.read_csv(path, keep_default_na=False, na_values=[""])
     except (OSError, ValueError) as err:
-        raise BurnError(f"{table.artifact / table.source} cannot be read ({str(err).splitlines()[0][:100]}); "
+        raise BurnError(f"{artifact / table.source} cannot be read ({str(err).splitlines()[0][:100]}); "
                         "restore it from git or make the report again") from None
-    needed = {"seed", "status", "stale", "revision", *table.keys, *table.facts, *(v.column for v in table.values)}
+    needed = {"seed", "status", "stale", "revision", "record", *table.keys, *table.facts,
+              *(v.column for v in table.values)}
     missing = sorted(needed - set(cells))
     if missing:
-        raise BurnError(f"{table.artifact / table.source} has no column {', '.join(missing)}; fix tables.{table.name} "
+        raise BurnError(f"{artifact / table.source} has no column {', '.join(missing)}; fix tables.{table.name} "
                         f"in {PUBLISHED}, or make the report again with this version of burn-compare")
     return cells
 
 
+def record_of(cell: str) -> str:
+    """The record a cell belongs to: ``cells.csv`` names a defense cell ``<record>/defense/<folder>``."""
+    return str(cell).split("/", 1)[0]
+
+
+def merge_parts(parts: list[pd.DataFrame], names: tuple[Path, ...]) -> tuple[pd.DataFrame, list[str]]:
+    """The cells of one run whose parts were made on different machines. Every part lists every cell of
+    the experiment (the ones without results as missing), in the same order; each record's rows are taken
+    from the last part with a result for that record (the first part when none has one), so the rows of a
+    record - the attacked model and everything run on it - always come from one making of it."""
+    identity = [c for c in ("record", "detector", "defense", "folder") if c in parts[0]]
+    order = [tuple(map(str, row)) for row in parts[0][identity].itertuples(index=False)]
+    for name, part in zip(names[1:], parts[1:]):
+        if list(part.columns) != list(parts[0].columns) or \
+                [tuple(map(str, row)) for row in part[identity].itertuples(index=False)] != order:
+            raise BurnError(f"{name} does not list the same cells as {names[0]}: the parts of a table must be reports "
+                            "of the same experiment file (collect each with burn-compare --collect-only)")
+    records = parts[0]["record"].map(record_of)
+    chosen = {}
+    for record in dict.fromkeys(records):
+        with_results = [i for i, part in enumerate(parts)
+                        if (part.loc[records == record, "status"] == "done").any()]
+        chosen[record] = with_results[-1] if with_results else 0
+    merged = pd.concat([parts[chosen[record]].loc[records == record] for record in dict.fromkeys(records)])
+    merged = merged.loc[parts[0].index]  # the experiment's row order
+    notes = []
+    for record, i in chosen.items():
+        replaced = [j for j in range(i) if (parts[j].loc[records == record, "status"] == "done").any()]
+        if replaced:
+            count = sum(int((parts[j].loc[records == record, "status"] == "done").sum()) for j in replaced)
+            notes.append(f"{record}: made again in {names[i].as_posix()}; its {count} earlier cell(s) in "
+                         f"{', '.join(names[j].as_posix() for j in replaced)} are not used")
+    return merged, notes
+
+
 def read_report(root: Path, table: Table) -> dict:
-    path = root / table.artifact / "report.json"
+    """What made the table: one report's ``report.json``, or its parts' (which must state the same
+    experiment, revision and no uncommitted changes; their commands and machines are joined)."""
+    reports = [_read_report_json(root, artifact) for artifact in table.artifacts]
+    if len(reports) == 1:
+        return reports[0]
+    first = reports[0]
+    for artifact, report in zip(table.artifacts[1:], reports[1:]):
+        for key in ("name", "experiment", "revision"):
+            if report.get(key) != first.get(key):
+                raise BurnError(f"{artifact}/report.json states {key} {brief(str(report.get(key)))}, "
+                                f"{table.artifacts[0]} {brief(str(first.get(key)))}: the parts of a table must be "
+                                "one experiment at one revision (re-run the cells at that revision, or publish the "
+                                "parts as separate tables)")
+    if any(report.get("dirty") is not False for report in reports):
+        raise BurnError(f"tables.{table.name}: a part was made with uncommitted changes, so nothing shows the parts ran "
+                        "the same code; make every part from a clean checkout of one revision")
+    return {**first, "command": " ; ".join(dict.fromkeys(str(r.get("command") or "?") for r in reports)),
+            "machines": sorted({m for r in reports for m in (r.get("machines") or [])})}
+
+
+def _read_report_json(root: Path, artifact: Path) -> dict:
+    path = root / artifact / "report.json"
     try:
         facts = json.loads(path.read_text())
     except (OSError, ValueError) as err:
-        raise BurnError(f"{table.artifact}/report.json cannot be read ({type(err).__name__}); copy the whole report "
+        raise BurnError(f"{artifact}/report.json cannot be read ({type(err).__name__}); copy the whole report "
                         "folder that burn-compare wrote (it states the revision and command)") from None
     if not isinstance(facts, dict) or "revision" not in facts:
-        raise BurnError(f"{table.artifact}/report.json names no revision; make the report again with burn-compare")
+        raise BurnError(f"{artifact}/report.json names no revision; make the report again with burn-compare")
     return facts
 
 
@@ -308,19 +383,22 @@ def pivot_caption(table: Table) -> str:
             "min–max in brackets)")
 
 
-def header(table: Table, report: dict, rows: list[Group], cells: pd.DataFrame) -> list[str]:
+def header(table: Table, report: dict, rows: list[Group], cells: pd.DataFrame, replaced: list[str]) -> list[str]:
     done = cells[cells["status"] == "done"]
     stale = int(done["stale"].map(_truthy).sum())
     revision = str(report.get("revision") or "unknown")
     code = f"`{revision}`" + (" with uncommitted changes (not reproducible from the revision alone)"
                               if report.get("dirty") else "")
     seeds = sorted({int(s) for s in done["seed"]})
-    lines = [f"- Artifact: [`{table.artifact.as_posix()}/`](../{table.artifact.as_posix()}/) "
-             f"(`{table.source}`, `report.json`, the runs' stamps under `cells/`)",
+    links = ", ".join(f"[`{a.as_posix()}/`](../{a.as_posix()}/)" for a in table.artifacts)
+    lines = [f"- Artifact: {links} (`{table.source}`, `report.json`, the runs' stamps under `cells/`)" +
+             (f"; {len(table.artifacts)} parts of one run, merged record by record (a record's cells come from the "
+              "last part that made it)" if len(table.artifacts) > 1 else ""),
              f"- Experiment: `{report.get('experiment') or '?'}`; command: `{report.get('command') or '?'}`",
              f"- Revision of the report: {code}",
              f"- Machines: {'; '.join(report.get('machines') or []) or 'not recorded'}",
              f"- Seeds: {', '.join(map(str, seeds)) or 'none'}; {len(done)} of {len(cells)} cells have results"]
+    lines += [f"- Replaced: {note}" for note in replaced]
     if stale:
         lines.append(f"- {STALE_MARK} {stale} of {len(done)} cells are stale: made by other code than the report's "
                      "revision, or by code nobody recorded. Re-run them with "
@@ -353,11 +431,11 @@ def render(root: Path) -> tuple[dict[Path, str], list[str]]:
            "How to publish a table: docs/compare.md, Publishing results.", ""]
     summary = [BEGIN, GENERATED, ""]
     for table in tables:
-        cells = read_cells(root, table)
+        cells, replaced = read_cells(root, table)
         report = read_report(root, table)
         rows = groups(cells, table)
         doc += [f"## {table.title}", ""] + ([table.scope, ""] if table.scope else [])
-        doc += header(table, report, rows, cells) + [""]
+        doc += header(table, report, rows, cells, replaced) + [""]
         if table.summary:
             doc += [pivot_caption(table), "", markdown_table(pivot(table, rows)), ""]
         doc += ["**Per row**", "", markdown_table(long_table(table, rows)), ""]
