@@ -53,7 +53,8 @@ from .registry import Registry
 from .models import Classifier, build_classifier
 from .options import IO_GROUP, TrainingOptions, result_settings
 from .records import PoisonedSplit, atomic_torch_save, write_attack_record
-from .results import MetricLog, RunStart, check_output_folders, move_aside, plot_metrics, run_environment, write_json
+from .results import (MetricLog, RunStart, check_output_folders, move_aside, plot_metrics, portable_config, portable_path,
+                      run_environment, write_json)
 
 _REGISTRY = Registry("attack", "burnkit.attacks")
 register_attack = _REGISTRY.register  # class decorator
@@ -342,7 +343,8 @@ class Attack:
         atomic_torch_save(indicator_train, record_dir / "train_poison_index_list.pickle")
         final = log.last()
         weights = model.bb_state_dict()
-        provenance = {"attack": cls.name, "record": str(record_dir), "config": args,
+        provenance = {"attack": cls.name, "record": portable_path(str(record_dir), Path.cwd()),
+                      "config": portable_config(args),
                       "train_subset_size": int(len(plan.train_positions)),
                       "poisoned_train": int(indicator_train.sum()), "bd_test_size": len(bd_test_split.original_index),
                       "wall_time_s": time.perf_counter() - started, "poison_time_s": poison_time.seconds,

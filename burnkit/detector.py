@@ -63,7 +63,7 @@ from .options import IO_GROUP, OPTIMISER_FLAGS, SCHEDULE_FLAGS, TrainingOptions,
 from .records import AttackRecord, read_attack_record
 from .registry import Registry
 from .results import (RunStart, atomic_write_text, check_output_folders, check_writable_folder, move_aside,
-                      run_environment, write_json)
+                      portable_config, run_environment, write_json)
 
 _REGISTRY = Registry("detector", "burnkit.detectors")
 register_detector = _REGISTRY.register
@@ -458,7 +458,7 @@ def write_outputs(detector: Detector, out_dir: Path, cfg: DetectorConfig, record
         **metrics, "clean_samples_used": int(len(data.clean_indices)), "clean_source": data.clean_source,
         "wall_time_s": wall, "compute_s": compute, "phases_s": run.timings, **run.extra_cost,
         "device": environment["device"], "random_seed": cfg.random_seed,
-        "notes": result.notes, "config": {k: _plain(v) for k, v in as_dict(cfg).items()},
+        "notes": result.notes, "config": portable_config(as_dict(cfg)),
         "files": {"scores": SCORES_NPY, "samples": SAMPLES_CSV, "info": INFO_CSV},
     }
     plot_roc(out_dir / "detection_roc.png", {detector.name: result.scores}, truth, f"{detector.name} on {record_name}")
@@ -468,10 +468,6 @@ def write_outputs(detector: Detector, out_dir: Path, cfg: DetectorConfig, record
                                        "clean_subset_size": int(len(data.clean_indices))})
     write_json(out_dir / SCORES_JSON, summary)  # last: its presence marks the run finished
     return summary
-
-
-def _plain(v):
-    return list(v) if isinstance(v, tuple) else v
 
 
 def plot_roc(path: Path, curves: dict[str, np.ndarray], truth: np.ndarray, title: str) -> bool:

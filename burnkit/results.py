@@ -266,6 +266,20 @@ def code_revision(root: str | None = None) -> dict:
     return {"revision": lines[1], "dirty": bool(status.stdout.strip())}
 
 
+def portable_config(config: dict) -> dict:
+    """``config`` with every path in it (a string, or a string in a list such as ``terminal_info``) made
+    portable (:func:`portable_path`, relative to the working directory - the work dir - or this
+    checkout): a stamp or sidecar committed as an artifact names no folder of the machine that made it."""
+    def portable(value):
+        if isinstance(value, str):
+            return portable_path(value, Path.cwd())
+        if isinstance(value, (list, tuple)):
+            return [portable(v) for v in value]
+        return value
+
+    return {key: portable(value) for key, value in config.items()}
+
+
 def portable_path(text: str, *bases: Path) -> str:
     """``text`` relative to the first of ``bases`` (e.g. the work dir) that holds it when it is an
     absolute path, else relative to this checkout when it is inside it; any other text as it is.
@@ -342,5 +356,5 @@ def run_environment(device, start: RunStart, cfg=None, read: dict | None = None,
     return {"device": device_description(device), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "cpu_time_s": round(cpu_seconds() - start.cpu, 3),  # os.times counts in clock ticks
             "stamp": {**start.code, "seed": config.get("random_seed"),
-                      "config": {k: portable_path(v, Path.cwd()) if isinstance(v, str) else v for k, v in config.items()},
+                      "config": portable_config(config),
                       "record_digest": record_digest, "read": read or {}, "machine": machine(device)}}

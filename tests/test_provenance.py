@@ -94,6 +94,17 @@ def test_attack_defense_and_detector_are_stamped_alike(digits_copy):
     stamp = check_stamp(cost, cfg, weights)
     assert stamp["read"]["weights"] == weights and stamp["read"]["bd_train"] == imageset_digest(data.bd_train)
 
+    # the files committed as artifacts name no folder of the machine that made them: the attack's
+    # provenance (its whole config, yaml paths and command line included), the detection sidecar
+    files = [record_dir / "provenance.json", result["out_dir"] / "cost.json", out / "cost.json",
+             out / "detection_scores.json"]
+    for path in files:
+        text = path.read_text()
+        for folder in (str(digits_copy), str(digits_copy.resolve()), str(REPO)):
+            assert folder not in text, f"{path.name} names {folder}"
+    provenance_config = json.loads(files[0].read_text())["config"]
+    assert provenance_config["yaml_path"] == "config/attack/prototype/digits.yaml"
+
 
 def test_outside_a_checkout_the_revision_is_unknown(tmp_path):
     """An exported tree, or a folder inside another repository, cannot name the commit that ran."""

@@ -15,7 +15,7 @@ from ..fileio import publish, temp_path
 from ..datasets import DatasetInfo, dataset_info, load_split, resolve_data_root
 from ..engine import resolve_device, seed_everything
 from ..errors import BurnError
-from ..results import RunStart, run_environment, write_json
+from ..results import RunStart, portable_config, portable_path, run_environment, write_json
 from . import DEFAULT_CACHE, load_clean_model
 
 
@@ -75,7 +75,8 @@ class Session:
 
     def finish(self, outputs: list[Path], what: str, **facts) -> dict:
         """Write ``<first output>.json`` (config, timing, environment) and return it."""
-        summary = {"resource": what, "outputs": [str(p) for p in outputs], "config": as_dict(self.cfg),
+        summary = {"resource": what, "outputs": [portable_path(str(p), Path.cwd()) for p in outputs],
+                   "config": portable_config(as_dict(self.cfg)),
                    "wall_time_s": round(time.perf_counter() - self.started, 2), **facts,
                    **run_environment(self.device, self.start, self.cfg)}
         write_json(outputs[0].with_suffix(".json"), summary)
