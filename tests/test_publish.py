@@ -41,7 +41,8 @@ def copy_published(root: Path) -> None:
         (root / path).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(REPO / path, root / path)
     for table in spec["tables"].values():
-        shutil.copytree(REPO / table["artifact"], root / table["artifact"])
+        for artifact in table["artifact"] if isinstance(table["artifact"], list) else [table["artifact"]]:
+            shutil.copytree(REPO / artifact, root / artifact)
 
 
 def test_a_hand_edited_number_fails_the_check(tmp_path, capsys):

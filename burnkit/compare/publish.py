@@ -474,12 +474,16 @@ def compare_files(root: Path, outputs: dict[Path, str]) -> list[str]:
         line = next((i for i, (a, b) in enumerate(zip(have, want)) if a != b), min(len(have), len(want)))
         shown = have[line] if line < len(have) else "(end of file)"
         expected = want[line] if line < len(want) else "(end of file)"
-        out.append(f"{path} line {line + 1} differs: {_cut(shown)!r} - the artifacts give: {_cut(expected)!r}")
+        at = next((i for i, (a, b) in enumerate(zip(shown, expected)) if a != b), min(len(shown), len(expected)))
+        out.append(f"{path} line {line + 1} differs: {_around(shown, at)!r} - the artifacts give: "
+                   f"{_around(expected, at)!r}")
     return out
 
 
-def _cut(line: str, limit: int = 160) -> str:
-    return line if len(line) <= limit else line[: limit - 3] + "..."
+def _around(line: str, at: int, before: int = 60, after: int = 100) -> str:
+    """The part of a long line around position ``at`` (where it first differs), cut marks included."""
+    start, end = max(0, at - before), at + after
+    return ("..." if start else "") + line[start:end] + ("..." if end < len(line) else "")
 
 
 if __name__ == "__main__":
